@@ -1,0 +1,104 @@
+"""Shared defaults for every experiment config. Not an experiment itself.
+
+Each experiment file (`mnist.py`, `digits.py`, ...) calls `get_base_config()` and
+overrides what differs. Sections: data, model, sde, train, sample, score, detect, report.
+Owners of a section add fields to it here, with a one-line comment each.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # --- data (memvol/data.py) ---------------------------------------------------------
+  c.data = d = ml_collections.ConfigDict()
+  d.name = "mnist"            # mnist | digits | lfw | gaussian | mixture | npz | folder | cifar10
+  d.path = ""                 # npz file / image folder / cifar-10-batches-py folder
+  d.resolution = 14           # output side length (average pooling from the native size)
+  d.classes = ()              # class subset; () = all
+  d.num_train = 96            # distinct training images
+  d.num_heldout = 96          # held-out images, disjoint from training
+  d.num_duplicated = 8        # how many training images are planted duplicates
+  d.duplicate_factor = 8      # each planted duplicate appears this many times in training
+  d.random_flip = False       # random horizontal flip during training
+  d.split_seed = 0            # seed of the train/held-out split and of the duplicate choice
+
+  # --- model (memvol/models) ---------------------------------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.name = "unet"             # unet | mlp
+  m.ch = 32                   # base channels
+  m.ch_mult = (1, 2)          # channel multiplier per resolution level
+  m.num_res_blocks_down = 1   # residual blocks per level on the way down
+  m.num_res_blocks_up = 2     # residual blocks per level on the way up
+  m.attn_resolutions = (7,)   # resolutions (side length) with self-attention
+  m.dropout = 0.0
+  m.num_groups = 8            # GroupNorm groups
+  m.hidden = 256              # mlp: hidden width
+  m.num_layers = 3            # mlp: hidden layers
+
+  # --- sde (memvol/sde.py) -----------------------------------------------------------
+  c.sde = s = ml_collections.ConfigDict()
+  s.name = "vp"               # vp | subvp | ve
+  s.beta_min = 0.1
+  s.beta_max = 20.0
+  s.T = 1.0
+  s.eps = 1e-3
+
+  # --- train (memvol/train.py) -------------------------------------------------------
+  c.train = t = ml_collections.ConfigDict()
+  t.num_steps = 8000
+  t.batch_size = 64
+  t.lr = 2e-4
+  t.warmup_steps = 200
+  t.grad_clip = 1.0
+  t.ema_decay = 0.999
+  t.log_every = 100
+  t.ckpt_every = 1000
+  t.keep_checkpoints = 2      # keep the last N checkpoints
+  t.sample_every = 2000       # PNG grid of samples every N steps (0 = never)
+
+  # --- sample (memvol/sampling.py) ---------------------------------------------------
+  c.sample = sp = ml_collections.ConfigDict()
+  sp.num_samples = 512
+  sp.methods = ("sde",)       # any of: ode (PF ODE, diffrax), sde (reverse Euler-Maruyama)
+  sp.sde_steps = 1000
+  sp.ode_solver = "tsit5"
+  sp.ode_rtol = 1e-4
+  sp.ode_atol = 1e-4
+  sp.batch_size = 256
+  sp.use_ema = True
+
+  # --- score (memvol/scoring.py, memvol/volume.py) -----------------------------------
+  c.score = sc = ml_collections.ConfigDict()
+  sc.estimators = ("hutchinson",)  # any of: exact, hutchinson, subspace, paper
+  sc.batch_size = 64
+  sc.solver = "tsit5"
+  sc.adaptive = True
+  sc.rtol = 1e-4
+  sc.atol = 1e-4
+  sc.num_steps = 100          # fixed-step solves
+  sc.num_probes = 4           # hutchinson probes
+  sc.probe = "rademacher"     # rademacher | gaussian
+  sc.variance_reduction = ""  # "" | hutch++ | control_variate
+  sc.K = 100                  # subspace / paper frame size
+  sc.radius = 0.05            # paper: neighbour radius
+  sc.paper_steps = 1000       # paper: Euler steps
+  sc.num_save_times = 50      # points of the cumulative L(t) curve
+  sc.chunk_size = 64          # exact: basis vectors per JVP chunk
+  sc.use_ema = True
+
+  # --- detect (memvol/detect.py) -----------------------------------------------------
+  c.detect = dt = ml_collections.ConfigDict()
+  dt.sample_method = "sde"    # which samples are searched for copies
+  dt.ratio_threshold = 1.0 / 3.0
+  dt.carlini_delta = 1.0 / 3.0  # Carlini et al.: l2 to NN1 < delta * mean l2 to the n nearest
+  dt.carlini_n = 50
+  dt.chunk_size = 256
+
+  # --- report (memvol/report.py) -----------------------------------------------------
+  c.report = r = ml_collections.ConfigDict()
+  r.top_k = 8
+  r.num_bootstrap = 1000
+  return c

@@ -1,0 +1,102 @@
+"""Atomic result files and the workdir's record of its config.
+
+Every result file is written to a temporary name in the same folder and renamed into
+place, so a killed run leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import tempfile
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
+  """Open a temporary file beside `path`; on clean exit fsync and rename it to `path`."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    with os.fdopen(fd, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def save_npz(path: str, **arrays: Any) -> None:
+  """np.savez to `path`, atomically."""
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  with atomic_open(path, "wb") as f:
+    f.write(buf.getvalue())
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+  """All arrays of an .npz file; a clear error when it is missing or corrupt."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  except Exception as e:  # zipfile.BadZipFile, ValueError, EOFError, ...
+    raise ValueError(f"{path} is corrupt ({e}); delete it and rerun the stage that writes it") from e
+
+
+def save_json(path: str, obj: Any) -> None:
+  """json.dump to `path`, atomically (sorted keys, indented)."""
+  with atomic_open(path, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+
+
+def load_json(path: str) -> Any:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is corrupt ({e}); delete it and rerun the stage that writes it") from e
+
+
+def save_csv(path: str, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> None:
+  """Rows of dicts to CSV at `path`, atomically; columns default to the first row's keys."""
+  if columns is None:
+    columns = list(rows[0].keys()) if rows else []
+  with atomic_open(path, "w") as f:
+    w = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+      w.writerow({k: r.get(k, "") for k in columns})
+
+
+def load_csv(path: str) -> list[dict[str, str]]:
+  """CSV rows as dicts of strings; a clear error when missing, empty or corrupt."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist")
+  with open(path, newline="") as f:
+    rows = list(csv.DictReader(f))
+  if not rows:
+    raise ValueError(f"{path} has no rows; delete it and rerun the stage that writes it")
+  return rows
+
+
+def _json_default(o: Any) -> Any:
+  if isinstance(o, np.generic):
+    return o.item()
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  if isinstance(o, (tuple, set, frozenset)):
+    return list(o)
+  raise TypeError(f"not JSON serialisable: {type(o)}")
