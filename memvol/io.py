@@ -100,3 +100,37 @@ def _json_default(o: Any) -> Any:
   if isinstance(o, (tuple, set, frozenset)):
     return list(o)
   raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+  """A ConfigDict (or mapping) as plain JSON-able nested dicts, tuples as lists."""
+  d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return json.loads(json.dumps(d, default=_json_default))
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+  """Dotted paths where two nested config dicts differ, each as 'path: old -> new'."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    path = f"{prefix}{k}"
+    a, b = old.get(k, "<missing>"), new.get(k, "<missing>")
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+      out.extend(config_diff(a, b, path + "."))
+    elif a != b:
+      out.append(f"{path}: {a!r} -> {b!r}")
+  return out
+
+
+def check_config_matches(config: Any, path: str, sections: Sequence[str], what: str) -> None:
+  """Record `sections` of `config` at `path` (JSON) the first time; afterwards refuse, with a
+  ValueError naming every differing field, a config whose `sections` differ from the record."""
+  new = {s: config_to_dict(config[s]) for s in sections}
+  if not os.path.exists(path):
+    save_json(path, new)
+    return
+  old = load_json(path)
+  diff = config_diff({s: old.get(s, {}) for s in sections}, new)
+  if diff:
+    raise ValueError(
+        f"{what} was made with a different config ({path}); differing fields: "
+        + "; ".join(diff) + ". Use a new --workdir, or restore the original settings.")
