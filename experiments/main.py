@@ -1,0 +1,39 @@
+"""memvol entry point: parse flags, dispatch to the experiment stages.
+
+  python -m experiments.main --config=experiments/configs/mnist.py --workdir=runs/mnist
+  python -m experiments.main --config=experiments/configs/mnist.py:quick --workdir=runs/quick
+  python -m experiments.main --config=... --workdir=... --mode=score --config.score.batch_size=32
+
+Modes: train | sample | score | detect | report | all (default: the whole chain, skipping
+stages already complete in the workdir).
+"""
+
+from __future__ import annotations
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/mnist.py", "Experiment config file (path[:arg]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, samples, scores and the report.")
+_MODE = flags.DEFINE_enum("mode", "all", ["train", "sample", "score", "detect", "report", "all"],
+                          "Stage to run; 'all' runs the chain and skips completed stages.")
+_FORCE = flags.DEFINE_bool("force", False, "With --mode=all: rerun stages even if complete.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() first (multi-host runs; see BUILD.md).")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DISTRIBUTED.value:
+    import jax
+    jax.distributed.initialize()
+  from memvol import pipeline
+  logging.set_verbosity(logging.INFO)
+  pipeline.run(_CONFIG.value, _WORKDIR.value, _MODE.value, force=_FORCE.value, log=print)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,58 @@
+"""Check that a workdir's report exists and its headline numbers are finite.
+
+  python scripts/check_report.py runs/quick
+
+Exits non-zero, naming what is missing or not finite. Values are not judged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+
+def _numbers(obj, path=""):
+  if isinstance(obj, dict):
+    for k, v in obj.items():
+      yield from _numbers(v, f"{path}.{k}" if path else str(k))
+  elif isinstance(obj, (list, tuple)):
+    for i, v in enumerate(obj):
+      yield from _numbers(v, f"{path}[{i}]")
+  elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+    yield path, float(obj)
+
+
+def main(workdir: str) -> int:
+  report = os.path.join(workdir, "report", "report.md")
+  summary = os.path.join(workdir, "report", "summary.json")
+  for p in (report, summary, os.path.join(workdir, "scores", "scores.csv"),
+            os.path.join(workdir, "detect", "detect.csv")):
+    if not os.path.exists(p) or os.path.getsize(p) == 0:
+      print(f"missing or empty: {p}")
+      return 1
+  with open(summary) as f:
+    nums = list(_numbers(json.load(f)))
+  if not nums:
+    print(f"{summary} holds no numbers")
+    return 1
+  required = ("trained_vs_heldout",)
+  text = json.dumps(json.load(open(summary)))
+  for key in required:
+    if key not in text:
+      print(f"{summary} lacks {key}")
+      return 1
+  bad = [(p, v) for p, v in nums if not math.isfinite(v)]
+  pngs = [f for f in os.listdir(os.path.join(workdir, "report")) if f.endswith(".png")]
+  print(f"{summary}: {len(nums)} numbers, {len(bad)} not finite; {len(pngs)} PNGs")
+  for p, v in bad:
+    print(f"  not finite: {p} = {v}")
+  return 1 if bad or not pngs else 0
+
+
+if __name__ == "__main__":
+  if len(sys.argv) != 2:
+    print(__doc__)
+    sys.exit(2)
+  sys.exit(main(sys.argv[1]))
