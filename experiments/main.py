@@ -21,6 +21,9 @@ _MODE = flags.DEFINE_enum("mode", "all", ["train", "sample", "score", "detect", 
 _FORCE = flags.DEFINE_bool("force", False, "With --mode=all: rerun stages even if complete.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host runs; see BUILD.md).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --distributed: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -29,7 +32,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _DISTRIBUTED.value:
     import jax
-    jax.distributed.initialize()
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from memvol import pipeline
   logging.set_verbosity(logging.INFO)
   pipeline.run(_CONFIG.value, _WORKDIR.value, _MODE.value, force=_FORCE.value, log=print)
