@@ -1,14 +1,44 @@
-"""Devices and meshes: the `data` axis that training, sampling and scoring shard over."""
+"""Devices and meshes: the `data` axis that training, sampling and scoring shard over.
+
+Scale-out model
+---------------
+* One process, many devices: `shard_map_batch(fn, mesh)` splits a batch over the `data`
+  axis with `jax.shard_map`; each device runs `fn` (a per-device vmap) on its slice and
+  nothing is communicated inside `fn`, so an adaptive solve on one device never waits on
+  another device's step count. The batch is padded to a multiple of the device count and
+  the padding dropped from the result, so every item is computed exactly once.
+* Many hosts: every process calls `initialize_distributed()` (or passes
+  `--distributed` to experiments/main.py, or sets MEMVOL_DISTRIBUTED=1), builds a mesh
+  over its OWN devices (`local_mesh()`), and takes its share of the work with
+  `process_slice(n)`. Processes exchange nothing but files: each writes its own result
+  parts and process 0 merges them. On a cluster that jax.distributed cannot discover by
+  itself (SLURM, Cloud TPU and Kubernetes are found automatically), set
+  JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host,
+  e.g. on two hosts:
+
+      # host 0                                       # host 1
+      JAX_COORDINATOR_ADDRESS=h0:1234 \\              JAX_COORDINATOR_ADDRESS=h0:1234 \\
+      JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 \\          JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1 \\
+      python -m experiments.main --distributed \\     python -m experiments.main --distributed \\
+        --mode=score --config=... --workdir=W          --mode=score --config=... --workdir=W
+
+  with W on a file system that every host sees.
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+import os
+from typing import Any, Callable, Sequence
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA = "data"
+DISTRIBUTED_ENV = "MEMVOL_DISTRIBUTED"
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -19,6 +49,11 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA,))
 
 
+def local_mesh() -> Mesh:
+  """A `data` mesh over this process's own devices (what sampling and scoring use)."""
+  return data_mesh(jax.local_devices())
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
@@ -26,3 +61,109 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   """Leading axis split over `data`."""
   return NamedSharding(mesh, P(DATA))
+
+
+# --- data-parallel map -------------------------------------------------------------
+
+
+def padded_size(n: int, num_devices: int, minimum: int = 0) -> int:
+  """Smallest multiple of `num_devices` that is >= max(n, minimum)."""
+  m = max(n, minimum)
+  return -(-m // num_devices) * num_devices
+
+
+def pad_batch(x: Any, size: int) -> Any:
+  """Pad the leading axis of array `x` to `size` by repeating its last row (valid input,
+  so padded rows cannot fail input checks; their results are dropped)."""
+  x = jnp.asarray(x)
+  n = x.shape[0]
+  if n == size:
+    return x
+  if n > size:
+    raise ValueError(f"cannot pad a batch of {n} down to {size}")
+  return jnp.concatenate([x, jnp.repeat(x[-1:], size - n, axis=0)], axis=0)
+
+
+def shard_map_batch(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+  """Data-parallel map of `fn(replicated, *batched) -> pytree of [b, ...] arrays`.
+
+  `fn` sees one device's slice: the batched arrays [b_local, ...] and the whole
+  `replicated` pytree (split with `eqx.partition(.., eqx.is_array)`: array leaves are
+  traced and copied to every device, anything else - callables, options - is static and
+  must be hashable). `fn` must not use collectives; every output leaf must have the
+  local batch as its leading axis.
+
+  Returns `mapped(replicated, *batched, pad_to=0)`: pads the batch (leading axes must
+  agree, b >= 1) to a multiple of the device count that is >= `pad_to` (pass a fixed
+  `pad_to` so a short last batch reuses the compiled program), runs `fn` under
+  `jax.shard_map` on the `data` axis, and returns the outputs cut back to [b, ...].
+  Compiled once per (fn, mesh, static part, shapes): calls with the same `fn` and `mesh`
+  share one cache.
+  """
+  return _shard_map_batch(fn, mesh)
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_map_batch(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+  if DATA not in mesh.axis_names:
+    raise ValueError(f"shard_map_batch needs a mesh with a {DATA!r} axis, got {mesh.axis_names}")
+  num_devices = mesh.shape[DATA]
+
+  @eqx.filter_jit
+  def run(arrays: Any, static: Any, *batched: jax.Array) -> Any:
+    def body(arrays: Any, *local: jax.Array) -> Any:
+      return fn(eqx.combine(arrays, static), *local)
+
+    specs = (P(),) + (P(DATA),) * len(batched)
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(DATA), check_vma=False)(
+        arrays, *batched)
+
+  def mapped(replicated_tree: Any, *batched: Any, pad_to: int = 0) -> Any:
+    if not batched:
+      raise ValueError("shard_map_batch needs at least one batched array")
+    sizes = {int(np.shape(b)[0]) if np.ndim(b) else -1 for b in batched}
+    if len(sizes) != 1 or min(sizes) < 1:
+      raise ValueError(f"batched arrays need one common leading size >= 1, got sizes "
+                       f"{[np.shape(b) for b in batched]}")
+    (n,) = sizes
+    size = padded_size(n, num_devices, pad_to)
+    padded = [pad_batch(b, size) for b in batched]
+    arrays, static = eqx.partition(replicated_tree, eqx.is_array)
+    out = run(arrays, static, *padded)
+    return jax.tree.map(lambda o: o[:n], out)
+
+  return mapped
+
+
+# --- several processes -------------------------------------------------------------
+
+
+def initialize_distributed(enabled: bool | None = None) -> bool:
+  """Call `jax.distributed.initialize()` (settings from the environment, see the module
+  docstring) when `enabled`, or, when None, when the environment variable
+  MEMVOL_DISTRIBUTED is 1/true. Safe to call twice. Returns whether it is initialised."""
+  if enabled is None:
+    enabled = os.environ.get(DISTRIBUTED_ENV, "").strip().lower() in ("1", "true", "yes")
+  if not enabled:
+    return False
+  if not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+  return True
+
+
+def process_slice(n: int, process_index: int | None = None, process_count: int | None = None) -> slice:
+  """This process's contiguous share of range(n): process p of P gets
+  [p n // P, (p + 1) n // P) (shares differ in size by at most one; all P cover range(n)
+  exactly once)."""
+  p = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if n < 0 or count < 1 or not 0 <= p < count:
+    raise ValueError(f"process_slice: bad arguments n={n}, process {p} of {count}")
+  return slice(p * n // count, (p + 1) * n // count)
+
+
+def sync_processes(name: str) -> None:
+  """Barrier across processes (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
