@@ -64,10 +64,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   sp.num_samples = 512
   sp.methods = ("sde",)       # any of: ode (PF ODE, diffrax), sde (reverse Euler-Maruyama)
   sp.sde_steps = 1000
-  sp.ode_solver = "tsit5"
+  sp.denoise = True           # sde: last step returns its mean (no noise); False = the paper's code
+  sp.ode_solver = "tsit5"     # euler | heun | midpoint | bosh3 | tsit5 | dopri5 | dopri8
   sp.ode_rtol = 1e-4
   sp.ode_atol = 1e-4
-  sp.batch_size = 256
+  sp.ode_max_steps = 4096     # ode: a solve needing more steps is an error
+  sp.batch_size = 256         # samples per device call (and per committed part file)
   sp.use_ema = True
 
   # --- score (memvol/scoring.py, memvol/volume.py) -----------------------------------
