@@ -40,3 +40,78 @@ def save_image_grid(images: np.ndarray, path: str, ncol: int | None = None, scal
   with io_lib.atomic_open(path, "wb") as f:
     img.save(f, format="PNG")
   os.chmod(path, 0o644)
+
+
+# --- matplotlib figures (report and detect) ----------------------------------------
+
+
+def pyplot():
+  """matplotlib.pyplot on the Agg backend (no display needed)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+  """Write a matplotlib figure to `path` as PNG (atomically) and close it."""
+  from memvol import io as io_lib
+
+  plt = pyplot()
+  with io_lib.atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+  plt.close(fig)
+  os.chmod(path, 0o644)
+
+
+def show_image(ax, image: np.ndarray) -> None:
+  """One image [H, W, C] in [-1, 1] on `ax`, grey for C = 1, without ticks."""
+  image = np.clip(np.asarray(image, np.float32), -1.0, 1.0)
+  if image.ndim == 3 and image.shape[-1] == 1:
+    ax.imshow(image[..., 0], cmap="gray", vmin=-1.0, vmax=1.0, interpolation="nearest")
+  else:
+    ax.imshow((image + 1.0) / 2.0, interpolation="nearest")
+  ax.set_xticks([])
+  ax.set_yticks([])
+  for s in ax.spines.values():
+    s.set_color("0.75")
+    s.set_linewidth(0.5)
+
+
+def save_pairs_figure(blocks: list[dict], path: str, title: str = "", ncol: int = 8) -> None:
+  """Image pairs (one above the other) in captioned blocks, as one PNG.
+
+  Each block is a dict with `title`, `top` [n, H, W, C], `bottom` [n, H, W, C] (images in
+  [-1, 1]), `captions` (n strings, shown under each pair) and `row_labels` (two strings,
+  shown left of the first pair of each row). Blocks with n = 0 show their title only.
+  """
+  plt = pyplot()
+  sizes = [len(b["top"]) for b in blocks]
+  ncol = max(1, min(ncol, max(sizes)))
+  rows = [max(1, -(-n // ncol)) for n in sizes]
+  cell, caption, head = 1.0, 0.42, 0.35                 # inches: image side, caption row, block title
+  heights = [r * (2 * cell + caption) + head for r in rows]
+  fig = plt.figure(figsize=(max(cell * ncol + 0.6, 4.5), sum(heights) + (0.35 if title else 0.0)))
+  subs = fig.subfigures(len(blocks), 1, height_ratios=heights, squeeze=False)[:, 0]
+  width = fig.get_figwidth()
+  for sub, block, n, r, h in zip(subs, blocks, sizes, rows, heights):
+    sub.suptitle(block["title"], fontsize=9, x=0.01, ha="left")
+    gs = sub.add_gridspec(3 * r, ncol, height_ratios=[cell, cell, caption] * r, hspace=0.04, wspace=0.06,
+                          left=0.6 / width, right=min(0.99, (0.6 + cell * ncol) / width),
+                          top=1.0 - head / h, bottom=0.0)
+    if n == 0:
+      ax = sub.add_subplot(gs[0, 0])
+      ax.set_axis_off()
+      ax.text(0.0, 0.5, "(none)", transform=ax.transAxes, fontsize=9)
+    for i in range(n):
+      q, c = divmod(i, ncol)
+      top, bot = sub.add_subplot(gs[3 * q, c]), sub.add_subplot(gs[3 * q + 1, c])
+      show_image(top, block["top"][i])
+      show_image(bot, block["bottom"][i])
+      bot.set_xlabel(block["captions"][i], fontsize=6.5, labelpad=2)
+      if c == 0:
+        top.set_ylabel(block["row_labels"][0], fontsize=7.5)
+        bot.set_ylabel(block["row_labels"][1], fontsize=7.5)
+  if title:
+    fig.suptitle(title, fontsize=10, y=1.0)
+  save_figure(fig, path)

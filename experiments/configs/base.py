@@ -48,16 +48,22 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- train (memvol/train.py) -------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()
-  t.num_steps = 8000
-  t.batch_size = 64
-  t.lr = 2e-4
-  t.warmup_steps = 200
-  t.grad_clip = 1.0
-  t.ema_decay = 0.999
-  t.log_every = 100
-  t.ckpt_every = 1000
+  t.num_steps = 8000          # total updates (a resumed run continues up to this)
+  t.batch_size = 64           # global batch, split over all devices (must divide by their count)
+  t.lr = 2e-4                 # Adam peak learning rate
+  t.warmup_steps = 200        # linear warm-up: lr * min((k + 1) / warmup_steps, 1) at update k
+  t.adam_b1 = 0.9
+  t.adam_b2 = 0.999
+  t.adam_eps = 1e-8
+  t.grad_clip = 1.0           # global-norm gradient clipping (0 = off)
+  t.ema_decay = 0.999         # EMA of params, decay min(ema_decay, (1 + k) / (10 + k))
+  t.log_every = 100           # steps between log.csv rows and finite-ness checks
+  t.ckpt_every = 1000         # steps between orbax checkpoints (and at the last step)
   t.keep_checkpoints = 2      # keep the last N checkpoints
-  t.sample_every = 2000       # PNG grid of samples every N steps (0 = never)
+  t.keep_every = 0            # also keep every checkpoint whose step divides by this (0 = none)
+  t.sample_every = 2000       # PNG grid of EMA samples every N steps (0 = never)
+  t.sample_num = 36           # images in each training sample grid
+  t.sample_steps = 250        # reverse-SDE steps for the training sample grids
 
   # --- sample (memvol/sampling.py) ---------------------------------------------------
   c.sample = sp = ml_collections.ConfigDict()
@@ -95,12 +101,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.detect = dt = ml_collections.ConfigDict()
   dt.sample_method = "sde"    # which samples are searched for copies
   dt.ratio_threshold = 1.0 / 3.0
-  dt.carlini_delta = 1.0 / 3.0  # Carlini et al.: l2 to NN1 < delta * mean l2 to the n nearest
-  dt.carlini_n = 50
-  dt.chunk_size = 256
+  dt.carlini_delta = 1.0 / 3.0  # Carlini et al.: copy when l2(NN1) / (alpha * mean l2 to the n nearest) < delta
+  dt.carlini_n = 50           # Carlini et al.: n nearest training images (capped at num_train)
+  dt.carlini_alpha = 0.5      # Carlini et al.: alpha
+  dt.chunk_size = 256         # samples per jitted search step
+  dt.train_chunk_size = 2048  # training images per block of the running top-k scan
+  dt.max_pairs_shown = 32     # copied sample / training image pairs in detect/copies.png
 
   # --- report (memvol/report.py) -----------------------------------------------------
   c.report = r = ml_collections.ConfigDict()
-  r.top_k = 8
-  r.num_bootstrap = 1000
+  r.top_k = 8                 # top-k and bottom-k training images shown by score
+  r.num_bootstrap = 1000      # bootstrap resamples of the AUROC interval
+  r.bootstrap_seed = 0
+  r.fpr = 0.01                # TPR is read off the ROC curve at this FPR
+  r.alternative = "two-sided"  # two-sided | greater | less (pos vs neg) for Welch and Mann-Whitney
   return c
