@@ -7,22 +7,19 @@ Scale-out model
   nothing is communicated inside `fn`, so an adaptive solve on one device never waits on
   another device's step count. The batch is padded to a multiple of the device count and
   the padding dropped from the result, so every item is computed exactly once.
-* Many hosts: every process calls `initialize_distributed()` (or passes
-  `--distributed` to experiments/main.py, or sets MEMVOL_DISTRIBUTED=1), builds a mesh
-  over its OWN devices (`local_mesh()`), and takes its share of the work with
-  `process_slice(n)`. Processes exchange nothing but files: each writes its own result
-  parts and process 0 merges them. On a cluster that jax.distributed cannot discover by
-  itself (SLURM, Cloud TPU and Kubernetes are found automatically), set
-  JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every host,
-  e.g. on two hosts:
+* Many hosts: every process initialises jax.distributed (`--distributed` in
+  experiments/main.py; from a script `initialize_distributed()`, or MEMVOL_DISTRIBUTED=1
+  with `initialize_distributed(None)`), builds a mesh over its OWN devices
+  (`local_mesh()`), and takes its share of the work with `process_slice(n)`. Processes
+  exchange nothing but files and barriers: each writes its own result parts to the shared
+  workdir and process 0 merges them. On SLURM, Open MPI and Cloud TPU jax.distributed
+  finds the coordinator by itself; elsewhere run on every host i of N
 
-      # host 0                                       # host 1
-      JAX_COORDINATOR_ADDRESS=h0:1234 \\              JAX_COORDINATOR_ADDRESS=h0:1234 \\
-      JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 \\          JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1 \\
-      python -m experiments.main --distributed \\     python -m experiments.main --distributed \\
-        --mode=score --config=... --workdir=W          --mode=score --config=... --workdir=W
+      python -m experiments.main --distributed --coordinator_address=host0:1234 \
+        --num_processes=N --process_id=i --mode=score --config=... --workdir=W
 
-  with W on a file system that every host sees.
+  (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), with W on a
+  file system that every host sees.
 """
 
 from __future__ import annotations
@@ -138,17 +135,17 @@ def _shard_map_batch(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
 # --- several processes -------------------------------------------------------------
 
 
-def initialize_distributed(enabled: bool | None = None) -> bool:
-  """Call `jax.distributed.initialize()` (settings from the environment, see the module
-  docstring) when `enabled`, or, when None, when the environment variable
-  MEMVOL_DISTRIBUTED is 1/true. Safe to call twice. Returns whether it is initialised."""
+def initialize_distributed(enabled: bool | None = None, coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None) -> bool:
+  """Call `jax.distributed.initialize(coordinator_address, num_processes, process_id)`
+  (None: found from the cluster environment) when `enabled`, or, when `enabled` is None,
+  when the environment variable MEMVOL_DISTRIBUTED is 1/true. A second call is a no-op.
+  Returns whether jax.distributed is initialised."""
   if enabled is None:
     enabled = os.environ.get(DISTRIBUTED_ENV, "").strip().lower() in ("1", "true", "yes")
-  if not enabled:
-    return False
-  if not jax.distributed.is_initialized():
-    jax.distributed.initialize()
-  return True
+  if enabled and not jax.distributed.is_initialized():
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  return jax.distributed.is_initialized()
 
 
 def process_slice(n: int, process_index: int | None = None, process_count: int | None = None) -> slice:

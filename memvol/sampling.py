@@ -8,6 +8,8 @@ Images come back unclipped in the data scale ([-1, 1] for a good model).
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, NamedTuple, Sequence
 
 import diffrax
@@ -16,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from memvol import parallel
+from memvol import io, parallel, parts, plotting
 from memvol import sde as sde_lib
 
 Array = jax.Array
@@ -96,3 +98,231 @@ def reverse_sde_sample(eps_fn: Any, sde: sde_lib.SDE, key: Array, num: int, shap
   mapped = parallel.shard_map_batch(_reverse_sde_batch, mesh)
   rep = (eps_fn, sde, key, shape, int(num_steps), bool(denoise))
   return mapped(rep, _indices(num, start), pad_to=pad_to)
+
+
+# --- probability-flow ODE ----------------------------------------------------------
+
+_SOLVERS = {"euler": diffrax.Euler, "heun": diffrax.Heun, "midpoint": diffrax.Midpoint,
+            "bosh3": diffrax.Bosh3, "tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5,
+            "dopri8": diffrax.Dopri8}
+
+
+def ode_solver(name: str) -> diffrax.AbstractSolver:
+  """A diffrax solver by name (euler, heun, midpoint, bosh3, tsit5, dopri5, dopri8)."""
+  if name not in _SOLVERS:
+    raise ValueError(f"unknown ODE solver {name!r}; expected one of {sorted(_SOLVERS)}")
+  return _SOLVERS[name]()
+
+
+def _nfe(solver: diffrax.AbstractSolver, num_steps: Array) -> Array:
+  """Network calls of `num_steps` attempted steps (accepted + rejected)."""
+  tableau = getattr(solver, "tableau", None)
+  if tableau is None:  # Euler
+    return num_steps
+  if tableau.fsal:  # first stage reuses the previous step's last one, plus one call at init
+    return 1 + (tableau.num_stages - 1) * num_steps
+  return tableau.num_stages * num_steps
+
+
+def _pf_ode_one(eps_fn: Any, sde: sde_lib.SDE, key: Array, shape: tuple[int, ...], solver_name: str,
+                rtol: float, atol: float, num_steps: int | None, max_steps: int) -> tuple[Array, Array, Array]:
+  """One sample: x_T ~ prior, PF ODE solved from T down to eps. Returns (x_eps, nfe, status)."""
+  x_T = sde.prior_sample(key, shape)
+  term = diffrax.ODETerm(lambda t, x, args: sde.pf_drift(eps_fn, x, t))
+  solver = ode_solver(solver_name)
+  span = sde.T - sde.eps
+  if num_steps is None:
+    controller = diffrax.PIDController(rtol=rtol, atol=atol)
+    dt0 = -span / 100
+  else:
+    controller = diffrax.ConstantStepSize()
+    dt0 = -span / num_steps
+  sol = diffrax.diffeqsolve(term, solver, t0=sde.T, t1=sde.eps, dt0=dt0, y0=x_T,
+                            stepsize_controller=controller, max_steps=max_steps,
+                            saveat=diffrax.SaveAt(t1=True), throw=False)
+  nfe = _nfe(solver, sol.stats["num_steps"]).astype(jnp.int32)
+  return sol.ys[-1], nfe, jnp.asarray(sol.result._value, jnp.int32)
+
+
+def _pf_ode_batch(rep: tuple, indices: Array) -> tuple[Samples, Array]:
+  eps_fn, sde, key, shape, solver_name, rtol, atol, num_steps, max_steps = rep
+
+  def one(i: Array) -> tuple[Array, Array, Array]:
+    return _pf_ode_one(eps_fn, sde, jax.random.fold_in(key, i), shape, solver_name, rtol, atol,
+                       num_steps, max_steps)
+
+  images, nfe, status = jax.vmap(one)(indices)
+  return Samples(images, nfe), status
+
+
+def pf_ode_sample(eps_fn: Any, sde: sde_lib.SDE, key: Array, num: int, shape: Sequence[int],
+                  solver: str = "tsit5", rtol: float = 1e-4, atol: float = 1e-4, *,
+                  num_steps: int | None = None, max_steps: int = 4096, start: int = 0,
+                  mesh: Mesh | None = None, pad_to: int = 0) -> Samples:
+  """`num` samples [num, *shape] by the probability-flow ODE, each its own diffrax solve
+  from x_T ~ prior at t = T down to t = eps.
+
+  Adaptive (PID, `rtol`/`atol`, initial step (T - eps)/100) unless `num_steps` is given
+  (then fixed steps). Sample i (i = start .. start + num - 1) uses only
+  `fold_in(key, i)`. nfe counts network calls per sample (accepted and rejected steps).
+  A sample whose solve fails (e.g. `max_steps` reached) raises a ValueError naming it.
+  Sharded over `mesh` (default: this process's devices); `pad_to` fixes the padded size.
+  """
+  shape = _check(num, shape, start)
+  ode_solver(solver)
+  if num_steps is None and not (rtol > 0 and atol > 0):
+    raise ValueError(f"adaptive PF-ODE sampling needs rtol > 0 and atol > 0, got {rtol}, {atol}")
+  if num_steps is not None and int(num_steps) < 1:
+    raise ValueError(f"num_steps must be >= 1 (or None for adaptive), got {num_steps}")
+  mesh = parallel.local_mesh() if mesh is None else mesh
+  mapped = parallel.shard_map_batch(_pf_ode_batch, mesh)
+  rep = (eps_fn, sde, key, shape, solver, float(rtol), float(atol),
+         None if num_steps is None else int(num_steps), int(max_steps))
+  samples, status = mapped(rep, _indices(num, start), pad_to=pad_to)
+  bad = np.flatnonzero(np.asarray(status) != 0)
+  if bad.size:
+    raise ValueError(
+        f"PF-ODE solve failed for samples {(_indices(num, start)[bad]).tolist()[:10]} "
+        f"(diffrax result codes {np.asarray(status)[bad].tolist()[:10]}); raise max_steps "
+        f"(now {max_steps}) or loosen rtol/atol")
+  return samples
+
+
+# --- the `sample` stage ------------------------------------------------------------
+
+METHODS = ("sde", "ode")
+_SAMPLE_STREAM = 2  # fold_in(PRNGKey(config.seed), _SAMPLE_STREAM): the sampling key
+
+
+def sample_key(config: Any) -> Array:
+  return jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), _SAMPLE_STREAM)
+
+
+def _settings(config: Any, method: str, eps_fn: Any, shape: tuple[int, ...]) -> dict[str, Any]:
+  """Everything a sample depends on (not the batch size or the device count)."""
+  sp = config.sample
+  s = {"method": method, "seed": int(config.seed), "sde": dict(config.sde), "shape": list(shape),
+       "use_ema": bool(sp.use_ema), "params": parts.tree_digest(eps_fn)}
+  if method == "sde":
+    s.update(sde_steps=int(sp.sde_steps), denoise=bool(sp.denoise))
+  else:
+    s.update(ode_solver=sp.ode_solver, ode_rtol=float(sp.ode_rtol), ode_atol=float(sp.ode_atol),
+             ode_max_steps=int(sp.ode_max_steps))
+  return parts.canonical(s)
+
+
+def _check_config(config: Any) -> tuple[str, ...]:
+  sp = config.sample
+  methods = tuple(sp.methods)
+  if not methods:
+    raise ValueError("config.sample.methods is empty; name at least one of " + ", ".join(METHODS))
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise ValueError(f"unknown config.sample.methods {unknown}; expected any of {METHODS}")
+  if int(sp.num_samples) < 1:
+    raise ValueError(f"config.sample.num_samples must be >= 1, got {sp.num_samples}")
+  if int(sp.batch_size) < 1:
+    raise ValueError(f"config.sample.batch_size must be >= 1, got {sp.batch_size}")
+  return methods
+
+
+def samples_path(workdir: str, method: str) -> str:
+  return os.path.join(workdir, "samples", f"samples_{method}.npz")
+
+
+def _generate(config: Any, method: str, eps_fn: Any, shape: tuple[int, ...], mesh: Mesh,
+              start: int, end: int) -> dict[str, np.ndarray]:
+  sp, sde = config.sample, sde_lib.from_config(config.sde)
+  key, num, pad = sample_key(config), end - start, int(sp.batch_size)
+  if method == "sde":
+    out = reverse_sde_sample(eps_fn, sde, key, num, shape, int(sp.sde_steps),
+                             denoise=bool(sp.denoise), start=start, mesh=mesh, pad_to=pad)
+  else:
+    out = pf_ode_sample(eps_fn, sde, key, num, shape, sp.ode_solver, float(sp.ode_rtol),
+                        float(sp.ode_atol), max_steps=int(sp.ode_max_steps), start=start,
+                        mesh=mesh, pad_to=pad)
+  return {"images": np.asarray(out.images, np.float32), "nfe": np.asarray(out.nfe)}
+
+
+def _load_model(config: Any, workdir: str) -> tuple[Any, tuple[int, ...]]:
+  from memvol import data, train  # the stage's inputs; imported here to keep this module light
+  eps_fn = train.load_eps_fn(config, workdir, use_ema=bool(config.sample.use_ema))
+  shape = tuple(int(s) for s in data.load_split(config, workdir).train.images.shape[1:])
+  return eps_fn, shape
+
+
+def run(config: Any, workdir: str, log: Any = print) -> None:
+  """The `sample` stage: config.sample.num_samples images per method in
+  config.sample.methods, written to samples/samples_{method}.npz (images [M, H, W, C]
+  float32 clipped to [-1, 1], nfe [M], settings) and samples/grid_{method}.png.
+
+  Batches of config.sample.batch_size are committed to samples/parts/{method}/ as they
+  finish, so an interrupted run resumes; methods already complete are skipped. Each
+  process of a multi-host run makes its share of batches; process 0 merges.
+  """
+  methods = _check_config(config)
+  eps_fn, shape = _load_model(config, workdir)
+  mesh = parallel.local_mesh()
+  sp = config.sample
+  n, bs = int(sp.num_samples), int(sp.batch_size)
+  root = os.path.join(workdir, "samples")
+  for method in methods:
+    settings = _settings(config, method, eps_fn, shape)
+    if _complete(workdir, method, settings, n):
+      log(f"[memvol] samples_{method}: already complete, skipped")
+      continue
+    _refuse_overwrite(samples_path(workdir, method), settings, root)
+    folder = os.path.join(root, "parts", method)
+    parts.run_batches(
+        folder, n, bs, settings,
+        lambda s, e, m=method: _generate(config, m, eps_fn, shape, mesh, s, e),
+        root=folder, desc=f"sample {method}", unit="sample",
+        postfix=lambda a: {"nfe": float(np.mean(a["nfe"]))}, log=log)
+    if jax.process_index() == 0:
+      merged = parts.merge_parts(folder, n, bs, settings, root=folder)
+      images = np.clip(merged["images"], -1.0, 1.0).astype(np.float32)
+      io.save_npz(samples_path(workdir, method), images=images, nfe=merged["nfe"],
+                  settings=np.asarray(json.dumps(settings, sort_keys=True)))
+      h = images.shape[1]
+      plotting.save_image_grid(images[:64], os.path.join(root, f"grid_{method}.png"),
+                               scale=max(1, 56 // h))
+      log(f"[memvol] samples_{method}: {n} samples, mean nfe {float(np.mean(merged['nfe'])):.1f}, "
+          f"written to {samples_path(workdir, method)}")
+    parallel.sync_processes(f"memvol-samples-{method}")
+
+
+def _saved_settings(path: str) -> dict[str, Any] | None:
+  """The settings recorded in a samples file; None if it is missing, corrupt or has none."""
+  if not os.path.exists(path):
+    return None
+  try:
+    saved = io.load_npz(path)
+    return json.loads(str(saved["settings"])) | {"_num": int(saved["images"].shape[0])}
+  except (ValueError, KeyError):
+    return None
+
+
+def _complete(workdir: str, method: str, settings: dict[str, Any], n: int) -> bool:
+  return _saved_settings(samples_path(workdir, method)) == settings | {"_num": n}
+
+
+def _refuse_overwrite(path: str, settings: dict[str, Any], root: str) -> None:
+  """Never replace samples made with other settings (only more/fewer of the same)."""
+  saved = _saved_settings(path)
+  if saved is not None:
+    saved.pop("_num")
+    if saved != settings:
+      raise ValueError(
+          f"{path} holds samples made with other settings ({'; '.join(io.config_diff(saved, settings))}); "
+          f"they are not overwritten. Use a new --workdir, or delete {root} to resample.")
+
+
+def is_complete(config: Any, workdir: str) -> bool:
+  """Whether every configured method's samples exist for these settings and this model."""
+  try:
+    methods = _check_config(config)
+    eps_fn, shape = _load_model(config, workdir)
+  except (FileNotFoundError, ValueError):
+    return False
+  n = int(config.sample.num_samples)
+  return all(_complete(workdir, m, _settings(config, m, eps_fn, shape), n) for m in methods)

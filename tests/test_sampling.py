@@ -1,0 +1,197 @@
+"""Samplers on Gaussian data (closed-form eps), sharding/batch independence, the stage."""
+
+from __future__ import annotations
+
+import os
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs.base import get_base_config
+from memvol import io, parallel, sampling
+from memvol import sde as sde_lib
+
+SHAPE = (4, 4, 1)
+SDE = sde_lib.VPSDE()
+MU = np.linspace(-0.5, 0.5, 16, dtype=np.float32).reshape(SHAPE)
+VAR = np.linspace(0.05, 0.3, 16, dtype=np.float32).reshape(SHAPE)
+
+
+def gaussian_eps(x, t):
+  """eps of data N(MU, diag VAR): sigma (x - a mu) / (a^2 var + sigma^2)."""
+  a, s = SDE.mean_coeff(t), SDE.std(t)
+  return s * (x - a * MU) / (a**2 * VAR + s**2)
+
+
+def pf_map(z):
+  """Exact PF-ODE map from x_T = z to x_eps for this Gaussian (per coordinate affine)."""
+  a1, s1 = float(SDE.mean_coeff(SDE.T)), float(SDE.std(SDE.T))
+  a0, s0 = float(SDE.mean_coeff(SDE.eps)), float(SDE.std(SDE.eps))
+  return a0 * MU + np.sqrt((a0**2 * VAR + s0**2) / (a1**2 * VAR + s1**2)) * (z - a1 * MU)
+
+
+def mesh(n):
+  return parallel.data_mesh(jax.devices()[:n])
+
+
+KEY = jax.random.PRNGKey(3)
+
+
+def _check_moments(images, mean_tol, var_tol):
+  x = np.asarray(images, np.float64)
+  n = x.shape[0]
+  # 5 standard errors of the sample mean, plus the discretisation tolerance
+  assert np.all(np.abs(x.mean(0) - MU) < mean_tol + 5 * np.sqrt(VAR / n))
+  assert np.all(np.abs(x.var(0) / VAR - 1) < var_tol + 5 * np.sqrt(2 / n))
+
+
+def test_reverse_sde_reproduces_gaussian_moments():
+  out = sampling.reverse_sde_sample(gaussian_eps, SDE, KEY, 2000, SHAPE, 1000, mesh=mesh(4))
+  assert out.images.shape == (2000, *SHAPE) and out.images.dtype == jnp.float32
+  np.testing.assert_array_equal(out.nfe, 1000)
+  _check_moments(out.images, 0.01, 0.03)
+
+
+def test_pf_ode_is_the_exact_gaussian_map_and_reproduces_moments():
+  out = sampling.pf_ode_sample(gaussian_eps, SDE, KEY, 1000, SHAPE, rtol=1e-5, atol=1e-5, mesh=mesh(4))
+  z = np.stack([SDE.prior_sample(jax.random.fold_in(KEY, i), SHAPE) for i in range(8)])
+  np.testing.assert_allclose(out.images[:8], pf_map(z), atol=2e-4)
+  _check_moments(out.images, 0.01, 0.03)
+  nfe = np.asarray(out.nfe)
+  assert np.all(nfe > 7) and np.all((nfe - 1) % 6 == 0)  # tsit5: 1 + 6 per step
+
+
+def test_pf_ode_fixed_steps_counts_nfe():
+  out = sampling.pf_ode_sample(gaussian_eps, SDE, KEY, 3, SHAPE, "heun", num_steps=50, mesh=mesh(1))
+  np.testing.assert_array_equal(out.nfe, 100)
+  z = np.stack([SDE.prior_sample(jax.random.fold_in(KEY, i), SHAPE) for i in range(3)])
+  np.testing.assert_allclose(out.images, pf_map(z), atol=5e-3)
+
+
+@pytest.mark.parametrize("method", ["sde", "ode"])
+def test_samples_independent_of_batch_and_devices(method):
+  def draw(num, start, devices, pad_to=0):
+    if method == "sde":
+      return sampling.reverse_sde_sample(gaussian_eps, SDE, KEY, num, SHAPE, 100, start=start,
+                                         mesh=mesh(devices), pad_to=pad_to).images
+    return sampling.pf_ode_sample(gaussian_eps, SDE, KEY, num, SHAPE, start=start,
+                                  mesh=mesh(devices), pad_to=pad_to).images
+
+  whole = np.asarray(draw(11, 0, 4))  # 11 on 4 devices: padded to 12, padding dropped
+  assert whole.shape == (11, *SHAPE)
+  pieces = np.concatenate([draw(3, 0, 1), draw(5, 3, 4, pad_to=8), draw(3, 8, 2)])
+  # equal up to float rounding: XLA may fuse a 1-device program differently (last-ulp)
+  np.testing.assert_allclose(pieces, whole, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(draw(6, 5, 2), whole[5:])  # same per-device shapes: bitwise
+  assert not np.allclose(whole[0], whole[1])  # different samples really differ
+
+
+def test_sampler_bad_input():
+  with pytest.raises(ValueError, match="number of samples"):
+    sampling.reverse_sde_sample(gaussian_eps, SDE, KEY, 0, SHAPE)
+  with pytest.raises(ValueError, match="num_steps"):
+    sampling.reverse_sde_sample(gaussian_eps, SDE, KEY, 2, SHAPE, 0)
+  with pytest.raises(ValueError, match="unknown ODE solver"):
+    sampling.pf_ode_sample(gaussian_eps, SDE, KEY, 2, SHAPE, "rk99")
+  with pytest.raises(ValueError, match="max_steps"):
+    sampling.pf_ode_sample(gaussian_eps, SDE, KEY, 2, SHAPE, rtol=1e-9, atol=1e-9, max_steps=4,
+                           mesh=mesh(1))
+
+
+def test_reverse_sde_denoise_only_changes_the_last_step():
+  on = sampling.reverse_sde_sample(gaussian_eps, SDE, KEY, 4, SHAPE, 20, mesh=mesh(1)).images
+  off = sampling.reverse_sde_sample(gaussian_eps, SDE, KEY, 4, SHAPE, 20, denoise=False, mesh=mesh(1)).images
+  diff = np.asarray(off - on)
+  # the last step's noise: g(eps) sqrt(dt) z with dt = T / 20
+  expected_std = float(jnp.sqrt(SDE.g2(SDE.eps) * SDE.T / 20))
+  assert 0.5 * expected_std < diff.std() < 1.5 * expected_std
+
+
+# --- the stage ---------------------------------------------------------------------
+
+
+class ScaledEps(eqx.Module):
+  """A pytree eps_fn with a parameter leaf, as train.load_eps_fn gives."""
+
+  scale: jax.Array
+
+  def __call__(self, x, t):
+    return self.scale * gaussian_eps(x, t)
+
+
+def tiny_config(**sample):
+  c = get_base_config()
+  c.sample.update(dict(num_samples=10, batch_size=4, methods=("sde", "ode"), sde_steps=50,
+                       ode_rtol=1e-3, ode_atol=1e-3))
+  c.sample.update(sample)
+  return c
+
+
+@pytest.fixture
+def model(monkeypatch):
+  holder = {"eps": ScaledEps(jnp.float32(1.0))}
+  monkeypatch.setattr(sampling, "_load_model", lambda config, workdir: (holder["eps"], SHAPE))
+  return holder
+
+
+class Killed(Exception):
+  """Stands for the process being killed mid-run."""
+
+
+def test_run_writes_samples_resumes_and_skips(tmp_path, model, monkeypatch):
+  cfg = tiny_config()
+  ref_dir, dir_ = str(tmp_path / "ref"), str(tmp_path / "w")
+  sampling.run(cfg, ref_dir, log=lambda s: None)
+  for m in ("sde", "ode"):
+    z = io.load_npz(os.path.join(ref_dir, "samples", f"samples_{m}.npz"))
+    assert z["images"].shape == (10, *SHAPE) and z["images"].dtype == np.float32
+    assert z["images"].min() >= -1 and z["images"].max() <= 1 and z["nfe"].shape == (10,)
+    assert os.path.getsize(os.path.join(ref_dir, "samples", f"grid_{m}.png")) > 0
+  assert sampling.is_complete(cfg, ref_dir)
+
+  # interrupted after 2 batches of the first method
+  real, calls, kill = sampling._generate, [], [3]
+
+  def flaky(*args):
+    calls.append(args[-2:])
+    if len(calls) == kill[0]:
+      kill[0] = 0
+      raise Killed
+    return real(*args)
+
+  monkeypatch.setattr(sampling, "_generate", flaky)
+  with pytest.raises(Killed):
+    sampling.run(cfg, dir_, log=lambda s: None)
+  assert not sampling.is_complete(cfg, dir_)
+  calls.clear()
+  sampling.run(cfg, dir_, log=lambda s: None)
+  assert calls[0] == (8, 10)  # resumed at the third batch of 'sde'
+  for m in ("sde", "ode"):
+    a = io.load_npz(os.path.join(ref_dir, "samples", f"samples_{m}.npz"))
+    b = io.load_npz(os.path.join(dir_, "samples", f"samples_{m}.npz"))
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  calls.clear()
+  sampling.run(cfg, dir_, log=lambda s: None)
+  assert calls == []  # complete: nothing recomputed
+
+
+def test_run_refuses_mixing_settings_and_models(tmp_path, model):
+  d = str(tmp_path / "w")
+  sampling.run(tiny_config(methods=("sde",)), d, log=lambda s: None)
+  with pytest.raises(ValueError, match="sde_steps.*delete"):
+    sampling.run(tiny_config(methods=("sde",), sde_steps=60), d, log=lambda s: None)
+  model["eps"] = ScaledEps(jnp.float32(0.9))  # another checkpoint
+  assert not sampling.is_complete(tiny_config(methods=("sde",)), d)
+  with pytest.raises(ValueError, match="params"):
+    sampling.run(tiny_config(methods=("sde",)), d, log=lambda s: None)
+
+
+def test_run_bad_config(tmp_path, model):
+  for kw, msg in [(dict(num_samples=0), "num_samples"), (dict(methods=("gan",)), "unknown"),
+                  (dict(methods=()), "empty"), (dict(batch_size=0), "batch_size")]:
+    with pytest.raises(ValueError, match=msg):
+      sampling.run(tiny_config(**kw), str(tmp_path / "w"), log=lambda s: None)
