@@ -245,10 +245,10 @@ def _generate(config: Any, method: str, eps_fn: Any, shape: tuple[int, ...], mes
 
 
 def _load_model(config: Any, workdir: str) -> tuple[Any, tuple[int, ...]]:
-  from memvol import data, train  # the stage's inputs; imported here to keep this module light
-  eps_fn = train.load_eps_fn(config, workdir, use_ema=bool(config.sample.use_ema))
-  shape = tuple(int(s) for s in data.load_split(config, workdir).train.images.shape[1:])
-  return eps_fn, shape
+  """(eps_fn, image_shape) of the workdir's latest checkpoint (EMA if sample.use_ema)."""
+  from memvol import models, train  # the stage's input; imported here to keep this module light
+  model, params, shape = train.load_model(config, workdir, use_ema=bool(config.sample.use_ema))
+  return models.make_eps_fn(model, params, sde_lib.from_config(config.sde)), tuple(shape)
 
 
 def run(config: Any, workdir: str, log: Any = print) -> None:
