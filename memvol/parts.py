@@ -131,16 +131,16 @@ def run_batches(folder: str, n: int, batch_size: int, settings: Mapping[str, Any
   check_plan(folder, ranges, root)
   existing = _existing(folder)
   mine = ranges[parallel.process_slice(len(ranges))]
-  todo = []
-  for r in mine:
-    if r in existing:
-      try:
-        load_part(existing[r], settings, root)
-        continue
-      except CorruptPartError as e:
-        log(f"[memvol] WARNING: {e}; recomputing images [{r[0]}, {r[1]})")
-        os.remove(existing[r])
-    todo.append(r)
+  valid = set()
+  for r, path in existing.items():  # every part, so no process mixes settings unawares
+    try:
+      load_part(path, settings, root)
+      valid.add(r)
+    except CorruptPartError as e:
+      if r in mine:
+        log(f"[memvol] WARNING: {e}; recomputing items [{r[0]}, {r[1]})")
+        os.remove(path)
+  todo = [r for r in mine if r not in valid]
   done = sum(e - s for s, e in mine) - sum(e - s for s, e in todo)
   with tqdm(total=sum(e - s for s, e in mine), initial=done, desc=desc, unit=unit,
             dynamic_ncols=True, smoothing=0.3) as bar:
