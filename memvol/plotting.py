@@ -84,6 +84,7 @@ def save_pairs_figure(blocks: list[dict], path: str, title: str = "", ncol: int 
   Each block is a dict with `title`, `top` [n, H, W, C], `bottom` [n, H, W, C] (images in
   [-1, 1]), `captions` (n strings, shown under each pair) and `row_labels` (two strings,
   shown left of the first pair of each row). Blocks with n = 0 show their title only.
+  `title` (may span lines) heads the figure.
   """
   plt = pyplot()
   sizes = [len(b["top"]) for b in blocks]
@@ -91,8 +92,12 @@ def save_pairs_figure(blocks: list[dict], path: str, title: str = "", ncol: int 
   rows = [max(1, -(-n // ncol)) for n in sizes]
   cell, caption, head = 1.0, 0.42, 0.35                 # inches: image side, caption row, block title
   heights = [r * (2 * cell + caption) + head for r in rows]
-  fig = plt.figure(figsize=(max(cell * ncol + 0.6, 4.5), sum(heights) + (0.35 if title else 0.0)))
-  subs = fig.subfigures(len(blocks), 1, height_ratios=heights, squeeze=False)[:, 0]
+  title_h = 0.3 * len(title.splitlines()) if title else 0.0
+  fig = plt.figure(figsize=(max(cell * ncol + 0.6, 4.5), sum(heights) + title_h))
+  subs = fig.subfigures(len(blocks) + 1, 1, height_ratios=[title_h or 1e-6] + heights, squeeze=False)[:, 0]
+  if title:
+    subs[0].text(0.01, 0.5, title, fontsize=8.5, ha="left", va="center")
+  subs = subs[1:]
   width = fig.get_figwidth()
   for sub, block, n, r, h in zip(subs, blocks, sizes, rows, heights):
     sub.suptitle(block["title"], fontsize=9, x=0.01, ha="left")
@@ -112,6 +117,4 @@ def save_pairs_figure(blocks: list[dict], path: str, title: str = "", ncol: int 
       if c == 0:
         top.set_ylabel(block["row_labels"][0], fontsize=7.5)
         bot.set_ylabel(block["row_labels"][1], fontsize=7.5)
-  if title:
-    fig.suptitle(title, fontsize=10, y=1.0)
   save_figure(fig, path)

@@ -1,0 +1,700 @@
+"""The report: do trained and memorised images have larger log volume growth?
+
+`run(config, workdir)` reads the workdir's results (scores/scores.csv, scores/curves_E.npz,
+detect/detect.csv, the samples, the split, timings.json) and writes
+
+  report/report.md      Findings first (both claims with p-values), then tables, then figures
+  report/summary.json   the headline numbers, per estimator (CI checks they are finite)
+  report/*.png          distributions, ROC, copy counts, per-class results, top/bottom-k
+                        training images beside their closest sample, L(t) curves,
+                        agreement between estimators
+
+Claims tested, per estimator E (score = E_log_volume, larger = easier to reproduce):
+  1. trained vs held-out images;
+  2. memorised (copied by >= 1 sample under the ratio criterion) vs the other training
+     images; also planted duplicates vs singletons, Carlini-copied vs not, and memorised
+     vs not among singletons only (is there an effect beyond the planted duplicates?).
+A claim counts as supported when the positive group's mean is larger and the Welch p-value
+(config.report.alternative, two-sided by default) is below 0.01. Every comparison uses
+`memvol.stats.compare`. Undefined statistics (a group of one has no variance) are null in
+summary.json and listed under `undefined`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from memvol import detect, io, plotting, stats
+
+ALPHA = 0.01                                   # significance level the claims are judged at
+REQUIRED_SCORE_COLUMNS = ("id", "split", "label", "dup_count")
+SUCCESS_STATUS = ("0", "ok", "")               # E_status values of a successful solve (0: diffrax success)
+COMPARISONS = (  # key, positive group, negative group
+    ("trained_vs_heldout", "trained", "held-out"),
+    ("memorised_vs_not", "memorised", "not memorised (train)"),
+    ("duplicates_vs_singletons", "planted duplicates", "singletons (train)"),
+    ("carlini_vs_not", "copied (Carlini)", "not copied (Carlini, train)"),
+    ("memorised_vs_not_singletons", "memorised singletons", "not memorised singletons"),
+)
+STAGE_ORDER = ("train", "sample", "score", "detect", "report")
+COLORS = {"trained": "#d62728", "held-out": "#1f77b4", "memorised": "#9467bd", "duplicates": "#ff7f0e"}
+
+
+# --- inputs ------------------------------------------------------------------------
+
+
+def _float(v: str) -> float:
+  v = (v or "").strip()
+  return math.nan if v == "" else float(v)
+
+
+def load_scores(path: str, estimators: tuple[str, ...]) -> dict[str, np.ndarray]:
+  """scores.csv as columns: id, split, label, dup_count (int / str arrays) and for each
+  estimator E the floats E_log_volume (and E_stderr, E_prior_logp, E_logp, E_nfe where
+  present) and the strings E_status. Clear errors when missing, empty or malformed."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: score the images first with --mode=score")
+  try:
+    rows = io.load_csv(path)
+  except (UnicodeDecodeError, ValueError) as e:
+    raise ValueError(f"{path} is empty or unreadable ({e}); delete it and rerun --mode=score") from e
+  header = list(rows[0])
+  need = list(REQUIRED_SCORE_COLUMNS) + [f"{e}_log_volume" for e in estimators]
+  missing = [c for c in need if c not in header]
+  if missing:
+    raise ValueError(f"{path} lacks columns {missing} (has {header}); config.score.estimators="
+                     f"{list(estimators)}: rerun --mode=score with this config")
+  out: dict[str, np.ndarray] = {}
+  try:
+    out["id"] = np.array([int(r["id"]) for r in rows], np.int64)
+    out["label"] = np.array([int(r["label"]) for r in rows], np.int64)
+    out["dup_count"] = np.array([int(r["dup_count"]) for r in rows], np.int64)
+    for e in estimators:
+      for f in ("log_volume", "stderr", "prior_logp", "logp", "nfe"):
+        if f"{e}_{f}" in header:
+          out[f"{e}_{f}"] = np.array([_float(r[f"{e}_{f}"]) for r in rows], np.float64)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path} is corrupt ({e}); delete it and rerun --mode=score") from e
+  for e in estimators:
+    if f"{e}_status" in header:
+      out[f"{e}_status"] = np.array([(r[f"{e}_status"] or "").strip() for r in rows])
+  out["split"] = np.array([(r["split"] or "").strip() for r in rows])
+  bad = sorted(set(out["split"]) - {"train", "heldout"})
+  if bad:
+    raise ValueError(f"{path}: column 'split' has values {bad}; expected 'train' or 'heldout'")
+  return out
+
+
+def load_detect(path: str) -> dict[str, np.ndarray]:
+  """detect.csv as int / float columns (see memvol.detect.DETECT_COLUMNS)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: label memorised images first with --mode=detect")
+  rows = io.load_csv(path)
+  missing = [c for c in detect.DETECT_COLUMNS if c not in rows[0]]
+  if missing:
+    raise ValueError(f"{path} lacks columns {missing}; delete it and rerun --mode=detect")
+  try:
+    return {c: np.array([_float(r[c]) if c == "min_distance" else int(r[c]) for r in rows])
+            for c in detect.DETECT_COLUMNS}
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path} is corrupt ({e}); delete it and rerun --mode=detect") from e
+
+
+def _align_detect(train_ids: np.ndarray, det: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+  """detect columns reordered to `train_ids` (the training rows of scores.csv)."""
+  pos = {int(i): k for k, i in enumerate(det["id"])}
+  missing = [int(i) for i in train_ids if int(i) not in pos]
+  if missing:
+    raise ValueError(f"{path} has no rows for training ids {missing[:10]} listed in scores.csv: the two "
+                     "files come from different splits; rerun --mode=detect (and --mode=score) in this workdir")
+  order = np.array([pos[int(i)] for i in train_ids], np.int64)
+  return {c: v[order] for c, v in det.items()}
+
+
+# --- statistics --------------------------------------------------------------------
+
+
+def _compare_or_reason(pos: np.ndarray, neg: np.ndarray, names: tuple[str, str], rc) -> dict[str, Any]:
+  """stats.compare, or {'available': False, 'reason': ...} when a group is empty."""
+  for vals, name in ((pos, names[0]), (neg, names[1])):
+    if np.isfinite(vals).sum() == 0:
+      return {"available": False, "reason": f"no {name} images with a finite score"}
+  out = stats.compare(pos, neg, num_bootstrap=int(rc.num_bootstrap), seed=int(rc.bootstrap_seed),
+                      fpr=float(rc.fpr), alternative=str(rc.alternative))
+  out["available"] = True
+  out["supported"] = bool(out["mean_diff"] > 0 and out["welch_p"] < ALPHA)
+  return out
+
+
+def estimator_stats(v: np.ndarray, is_train: np.ndarray, det: dict[str, np.ndarray],
+                    labels: np.ndarray, rc) -> dict[str, Any]:
+  """All comparisons for one estimator. v, is_train, labels: per scored image; det: detect
+  columns aligned to the training rows (v[is_train])."""
+  vt, vh = v[is_train], v[~is_train]
+  mem = det["copies_ratio"] > 0
+  car = det["copies_carlini"] > 0
+  dup = det["dup_count"] > 1
+  groups = {
+      "trained_vs_heldout": (vt, vh),
+      "memorised_vs_not": (vt[mem], vt[~mem]),
+      "duplicates_vs_singletons": (vt[dup], vt[~dup]),
+      "carlini_vs_not": (vt[car], vt[~car]),
+      "memorised_vs_not_singletons": (vt[mem & ~dup], vt[~mem & ~dup]),
+  }
+  out: dict[str, Any] = {k: _compare_or_reason(*groups[k], (p, n), rc) for k, p, n in COMPARISONS}
+  for key, x in (("spearman_copies_ratio", det["copies_ratio"]), ("spearman_copies_carlini", det["copies_carlini"]),
+                 ("spearman_dup_count", det["dup_count"]), ("spearman_min_distance", det["min_distance"])):
+    rho, p, n = stats.spearman(vt, x.astype(np.float64))
+    out[key] = {"rho": rho, "p": p, "n": n}
+  out["per_class"] = per_class_stats(v, is_train, labels, mem, rc)
+  return out
+
+
+def per_class_stats(v, is_train, labels, mem_train, rc) -> list[dict[str, Any]]:
+  """Per class (label >= 0): counts, mean scores, memorised count, AUROC train vs held-out."""
+  lt, lh = labels[is_train], labels[~is_train]
+  vt, vh = v[is_train], v[~is_train]
+  rows = []
+  for c in sorted(set(int(x) for x in labels if x >= 0)):
+    a, b = vt[lt == c], vh[lh == c]
+    a_f, b_f = a[np.isfinite(a)], b[np.isfinite(b)]
+    row = {"label": c, "n_train": int(a_f.size), "n_heldout": int(b_f.size),
+           "mean_train": float(a_f.mean()) if a_f.size else math.nan,
+           "mean_heldout": float(b_f.mean()) if b_f.size else math.nan,
+           "se_train": float(a_f.std(ddof=1) / math.sqrt(a_f.size)) if a_f.size > 1 else math.nan,
+           "se_heldout": float(b_f.std(ddof=1) / math.sqrt(b_f.size)) if b_f.size > 1 else math.nan,
+           "n_memorised": int(mem_train[lt == c].sum()),
+           "auroc": math.nan, "auroc_lo": math.nan, "auroc_hi": math.nan}
+    if a_f.size and b_f.size:
+      row["auroc"] = stats.auroc(a_f, b_f)
+      row["auroc_lo"], row["auroc_hi"] = stats.auroc_bootstrap_ci(
+          a_f, b_f, int(rc.num_bootstrap), seed=int(rc.bootstrap_seed) + c + 1)
+    rows.append(row)
+  return rows
+
+
+def _clean(obj: Any, path: str, undefined: list[str]) -> Any:
+  """NaN / inf -> None (recorded in `undefined`), numpy scalars -> Python."""
+  if isinstance(obj, dict):
+    return {k: _clean(v, f"{path}.{k}" if path else k, undefined) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_clean(v, f"{path}[{i}]", undefined) for i, v in enumerate(obj)]
+  if isinstance(obj, (bool, np.bool_)):
+    return bool(obj)
+  if isinstance(obj, (int, np.integer)):
+    return int(obj)
+  if isinstance(obj, (float, np.floating)):
+    if not math.isfinite(obj):
+      undefined.append(path)
+      return None
+    return float(obj)
+  return obj
+
+
+# --- formatting --------------------------------------------------------------------
+
+
+def fmt_p(p: Any) -> str:
+  if p is None or not math.isfinite(p):
+    return "n/a"
+  return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return "n/a"
+  if isinstance(x, (int, np.integer)):
+    return str(int(x))
+  return f"{x:.{digits}g}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(r) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def _comparison_rows(st: dict[str, Any], fpr: float) -> tuple[list[str], list[list[str]]]:
+  header = ["comparison (pos vs neg)", "n pos / neg", "mean pos", "mean neg", "Welch p", "Mann-Whitney p",
+            "AUROC [95% CI]", f"TPR@{fpr:.0%}FPR", "Hedges' g", f"supported (p<{ALPHA})"]
+  rows = []
+  for key, p, n in COMPARISONS:
+    c = st[key]
+    if not c["available"]:
+      rows.append([f"{p} vs {n}", "-", "-", "-", "-", "-", "-", "-", "-", f"n/a: {c['reason']}"])
+      continue
+    rows.append([f"{p} vs {n}", f"{c['n_pos']} / {c['n_neg']}", fmt(c["mean_pos"]), fmt(c["mean_neg"]),
+                 fmt_p(c["welch_p"]), fmt_p(c["mw_p"]),
+                 f"{c['auroc']:.3f} [{c['auroc_lo']:.3f}, {c['auroc_hi']:.3f}]", fmt(c["tpr_at_fpr"], 3),
+                 fmt(c["hedges_g"], 3), "yes" if c["supported"] else "no"])
+  return header, rows
+
+
+def _claim_sentence(c: dict[str, Any], pos: str, neg: str, what: str) -> str:
+  if not c["available"]:
+    return f"**{what}:** not testable: {c['reason']}."
+  larger = c["mean_diff"] > 0
+  verdict = ("supported" if c["supported"] else
+             "not supported" + ("" if larger else " (the difference goes the other way)"))
+  return (f"**{what}:** {pos} have {'larger' if larger else 'smaller'} log volume growth than {neg}: "
+          f"mean {fmt(c['mean_pos'])} vs {fmt(c['mean_neg'])} (n = {c['n_pos']} vs {c['n_neg']}; "
+          f"Welch p = {fmt_p(c['welch_p'])}, Mann-Whitney p = {fmt_p(c['mw_p'])}, AUROC "
+          f"{c['auroc']:.3f} [{c['auroc_lo']:.3f}, {c['auroc_hi']:.3f}], Hedges' g = {fmt(c['hedges_g'], 3)}) "
+          f"-> {verdict} at p < {ALPHA}.")
+
+
+# --- figures -----------------------------------------------------------------------
+
+
+def _hist(ax, groups: list[tuple[str, np.ndarray, str]], xlabel: str) -> None:
+  vals = np.concatenate([g[1] for g in groups if g[1].size])
+  bins = np.histogram_bin_edges(vals, bins=min(40, max(8, int(math.sqrt(vals.size)) * 2)))
+  for name, x, color in groups:
+    if x.size:
+      ax.hist(x, bins=bins, density=True, histtype="stepfilled", alpha=0.3, color=color)
+      ax.hist(x, bins=bins, density=True, histtype="step", color=color, lw=1.4, label=f"{name} (n={x.size})")
+      ax.axvline(x.mean(), color=color, ls="--", lw=1)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel("density")
+  ax.legend(fontsize=8, frameon=False)
+
+
+def _violin(ax, groups: list[tuple[str, np.ndarray, str]], ylabel: str) -> None:
+  rng = np.random.default_rng(0)
+  ticks = []
+  for i, (name, x, color) in enumerate(groups):
+    ticks.append(f"{name}\n(n={x.size})")
+    if x.size >= 2 and np.ptp(x) > 0:
+      parts = ax.violinplot([x], positions=[i], widths=0.8, showextrema=False)
+      for b in parts["bodies"]:
+        b.set_facecolor(color)
+        b.set_alpha(0.3)
+    if x.size:
+      ax.scatter(i + rng.uniform(-0.12, 0.12, x.size), x, s=7, color=color, alpha=0.8, lw=0)
+      ax.hlines(np.median(x), i - 0.3, i + 0.3, color="k", lw=1.2)
+  ax.set_xticks(range(len(groups)), ticks, fontsize=8)
+  ax.set_ylabel(ylabel)
+
+
+def _roc(ax, pairs: list[tuple[str, np.ndarray, np.ndarray, str]], fpr_mark: float) -> None:
+  for name, p, n, color in pairs:
+    p, n = p[np.isfinite(p)], n[np.isfinite(n)]
+    if p.size and n.size:
+      f, t = stats.roc(p, n)
+      ax.plot(f, t, color=color, lw=1.6, label=f"{name}: AUROC {stats.auroc(p, n):.3f}")
+  ax.plot([0, 1], [0, 1], color="0.6", ls=":", lw=1)
+  ax.axvline(fpr_mark, color="0.6", lw=0.8, ls="--")
+  ax.set_xlabel("false positive rate")
+  ax.set_ylabel("true positive rate")
+  ax.set_xlim(0, 1)
+  ax.set_ylim(0, 1.01)
+  ax.legend(fontsize=7.5, frameon=False, loc="lower right")
+
+
+def overview_figure(e: str, v: np.ndarray, is_train: np.ndarray, det: dict[str, np.ndarray],
+                    st: dict[str, Any], fpr: float, path: str) -> None:
+  """2x2: histogram train vs held-out; violin by group; ROC curves; score vs copy count."""
+  plt = plotting.pyplot()
+  vt, vh = v[is_train], v[~is_train]
+  fin_t, fin_h = np.isfinite(vt), np.isfinite(vh)
+  mem, dup = det["copies_ratio"] > 0, det["dup_count"] > 1
+  fig, axes = plt.subplots(2, 2, figsize=(11, 8.2))
+  xl = f"log volume growth L ({e})"
+  c = st["trained_vs_heldout"]
+  _hist(axes[0, 0], [("trained", vt[fin_t], COLORS["trained"]), ("held-out", vh[fin_h], COLORS["held-out"])], xl)
+  axes[0, 0].set_title("trained vs held-out" + (f": Welch p = {fmt_p(c['welch_p'])}" if c["available"] else ""),
+                       fontsize=10)
+  groups = [("held-out", vh[fin_h], COLORS["held-out"]),
+            ("singletons,\nnot memorised", vt[fin_t & ~mem & ~dup], COLORS["trained"]),
+            ("singletons,\nmemorised", vt[fin_t & mem & ~dup], COLORS["memorised"]),
+            ("planted\nduplicates", vt[fin_t & dup], COLORS["duplicates"])]
+  _violin(axes[0, 1], groups, xl)
+  axes[0, 1].set_title("by group (memorised: copied by >= 1 sample, d1/d2 < threshold)", fontsize=10)
+  _roc(axes[1, 0], [("trained vs held-out", vt, vh, COLORS["trained"]),
+                    ("memorised vs not", vt[mem], vt[~mem], COLORS["memorised"]),
+                    ("duplicates vs singletons", vt[dup], vt[~dup], COLORS["duplicates"])], fpr)
+  axes[1, 0].set_title(f"ROC (dashed: FPR = {fpr:g})", fontsize=10)
+  ax = axes[1, 1]
+  rng = np.random.default_rng(1)
+  cnt = det["copies_ratio"].astype(np.float64)
+  jit = cnt + rng.uniform(-0.15, 0.15, cnt.size)
+  ax.scatter(jit[~dup], vt[~dup], s=12, color=COLORS["trained"], alpha=0.7, lw=0, label="singletons")
+  ax.scatter(jit[dup], vt[dup], s=22, color=COLORS["duplicates"], alpha=0.9, marker="D", lw=0,
+             label="planted duplicates")
+  if vh[fin_h].size:
+    ax.axhspan(*np.percentile(vh[fin_h], [25, 75]), color=COLORS["held-out"], alpha=0.12, label="held-out IQR")
+  s = st["spearman_copies_ratio"]
+  ax.set_title(f"score vs copy count: Spearman rho = {fmt(s['rho'], 3)} (p = {fmt_p(s['p'])})", fontsize=10)
+  ax.set_xlabel("samples copying the image (ratio criterion)")
+  ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+  ax.set_ylabel(xl)
+  ax.legend(fontsize=8, frameon=False)
+  fig.suptitle(f"Log volume growth ({e}) of training and held-out images", fontsize=12)
+  fig.tight_layout()
+  plotting.save_figure(fig, path)
+
+
+def per_class_figure(e: str, rows: list[dict[str, Any]], path: str) -> None:
+  """Per class: mean score train / held-out (+- 1 SE) and the memorised count; AUROC + CI."""
+  plt = plotting.pyplot()
+  labels = [r["label"] for r in rows]
+  x = np.arange(len(rows))
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(9, 0.9 * len(rows) + 5), 3.8))
+  for off, key, se, name, color in ((-0.12, "mean_train", "se_train", "trained", COLORS["trained"]),
+                                     (0.12, "mean_heldout", "se_heldout", "held-out", COLORS["held-out"])):
+    a1.errorbar(x + off, [r[key] for r in rows], yerr=[r[se] if math.isfinite(r[se]) else 0.0 for r in rows],
+                fmt="o", ms=5, color=color, capsize=3, lw=1.2, label=f"{name} (\u00b1 1 SE)")
+  a1.grid(axis="y", color="0.9")
+  a1.set_xticks(x, [f"{r['label']}\n{r['n_memorised']}/{r['n_train']}" for r in rows], fontsize=8)
+  a1.set_xlabel("class, and memorised / trained images in it")
+  a1.set_ylabel(f"mean log volume growth ({e})")
+  a1.legend(fontsize=8, frameon=False)
+  a1.set_title("mean score per class", fontsize=10)
+  au = np.array([r["auroc"] for r in rows])
+  err = np.array([[r["auroc"] - r["auroc_lo"], r["auroc_hi"] - r["auroc"]] for r in rows]).T
+  a2.bar(x, np.nan_to_num(au), 0.6, yerr=np.nan_to_num(err), color="0.55", capsize=3)
+  for i in np.flatnonzero(~np.isfinite(au)):
+    a2.text(i, 0.03, "n/a", ha="center", fontsize=8)
+  a2.axhline(0.5, color="k", lw=0.8, ls=":")
+  a2.set_ylim(0, 1.05)
+  a2.set_xticks(x, labels)
+  a2.set_xlabel("class")
+  a2.set_ylabel("AUROC trained vs held-out")
+  a2.set_title("per-class AUROC (bootstrap 95% CI)", fontsize=10)
+  fig.tight_layout()
+  plotting.save_figure(fig, path)
+
+
+def curves_figure(e: str, ts: np.ndarray, groups: list[tuple[str, np.ndarray, str]], path: str) -> None:
+  """Cumulative L(t): mean +- 1 sd per group; right: trained - held-out mean with +- 2 SE."""
+  plt = plotting.pyplot()
+  fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.9))
+  for name, L, color in groups:
+    if L.shape[0] == 0:
+      continue
+    m, s = np.nanmean(L, 0), np.nanstd(L, 0)
+    a1.plot(ts, m, color=color, lw=1.6, label=f"{name} (n={L.shape[0]})")
+    a1.fill_between(ts, m - s, m + s, color=color, alpha=0.15)
+  a1.set_xlabel("t")
+  a1.set_ylabel(f"cumulative L(t) ({e})")
+  a1.set_title("L(t): mean \u00b1 1 sd", fontsize=10)
+  a1.legend(fontsize=8, frameon=False)
+  (_, Lt, _), (_, Lh, _) = groups[0], groups[1]
+  if Lt.shape[0] and Lh.shape[0]:
+    diff = np.nanmean(Lt, 0) - np.nanmean(Lh, 0)
+    se = np.sqrt(np.nanvar(Lt, 0, ddof=1) / max(Lt.shape[0], 1) + np.nanvar(Lh, 0, ddof=1) / max(Lh.shape[0], 1)) \
+        if min(Lt.shape[0], Lh.shape[0]) > 1 else np.zeros_like(diff)
+    a2.plot(ts, diff, color="k", lw=1.5)
+    a2.fill_between(ts, diff - 2 * se, diff + 2 * se, color="0.5", alpha=0.25)
+  a2.axhline(0, color="0.5", lw=0.8, ls=":")
+  a2.set_xlabel("t")
+  a2.set_ylabel("mean L(t): trained - held-out")
+  a2.set_title("gap (band: \u00b1 2 SE)", fontsize=10)
+  if ts.size and ts.min() > 0 and ts.max() / ts.min() > 50:
+    a1.set_xscale("log")
+    a2.set_xscale("log")
+  fig.tight_layout()
+  plotting.save_figure(fig, path)
+
+
+def agreement_figure(ests: list[str], scores: dict[str, np.ndarray], is_train: np.ndarray,
+                     agreement: dict[str, Any], path: str) -> None:
+  plt = plotting.pyplot()
+  pairs = [(a, b) for i, a in enumerate(ests) for b in ests[i + 1:]][:6]
+  fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs), 3.8), squeeze=False)
+  for ax, (a, b) in zip(axes[0], pairs):
+    x, y = scores[a], scores[b]
+    ax.scatter(x[is_train], y[is_train], s=9, color=COLORS["trained"], alpha=0.7, lw=0, label="trained")
+    ax.scatter(x[~is_train], y[~is_train], s=9, color=COLORS["held-out"], alpha=0.7, lw=0, label="held-out")
+    ag = agreement[f"{a}|{b}"]
+    ax.set_title(f"Spearman rho = {fmt(ag['rho'], 3)}", fontsize=10)
+    ax.set_xlabel(a)
+    ax.set_ylabel(b)
+    ax.legend(fontsize=8, frameon=False)
+  fig.tight_layout()
+  plotting.save_figure(fig, path)
+
+
+def topk_figure(e: str, vt: np.ndarray, train_ids: np.ndarray, det: dict[str, np.ndarray], id_to_image,
+                samples: np.ndarray, k: int, path: str) -> None:
+  """Top-k and bottom-k training images by score, each above its closest generated sample."""
+  fin = np.flatnonzero(np.isfinite(vt))
+  order = fin[np.argsort(-vt[fin], kind="stable")]
+  k = min(k, order.size)
+  blocks = []
+  for title, sel in ((f"top {k} training images by log volume growth ({e})", order[:k]),
+                     (f"bottom {k} training images by log volume growth ({e})", order[::-1][:k])):
+    tops = np.stack([id_to_image(int(train_ids[j])) for j in sel]) if sel.size else np.zeros((0,) + samples.shape[1:])
+    bots = samples[det["closest_sample"][sel]] if sel.size else np.zeros((0,) + samples.shape[1:])
+    caps = [f"L {vt[j]:.4g}\nd {det['min_distance'][j]:.2f} c {det['copies_ratio'][j]}"
+            + (" dup" if det["dup_count"][j] > 1 else "") for j in sel]
+    blocks.append(dict(title=title, top=tops, bottom=bots, captions=caps, row_labels=("train", "closest sample")))
+  plotting.save_pairs_figure(blocks, path, title="L: score   d: L2 distance to the closest sample\n"
+                             "c: samples copying it   dup: planted duplicate")
+
+
+# --- stage -------------------------------------------------------------------------
+
+
+def _curves(e: str, path: str, scores: dict[str, np.ndarray], is_train: np.ndarray, failed: np.ndarray,
+            det: dict[str, np.ndarray], out: str) -> str:
+  """Draw the L(t) figure for estimator e to `out`; return '' or a note saying why not."""
+  if not os.path.exists(path):
+    return f"{path} not found: L(t) curves skipped."
+  z = io.load_npz(path)
+  if not {"ids", "ts", "L_t"} <= set(z):
+    raise ValueError(f"{path} lacks ids / ts / L_t (has {sorted(z)}); rerun --mode=score")
+  L, ts = z["L_t"].astype(np.float64), z["ts"].astype(np.float64)
+  if L.ndim != 2 or L.shape != (z["ids"].size, ts.size):
+    raise ValueError(f"{path}: L_t has shape {L.shape}, expected [len(ids), len(ts)] = "
+                     f"[{z['ids'].size}, {ts.size}]; rerun --mode=score")
+  if ts.size == 0:
+    return "No L(t) points were saved (config.score.num_save_times = 0): curves skipped."
+  split_of = {(str(sp), int(i)): k for k, (sp, i) in enumerate(zip(scores["split"], scores["id"]))}
+  if "split" in z:
+    keys = list(zip((str(x) for x in z["split"]), z["ids"].astype(np.int64).tolist()))
+  else:
+    tr, ho = set(scores["id"][is_train].tolist()), set(scores["id"][~is_train].tolist())
+    if tr & ho:
+      return f"{os.path.basename(path)} has no split and ids are shared between splits: curves skipped."
+    keys = [("train" if i in tr else "heldout", i) for i in z["ids"].astype(np.int64).tolist()]
+  rows = np.array([split_of.get(k, -1) for k in keys])
+  if (rows < 0).any():
+    raise ValueError(f"{path} has images that scores.csv lacks; rerun --mode=score")
+  ok = ~failed[rows]
+  mem_rows = set(np.flatnonzero(is_train)[det["copies_ratio"] > 0].tolist())
+  in_t, in_m = is_train[rows] & ok, np.array([r in mem_rows for r in rows]) & ok
+  in_h = ~is_train[rows] & ok
+  curves_figure(e, ts, [("trained", L[in_t], COLORS["trained"]), ("held-out", L[in_h], COLORS["held-out"]),
+                        ("memorised", L[in_m], COLORS["memorised"])], out)
+  return ""
+
+
+def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
+  """Write report/report.md, report/summary.json and the PNGs; returns the summary.
+  `split` defaults to memvol.data.load_split (needed for the training images)."""
+  ests = [str(e) for e in config.score.estimators]
+  if not ests:
+    raise ValueError("config.score.estimators is empty: nothing to report")
+  rc = config.report
+  folder = os.path.join(workdir, "report")
+  scores_path = os.path.join(workdir, "scores", "scores.csv")
+  detect_path = os.path.join(workdir, "detect", "detect.csv")
+  scores = load_scores(scores_path, tuple(ests))
+  is_train = scores["split"] == "train"
+  if not is_train.any():
+    raise ValueError(f"{scores_path} has no training rows; rerun --mode=score")
+  det = _align_detect(scores["id"][is_train], load_detect(detect_path), detect_path)
+  samples = detect.load_samples(config, workdir)
+  if int(det["closest_sample"].max(initial=0)) >= samples.shape[0]:
+    raise ValueError(f"{detect_path} refers to sample {int(det['closest_sample'].max())} but "
+                     f"{detect.samples_path(config, workdir)} has {samples.shape[0]}: rerun --mode=detect")
+  split = detect.load_split(config, workdir) if split is None else split
+  train_pos = {int(i): k for k, i in enumerate(np.asarray(split.train.ids))}
+  train_images = np.asarray(split.train.images, np.float32)
+
+  def id_to_image(i: int) -> np.ndarray:
+    if i not in train_pos:
+      raise ValueError(f"training id {i} of scores.csv is not in the split; the scores come from "
+                       "another data config: rerun --mode=score in this workdir")
+    return train_images[train_pos[i]]
+
+  timings_path = os.path.join(workdir, "timings.json")
+  timings = io.load_json(timings_path) if os.path.exists(timings_path) else {}
+  nn_path = os.path.join(workdir, "detect", "nn.npz")
+  nn = io.load_npz(nn_path) if os.path.exists(nn_path) else {}
+
+  per_est: dict[str, Any] = {}
+  figures: dict[str, list[tuple[str, str]]] = {}
+  notes: dict[str, list[str]] = {}
+  values: dict[str, np.ndarray] = {}
+  for e in ests:
+    v = scores[f"{e}_log_volume"].copy()
+    failed = (~np.isin(scores[f"{e}_status"], SUCCESS_STATUS) if f"{e}_status" in scores
+              else np.zeros(v.size, bool))
+    v[failed] = math.nan
+    values[e] = v
+    st = estimator_stats(v, is_train, det, scores["label"], rc)
+    st["num_failed_solves"] = int(failed.sum())
+    st["num_nonfinite"] = int((~np.isfinite(v) & ~failed).sum())
+    if f"{e}_nfe" in scores:
+      st["mean_nfe"] = float(np.nanmean(scores[f"{e}_nfe"])) if np.isfinite(scores[f"{e}_nfe"]).any() else math.nan
+    if f"{e}_status" in scores:
+      vals, counts = np.unique(scores[f"{e}_status"], return_counts=True)
+      st["status_counts"] = {str(a): int(b) for a, b in zip(vals, counts)}
+    per_est[e] = st
+    figures[e], notes[e] = [], []
+    if np.isfinite(v).any():
+      p = os.path.join(folder, f"{e}_overview.png")
+      overview_figure(e, v, is_train, det, st, float(rc.fpr), p)
+      figures[e].append(("Distributions, ROC curves and score vs copy count", os.path.basename(p)))
+    if st["per_class"]:
+      p = os.path.join(folder, f"{e}_per_class.png")
+      per_class_figure(e, st["per_class"], p)
+      figures[e].append(("Per-class mean score, memorised counts and AUROC", os.path.basename(p)))
+    else:
+      notes[e].append("No class labels (all -1): per-class results skipped.")
+    p = os.path.join(folder, f"{e}_topk.png")
+    topk_figure(e, v[is_train], scores["id"][is_train], det, id_to_image, samples, int(rc.top_k), p)
+    figures[e].append(("Top-k and bottom-k training images beside their closest generated sample",
+                       os.path.basename(p)))
+    p = os.path.join(folder, f"{e}_curves.png")
+    note = _curves(e, os.path.join(workdir, "scores", f"curves_{e}.npz"), scores, is_train, failed, det, p)
+    if note:
+      notes[e].append(note)
+    else:
+      figures[e].append(("Cumulative log volume growth L(t) along the ODE", os.path.basename(p)))
+
+  agreement: dict[str, Any] = {}
+  for i, a in enumerate(ests):
+    for b in ests[i + 1:]:
+      rho, p, n = stats.spearman(values[a], values[b])
+      agreement[f"{a}|{b}"] = {"rho": rho, "p": p, "n": n}
+  if agreement:
+    agreement_figure(ests, values, is_train, agreement, os.path.join(folder, "agreement.png"))
+
+  mem = det["copies_ratio"] > 0
+  info = {
+      "primary_estimator": ests[0], "estimators_list": ests,
+      "sample_method": str(config.detect.sample_method), "num_samples": int(samples.shape[0]),
+      "num_train": int(is_train.sum()), "num_heldout": int((~is_train).sum()),
+      "num_memorised_ratio": int(mem.sum()), "num_memorised_carlini": int((det["copies_carlini"] > 0).sum()),
+      "num_planted_duplicates": int((det["dup_count"] > 1).sum()),
+      "num_copied_samples_ratio": int(np.asarray(nn["copied_ratio"]).sum()) if "copied_ratio" in nn else None,
+      "ratio_threshold": float(config.detect.ratio_threshold), "alpha": ALPHA,
+      "alternative": str(rc.alternative), "fpr": float(rc.fpr),
+  }
+  claims = {
+      "trained_gt_heldout": _claim(per_est[ests[0]]["trained_vs_heldout"], ests[0]),
+      "memorised_gt_not": _claim(per_est[ests[0]]["memorised_vs_not"], ests[0]),
+      "duplicates_gt_singletons": _claim(per_est[ests[0]]["duplicates_vs_singletons"], ests[0]),
+  }
+  undefined: list[str] = []
+  summary = _clean({**info, "claims": claims, "estimators": per_est, "estimator_agreement": agreement,
+                    "timings_s": timings}, "", undefined)
+  summary["undefined"] = undefined
+  text = render_markdown(config, info, per_est, agreement, figures, notes, timings, det, scores, is_train)
+  io.save_json(os.path.join(folder, "summary.json"), summary)
+  with io.atomic_open(os.path.join(folder, "report.md"), "w") as f:
+    f.write(text)
+  for name in ("summary.json", "report.md"):
+    os.chmod(os.path.join(folder, name), 0o644)
+  logging.info("report: %s", os.path.join(folder, "report.md"))
+  return summary
+
+
+def _claim(c: dict[str, Any], e: str) -> dict[str, Any]:
+  if not c["available"]:
+    return {"estimator": e, "testable": False, "supported": False, "reason": c["reason"]}
+  return {"estimator": e, "testable": True, "supported": c["supported"], "welch_p": c["welch_p"],
+          "mw_p": c["mw_p"], "mean_diff": c["mean_diff"], "auroc": c["auroc"]}
+
+
+def render_markdown(config, info, per_est, agreement, figures, notes, timings, det, scores, is_train) -> str:
+  e0 = info["primary_estimator"]
+  st0 = per_est[e0]
+  thr = info["ratio_threshold"]
+  out = ["# memvol report", ""]
+  out.append(f"Data `{config.data.name}` ({info['num_train']} distinct training images, "
+             f"{info['num_planted_duplicates']} of them planted duplicates, {info['num_heldout']} held-out); "
+             f"{info['num_samples']} `{info['sample_method']}` samples searched for copies; "
+             f"estimators: {', '.join(f'`{e}`' for e in info['estimators_list'])} (primary: `{e0}`). "
+             "Score = log volume growth L of the probability-flow ODE map from the image to the latent "
+             "(larger = more latent volume flows onto the image = easier to reproduce).")
+  out += ["", "## Findings", ""]
+  out.append("- " + _claim_sentence(st0["trained_vs_heldout"], "trained images", "held-out images",
+                                    "Claim 1, trained vs held-out"))
+  n_mem = info["num_memorised_ratio"]
+  out.append(f"- **Memorisation labels:** {n_mem} of {info['num_train']} training images are copied by at least "
+             f"one of the {info['num_samples']} samples (d(x', NN1) / d(x', NN2) < {thr:.3g}); "
+             f"{info['num_memorised_carlini']} under Carlini et al.'s criterion; "
+             f"{int(((det['copies_ratio'] > 0) & (det['dup_count'] > 1)).sum())} of the "
+             f"{info['num_planted_duplicates']} planted duplicates are copied.")
+  out.append("- " + _claim_sentence(st0["memorised_vs_not"], "memorised training images",
+                                    "the other training images", "Claim 2, memorised vs not memorised"))
+  out.append("- " + _claim_sentence(st0["duplicates_vs_singletons"], "planted duplicates", "singletons",
+                                    "Planted duplicates (ground truth) vs singletons"))
+  s = st0["spearman_copies_ratio"]
+  out.append(f"- Spearman correlation of the score with the copy count over training images: rho = "
+             f"{fmt(s['rho'], 3)} (p = {fmt_p(s['p'])}).")
+  pc = [r for r in st0["per_class"] if math.isfinite(r["mean_train"])]
+  if pc:
+    top = max(pc, key=lambda r: r["mean_train"])
+    low = min(pc, key=lambda r: r["mean_train"])
+    out.append(f"- Per class: class {top['label']} has the highest mean training score ({fmt(top['mean_train'])}, "
+               f"{top['n_memorised']}/{top['n_train']} memorised) and class {low['label']} the lowest "
+               f"({fmt(low['mean_train'])}, {low['n_memorised']}/{low['n_train']} memorised); simple images can "
+               "score high without being copied, so compare within a class (table below).")
+  if info["alternative"] != "two-sided":
+    out.append(f"- p-values are one-sided (`{info['alternative']}`).")
+  else:
+    out.append("- p-values are two-sided; a claim is supported when the difference is in the stated "
+               f"direction and Welch p < {ALPHA}.")
+
+  for e in info["estimators_list"]:
+    st = per_est[e]
+    out += ["", f"## Estimator `{e}`", ""]
+    header, rows = _comparison_rows(st, info["fpr"])
+    out.append(_table(header, rows))
+    out.append("")
+    out.append("AUROC interval: stratified percentile bootstrap "
+               f"({int(config.report.num_bootstrap)} resamples). TPR@{info['fpr']:.0%}FPR: ROC curve "
+               "(sklearn roc_curve) linearly interpolated at that FPR. Memorised: copied by >= 1 sample "
+               f"under d1/d2 < {thr:.3g}; planted duplicates: dup_count > 1.")
+    out.append("")
+    sp_rows = [[name, fmt(st[k]["rho"], 3), fmt_p(st[k]["p"]), str(st[k]["n"])] for k, name in (
+        ("spearman_copies_ratio", "copy count (ratio criterion)"),
+        ("spearman_copies_carlini", "copy count (Carlini)"),
+        ("spearman_dup_count", "planted duplicate count"),
+        ("spearman_min_distance", "L2 distance to the closest sample"))]
+    out.append("Spearman correlation of the score with, over training images:")
+    out.append("")
+    out.append(_table(["variable", "rho", "p", "n"], sp_rows))
+    if st["per_class"]:
+      out += ["", "Per class (AUROC: trained vs held-out within the class):", ""]
+      out.append(_table(
+          ["class", "n train / held-out", "mean train", "mean held-out", "memorised", "AUROC [95% CI]"],
+          [[str(r["label"]), f"{r['n_train']} / {r['n_heldout']}", fmt(r["mean_train"]), fmt(r["mean_heldout"]),
+            str(r["n_memorised"]),
+            "n/a" if not math.isfinite(r["auroc"]) else f"{r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}]"]
+           for r in st["per_class"]]))
+    extra = []
+    if st["num_failed_solves"]:
+      extra.append(f"{st['num_failed_solves']} solves did not succeed (status not in {list(SUCCESS_STATUS)}); "
+                   "their scores are left out of every statistic.")
+    if st["num_nonfinite"]:
+      extra.append(f"{st['num_nonfinite']} images have a non-finite score and are left out of every statistic.")
+    if "mean_nfe" in st:
+      extra.append(f"mean network evaluations per image: {fmt(st['mean_nfe'])}.")
+    if "status_counts" in st:
+      extra.append("solver status counts: " + ", ".join(f"`{k or '(empty)'}`: {n}" for k, n in st["status_counts"].items()) + ".")
+    extra += notes[e]
+    if extra:
+      out += [""] + [f"- {x}" for x in extra]
+    for caption, fname in figures[e]:
+      out += ["", f"**{caption}**", "", f"![{caption}]({fname})"]
+
+  if agreement:
+    out += ["", "## Agreement between estimators", ""]
+    out.append(_table(["pair", "Spearman rho", "p", "n"],
+                      [[k.replace("|", " vs "), fmt(v["rho"], 3), fmt_p(v["p"]), str(v["n"])] for k, v in agreement.items()]))
+    out += ["", "![Agreement between estimators](agreement.png)"]
+
+  out += ["", "## Copies found", ""]
+  out.append(f"Samples (top) above their nearest training image (bottom): [../detect/copies.png](../detect/copies.png)")
+  out += ["", "![copies](../detect/copies.png)"]
+
+  out += ["", "## Stage wall times", ""]
+  if timings:
+    order = [k for k in STAGE_ORDER if k in timings] + sorted(k for k in timings if k not in STAGE_ORDER)
+    out.append(_table(["stage", "seconds"], [[k, f"{float(timings[k]):.1f}"] for k in order]
+                      + [["total", f"{sum(float(v) for v in timings.values()):.1f}"]]))
+  else:
+    out.append("No timings.json in the workdir (stages were not run through the entry point).")
+  out.append("")
+  return "\n".join(out)

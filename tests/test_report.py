@@ -1,0 +1,214 @@
+"""memvol.report end to end on a synthetic workdir (split, samples, scores, curves, timings),
+the summary's finite-ness as CI checks it, and clear errors on bad inputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import types
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from experiments.configs.base import get_base_config
+from memvol import detect, io, report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ESTS = ("hutchinson", "exact")
+
+
+def _check_report():
+  spec = importlib.util.spec_from_file_location("check_report", os.path.join(ROOT, "scripts", "check_report.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.main
+
+
+def _config():
+  c = get_base_config()
+  c.score.estimators = ESTS
+  c.detect.carlini_n = 10
+  c.detect.chunk_size = 16
+  c.report.num_bootstrap = 100
+  c.report.top_k = 4
+  return c
+
+
+def _imageset(images, labels, ids):
+  return types.SimpleNamespace(images=images, labels=labels, ids=ids)
+
+
+def make_workdir(wd: str, copy_some: bool = True, seed: int = 0, n: int = 40):
+  """8x8 digits: n training (4 planted duplicates x4), n held-out; samples copy the planted
+  duplicates (twice each) and two singletons when `copy_some`; scores higher for trained and
+  for copied images; curves; timings."""
+  rng = np.random.default_rng(seed)
+  d = load_digits()
+  x = (d.images[:2 * n] / 8.0 - 1.0).astype(np.float32)[..., None]     # [-1, 1]
+  y = d.target[:2 * n].astype(np.int64)
+  ids = np.arange(2 * n, dtype=np.int64) + 1000
+  train, held = slice(0, n), slice(n, 2 * n)
+  dup = np.ones(n, np.int64)
+  dup[[0, 1, 2, 3]] = 4
+  split = types.SimpleNamespace(train=_imageset(x[train], y[train], ids[train]),
+                                heldout=_imageset(x[held], y[held], ids[held]), dup_counts=dup)
+  noise = rng.uniform(-1, 1, (24, 8, 8, 1)).astype(np.float32)
+  copies = [0, 0, 1, 1, 2, 2, 3, 3, 10, 11] if copy_some else []
+  samples = np.concatenate([x[copies] + 0.01 * rng.normal(size=(len(copies), 8, 8, 1)).astype(np.float32),
+                            noise]) if copies else noise
+  io.save_npz(os.path.join(wd, "samples", "samples_sde.npz"), images=samples)
+
+  copied = np.zeros(2 * n, bool)
+  copied[copies] = True
+  base = rng.normal(0.0, 1.0, 2 * n) + 3.0 * (np.arange(2 * n) < n) + 4.0 * copied
+  rows = []
+  for i in range(2 * n):
+    r = dict(id=int(ids[i]), split="train" if i < n else "heldout", label=int(y[i]),
+             dup_count=int(dup[i]) if i < n else 0)
+    for k, e in enumerate(ESTS):
+      lv = base[i] * (1.0 + 0.1 * k) + 0.2 * rng.normal()
+      r.update({f"{e}_log_volume": lv, f"{e}_stderr": 0.1, f"{e}_prior_logp": -90.0,
+                f"{e}_logp": lv - 90.0, f"{e}_nfe": 120, f"{e}_status": "ok"})
+    rows.append(r)
+  io.save_csv(os.path.join(wd, "scores", "scores.csv"), rows)
+  ts = np.linspace(1e-3, 1.0, 20)
+  for e in ESTS:
+    lv = np.array([r[f"{e}_log_volume"] for r in rows])
+    extra = {"split": np.array([r["split"] for r in rows])} if e == "exact" else {}
+    io.save_npz(os.path.join(wd, "scores", f"curves_{e}.npz"), ids=ids, ts=ts,
+                L_t=lv[:, None] * np.sqrt(ts)[None, :], **extra)
+  io.save_json(os.path.join(wd, "timings.json"), {"train": 12.5, "sample": 3.0, "score": 7.25})
+  return split
+
+
+def test_report_end_to_end(tmp_path):
+  wd, cfg = str(tmp_path), _config()
+  split = make_workdir(wd)
+  detect.run(cfg, wd, split=split)
+  summary = report.run(cfg, wd, split=split)
+  folder = os.path.join(wd, "report")
+  md = open(os.path.join(folder, "report.md")).read()
+  # Findings come first and state both claims with their p-values
+  assert md.index("## Findings") < md.index("## Estimator")
+  assert "Claim 1, trained vs held-out" in md and "Claim 2, memorised vs not memorised" in md
+  assert md.count("Welch p = ") >= 3
+  # every embedded figure exists
+  pngs = {f for f in os.listdir(folder) if f.endswith(".png")}
+  assert {f"{e}_{k}.png" for e in ESTS for k in ("overview", "per_class", "topk", "curves")} | {"agreement.png"} <= pngs
+  for f in pngs:
+    assert f"]({f})" in md
+    assert os.path.getsize(os.path.join(folder, f)) > 5000
+  assert "12.5" in md and "## Stage wall times" in md
+  # summary.json: the numbers the lead's CI checks, finite, and consistent with the data
+  assert _check_report()(wd) == 0
+  with open(os.path.join(folder, "summary.json")) as f:
+    s = json.load(f)
+  assert s == json.loads(json.dumps(summary))
+  h = s["estimators"]["hutchinson"]
+  tv, mem, dup = h["trained_vs_heldout"], h["memorised_vs_not"], h["duplicates_vs_singletons"]
+  assert (tv["n_pos"], tv["n_neg"]) == (40, 40)
+  assert s["num_memorised_ratio"] == 6 and (mem["n_pos"], mem["n_neg"]) == (6, 34)
+  assert (dup["n_pos"], dup["n_neg"]) == (4, 36)
+  assert tv["auroc"] > 0.85 and tv["welch_p"] < 1e-6 and tv["supported"]
+  assert mem["mean_diff"] > 2 and mem["supported"] and s["claims"]["memorised_gt_not"]["supported"]
+  assert tv["auroc_lo"] <= tv["auroc"] <= tv["auroc_hi"]
+  assert h["spearman_copies_ratio"]["rho"] > 0.3
+  assert s["estimator_agreement"]["hutchinson|exact"]["rho"] > 0.9
+  assert {r["label"] for r in h["per_class"]} <= set(range(10)) and len(h["per_class"]) >= 5
+  assert h["status_counts"] == {"ok": 80} and h["mean_nfe"] == 120
+  for v in _numbers(s):
+    assert math.isfinite(v)
+
+
+def _numbers(o):
+  if isinstance(o, dict):
+    for v in o.values():
+      yield from _numbers(v)
+  elif isinstance(o, list):
+    for v in o:
+      yield from _numbers(v)
+  elif isinstance(o, (int, float)) and not isinstance(o, bool):
+    yield float(o)
+
+
+def test_report_when_nothing_is_memorised(tmp_path):
+  wd, cfg = str(tmp_path), _config()
+  cfg.score.estimators = ("hutchinson",)
+  split = make_workdir(wd, copy_some=False)
+  os.remove(os.path.join(wd, "scores", "curves_hutchinson.npz"))
+  detect.run(cfg, wd, split=split)
+  s = report.run(cfg, wd, split=split)
+  md = open(os.path.join(wd, "report", "report.md")).read()
+  assert s["num_memorised_ratio"] == 0
+  assert s["estimators"]["hutchinson"]["memorised_vs_not"] == {
+      "available": False, "reason": "no memorised images with a finite score"}
+  assert s["claims"]["memorised_gt_not"]["testable"] is False
+  assert "not testable: no memorised images" in md and "L(t) curves skipped" in md
+  assert "agreement.png" not in md
+  assert _check_report()(wd) == 0
+
+
+def test_report_nan_scores_and_undefined_statistics(tmp_path):
+  wd, cfg = str(tmp_path), _config()
+  cfg.score.estimators = ("hutchinson",)
+  split = make_workdir(wd)
+  path = os.path.join(wd, "scores", "scores.csv")
+  rows = io.load_csv(path)
+  rows[5]["hutchinson_log_volume"] = "nan"      # a failed solve
+  rows[10]["hutchinson_log_volume"] = ""        # and a missing value (row 10 is a copied singleton)
+  rows[20]["hutchinson_status"] = "2"           # a solve that hit max_steps: left out
+  rows[20]["hutchinson_log_volume"] = "1e6"
+  io.save_csv(path, rows)
+  # curves as scoring writes them (with a split array), no points saved
+  ids = np.array([int(r["id"]) for r in rows])
+  io.save_npz(os.path.join(wd, "scores", "curves_hutchinson.npz"), ids=ids,
+              split=np.array([r["split"] for r in rows]), ts=np.zeros(0), L_t=np.zeros((len(rows), 0)))
+  detect.run(cfg, wd, split=split)
+  s = report.run(cfg, wd, split=split)
+  h = s["estimators"]["hutchinson"]
+  assert h["num_nonfinite"] == 2 and h["num_failed_solves"] == 1 and h["trained_vs_heldout"]["n_pos"] == 37
+  assert h["trained_vs_heldout"]["mean_pos"] < 100 and h["status_counts"] == {"2": 1, "ok": 79}
+  assert "num_save_times = 0" in open(os.path.join(wd, "report", "report.md")).read()
+  # one memorised singleton left: its Welch test is undefined -> null, listed in `undefined`
+  ms = h["memorised_vs_not_singletons"]
+  assert ms["n_pos"] == 1 and ms["welch_p"] is None
+  assert "estimators.hutchinson.memorised_vs_not_singletons.welch_p" in s["undefined"]
+  assert "2 images have a non-finite score" in open(os.path.join(wd, "report", "report.md")).read()
+
+
+def test_report_errors(tmp_path):
+  wd, cfg = str(tmp_path), _config()
+  split = make_workdir(wd)
+  scores = os.path.join(wd, "scores", "scores.csv")
+  good = open(scores).read()
+  with pytest.raises(FileNotFoundError, match="--mode=detect"):
+    report.run(cfg, wd, split=split)
+  detect.run(cfg, wd, split=split)
+  os.remove(scores)
+  with pytest.raises(FileNotFoundError, match="--mode=score"):
+    report.run(cfg, wd, split=split)
+  for content, match in ((b"", "no rows"), (good.splitlines()[0].encode() + b"\n", "no rows"),
+                         (b"\x00\xff\xfe garbage \x89PNG", "unreadable|lacks columns"),
+                         (good.replace("train,", "trian,", 1).encode(), "'split' has values"),
+                         (good.replace("ok", "ok", 1).replace(",0.1,", ",zz,", 1).encode(), "corrupt")):
+    with open(scores, "wb") as f:
+      f.write(content)
+    with pytest.raises(ValueError, match=match):
+      report.run(cfg, wd, split=split)
+  with open(scores, "w") as f:
+    f.write(good)
+  cfg.score.estimators = ("hutchinson", "paper")
+  with pytest.raises(ValueError, match="paper_log_volume"):
+    report.run(cfg, wd, split=split)
+  cfg.score.estimators = ESTS
+  # detect.csv from another split
+  det = os.path.join(wd, "detect", "detect.csv")
+  rows = io.load_csv(det)
+  rows[0]["id"] = "999999"
+  io.save_csv(det, rows)
+  with pytest.raises(ValueError, match="different splits"):
+    report.run(cfg, wd, split=split)
+  assert not os.path.exists(os.path.join(wd, "report", "report.md"))
