@@ -122,8 +122,10 @@ def _align_detect(train_ids: np.ndarray, det: dict[str, np.ndarray], path: str) 
 def _compare_or_reason(pos: np.ndarray, neg: np.ndarray, names: tuple[str, str], rc) -> dict[str, Any]:
   """stats.compare, or {'available': False, 'reason': ...} when a group is empty."""
   for vals, name in ((pos, names[0]), (neg, names[1])):
+    if vals.size == 0:
+      return {"available": False, "reason": f"the group '{name}' is empty"}
     if np.isfinite(vals).sum() == 0:
-      return {"available": False, "reason": f"no {name} images with a finite score"}
+      return {"available": False, "reason": f"no image of the group '{name}' has a finite score"}
   out = stats.compare(pos, neg, num_bootstrap=int(rc.num_bootstrap), seed=int(rc.bootstrap_seed),
                       fpr=float(rc.fpr), alternative=str(rc.alternative))
   out["available"] = True
@@ -331,6 +333,7 @@ def overview_figure(e: str, v: np.ndarray, is_train: np.ndarray, det: dict[str, 
   s = st["spearman_copies_ratio"]
   ax.set_title(f"score vs copy count: Spearman rho = {fmt(s['rho'], 3)} (p = {fmt_p(s['p'])})", fontsize=10)
   ax.set_xlabel("samples copying the image (ratio criterion)")
+  ax.set_xlim(-0.5, max(float(cnt.max(initial=0)), 1.0) + 0.5)
   ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
   ax.set_ylabel(xl)
   ax.legend(fontsize=8, frameon=False)
@@ -615,13 +618,21 @@ def render_markdown(config, info, per_est, agreement, figures, notes, timings, d
              f"{info['num_memorised_carlini']} under Carlini et al.'s criterion; "
              f"{int(((det['copies_ratio'] > 0) & (det['dup_count'] > 1)).sum())} of the "
              f"{info['num_planted_duplicates']} planted duplicates are copied.")
-  out.append("- " + _claim_sentence(st0["memorised_vs_not"], "memorised training images",
-                                    "the other training images", "Claim 2, memorised vs not memorised"))
+  claim2 = _claim_sentence(st0["memorised_vs_not"], "memorised training images",
+                           "the other training images", "Claim 2, memorised vs not memorised")
+  if not st0["memorised_vs_not"]["available"] and n_mem == 0:
+    claim2 += (" No sample copies a training image; the planted duplicates (next line) are the ground-truth "
+               "test of the same claim. More samples (config.sample.num_samples) or longer training give copies.")
+  out.append("- " + claim2)
   out.append("- " + _claim_sentence(st0["duplicates_vs_singletons"], "planted duplicates", "singletons",
                                     "Planted duplicates (ground truth) vs singletons"))
   s = st0["spearman_copies_ratio"]
-  out.append(f"- Spearman correlation of the score with the copy count over training images: rho = "
-             f"{fmt(s['rho'], 3)} (p = {fmt_p(s['p'])}).")
+  if math.isfinite(s["rho"]):
+    out.append(f"- Spearman correlation of the score with the copy count over training images: rho = "
+               f"{fmt(s['rho'], 3)} (p = {fmt_p(s['p'])}).")
+  else:
+    out.append("- Spearman correlation of the score with the copy count: undefined (the copy count is the "
+               "same for every training image).")
   pc = [r for r in st0["per_class"] if math.isfinite(r["mean_train"])]
   if pc:
     top = max(pc, key=lambda r: r["mean_train"])

@@ -144,9 +144,9 @@ def test_report_when_nothing_is_memorised(tmp_path):
   md = open(os.path.join(wd, "report", "report.md")).read()
   assert s["num_memorised_ratio"] == 0
   assert s["estimators"]["hutchinson"]["memorised_vs_not"] == {
-      "available": False, "reason": "no memorised images with a finite score"}
+      "available": False, "reason": "the group 'memorised' is empty"}
   assert s["claims"]["memorised_gt_not"]["testable"] is False
-  assert "not testable: no memorised images" in md and "L(t) curves skipped" in md
+  assert "not testable: the group 'memorised' is empty" in md and "L(t) curves skipped" in md
   assert "agreement.png" not in md
   assert _check_report()(wd) == 0
 
