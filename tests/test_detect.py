@@ -85,7 +85,7 @@ def test_degenerate_distances():
     detect.ratio_copies(detect.nearest_neighbours(train[:1], train, k=1), 3)
 
 
-def _config(tmp):
+def _config():
   c = get_base_config()
   c.detect.carlini_n = 5
   c.detect.chunk_size = 4
@@ -102,7 +102,7 @@ def _split(train, labels=None, ids=None, dup=None):
 
 def test_run_writes_csv_npz_and_png(tmp_path):
   samples, train = _copies_case()
-  cfg, wd = _config(tmp_path), str(tmp_path)
+  cfg, wd = _config(), str(tmp_path)
   io.save_npz(os.path.join(wd, "samples", "samples_sde.npz"), images=samples)
   out = detect.run(cfg, wd, split=_split(train))
   assert out["copied_samples_ratio"] == 4 and out["memorised_ratio"] == 3
@@ -123,14 +123,14 @@ def test_run_without_copies_still_draws_the_closest_pairs(tmp_path):
   train = rng.uniform(-1, 1, (10, 5, 5, 1)).astype(np.float32)
   wd = str(tmp_path)
   io.save_npz(os.path.join(wd, "samples", "samples_sde.npz"), images=rng.uniform(-1, 1, (6, 5, 5, 1)).astype(np.float32))
-  out = detect.run(_config(tmp_path), wd, split=_split(train))
+  out = detect.run(_config(), wd, split=_split(train))
   assert out["memorised_ratio"] == 0
   assert os.path.exists(os.path.join(wd, "detect", "copies.png"))
 
 
 def test_run_errors(tmp_path):
   _, train = _copies_case()
-  wd, cfg = str(tmp_path), _config(tmp_path)
+  wd, cfg = str(tmp_path), _config()
   with pytest.raises(FileNotFoundError, match="--mode=sample"):
     detect.run(cfg, wd, split=_split(train))
   path = os.path.join(wd, "samples", "samples_sde.npz")
