@@ -64,8 +64,13 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def padded_size(n: int, num_devices: int, minimum: int = 0) -> int:
-  """Smallest multiple of `num_devices` that is >= max(n, minimum)."""
-  m = max(n, minimum)
+  """Smallest multiple of `num_devices` that is >= max(n, minimum, 2 num_devices).
+
+  At least two items per device: XLA compiles a vmapped axis of size one differently
+  (it is squeezed away), which changes results in the last bit, and an adaptive solve
+  can amplify that; with >= 2 per device the per-item results do not depend on the batch.
+  """
+  m = max(n, minimum, 2 * num_devices)
   return -(-m // num_devices) * num_devices
 
 
@@ -91,7 +96,8 @@ def shard_map_batch(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
   local batch as its leading axis.
 
   Returns `mapped(replicated, *batched, pad_to=0)`: pads the batch (leading axes must
-  agree, b >= 1) to a multiple of the device count that is >= `pad_to` (pass a fixed
+  agree, b >= 1) to a multiple of the device count that is >= `pad_to` and holds at least
+  two items per device (`padded_size`; pass a fixed
   `pad_to` so a short last batch reuses the compiled program), runs `fn` under
   `jax.shard_map` on the `data` axis, and returns the outputs cut back to [b, ...].
   Compiled once per (fn, mesh, static part, shapes): calls with the same `fn` and `mesh`

@@ -49,14 +49,18 @@ def _indices(num: int, start: int) -> np.ndarray:
 # --- reverse SDE, Euler-Maruyama ---------------------------------------------------
 
 
+def reverse_sde_grid(sde: sde_lib.SDE, num_steps: int, dtype=jnp.float32) -> tuple[Array, Array]:
+  """The paper's Euler-Maruyama grid: t_k = linspace(T, eps, num_steps) and dt = T / num_steps."""
+  return jnp.linspace(sde.T, sde.eps, num_steps, dtype=dtype), jnp.asarray(sde.T / num_steps, dtype)
+
+
 def _reverse_sde_one(eps_fn: Any, sde: sde_lib.SDE, key: Array, shape: tuple[int, ...],
                      num_steps: int, denoise: bool) -> Array:
-  """One sample: x_T ~ prior, then `num_steps` Euler-Maruyama steps of the reverse SDE at
-  t_k = linspace(T, eps, num_steps) with dt = T / num_steps (the paper's grid)."""
+  """One sample: x_T ~ prior, then `num_steps` Euler-Maruyama steps of the reverse SDE on
+  `reverse_sde_grid` (denoise: no noise in the last step)."""
   k_prior, k_noise = jax.random.split(key)
   x = sde.prior_sample(k_prior, shape)
-  ts = jnp.linspace(sde.T, sde.eps, num_steps, dtype=x.dtype)
-  dt = jnp.asarray(sde.T / num_steps, x.dtype)
+  ts, dt = reverse_sde_grid(sde, num_steps, x.dtype)
   noise_keys = jax.random.split(k_noise, num_steps)
   keep_noise = jnp.ones((num_steps,), x.dtype)
   if denoise:

@@ -104,7 +104,8 @@ def test_bad_batches():
 
 
 def test_padded_size_and_pad_batch():
-  assert [parallel.padded_size(n, 4) for n in (1, 4, 5, 8)] == [4, 4, 8, 8]
+  assert [parallel.padded_size(n, 4) for n in (1, 4, 5, 8, 9)] == [8, 8, 8, 8, 12]
+  assert [parallel.padded_size(n, 1) for n in (1, 2, 3)] == [2, 2, 3]
   assert parallel.padded_size(5, 4, minimum=16) == 16
   p = parallel.pad_batch(np.arange(6).reshape(3, 2), 5)
   np.testing.assert_array_equal(p, [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]])

@@ -1,0 +1,218 @@
+"""The score stage on tiny 4x4x1 images with closed-form eps networks: wiring against the
+closed form, 1 vs 4 devices, batch sizes, kill-and-resume, corrupt parts, settings."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs.base import get_base_config
+from memvol import analytic, io, parallel, scoring
+from memvol import sde as sde_lib
+
+SHAPE = (4, 4, 1)
+SDE = sde_lib.VPSDE()
+RNG = np.random.default_rng(0)
+TRAIN = RNG.uniform(-1, 1, (6, *SHAPE)).astype(np.float32)
+HELDOUT = RNG.uniform(-1, 1, (4, *SHAPE)).astype(np.float32)
+TABLE = scoring.ImageTable(
+    images=np.concatenate([TRAIN, HELDOUT]), ids=np.array([5, 1, 7, 3, 9, 2, 100, 101, 102, 103]),
+    split=np.array(["train"] * 6 + ["heldout"] * 4), labels=np.arange(10) % 3,
+    dup_counts=np.array([1, 1, 4, 1, 1, 2, 0, 0, 0, 0]))
+N = len(TABLE.ids)
+
+
+def config(**score):
+  c = get_base_config()
+  c.score.update(dict(estimators=("exact", "hutchinson"), batch_size=4, rtol=1e-3, atol=1e-3,
+                      num_probes=2, num_save_times=5))
+  c.score.update(score)
+  return c
+
+
+@pytest.fixture
+def model(monkeypatch):
+  """A smoothed perfect memoriser of the 6 training images; `devices` picks the mesh."""
+  state = {"eps": analytic.memoriser_eps(TRAIN, SDE, width=0.2), "devices": 4}
+  monkeypatch.setattr(scoring, "_load", lambda config, workdir: (state["eps"], TABLE))
+  monkeypatch.setattr(scoring.parallel, "local_mesh",
+                      lambda: parallel.data_mesh(jax.devices()[:state["devices"]]))
+  return state
+
+
+def quiet(msg):
+  del msg
+
+
+def read(workdir):
+  with open(os.path.join(workdir, "scores", "scores.csv"), "rb") as f:
+    return f.read()
+
+
+def test_scores_csv_and_curves(tmp_path, model):
+  d = str(tmp_path)
+  scoring.run(config(), d, log=quiet)
+  rows = io.load_csv(os.path.join(d, "scores", "scores.csv"))
+  cols = ["id", "split", "label", "dup_count"] + [
+      f"{e}_{c}" for e in ("exact", "hutchinson")
+      for c in ("log_volume", "stderr", "prior_logp", "logp", "nfe", "status")]
+  assert list(rows[0]) == cols
+  assert [int(r["id"]) for r in rows] == TABLE.ids.tolist()  # train then held-out, split ids
+  assert [r["split"] for r in rows] == TABLE.split.tolist()
+  assert [int(r["dup_count"]) for r in rows] == TABLE.dup_counts.tolist()
+  lv = np.array([float(r["exact_log_volume"]) for r in rows])
+  hv = np.array([float(r["hutchinson_log_volume"]) for r in rows])
+  assert all(r["exact_status"] == "0" and float(r["exact_stderr"]) == 0 for r in rows)
+  assert all(float(r["hutchinson_stderr"]) > 0 for r in rows)
+  np.testing.assert_allclose([float(r["exact_logp"]) for r in rows],
+                             lv + np.array([float(r["exact_prior_logp"]) for r in rows]), rtol=1e-5)
+  # a memoriser of the training images: trained images grow more volume than held-out ones
+  assert lv[:6].min() > lv[6:].max()
+  assert np.all(np.abs(hv - lv) < 6 * np.array([float(r["hutchinson_stderr"]) for r in rows]) + 1.0)
+  curves = io.load_npz(os.path.join(d, "scores", "curves_exact.npz"))
+  np.testing.assert_array_equal(curves["ids"], TABLE.ids)
+  assert curves["L_t"].shape == (N, 5) and curves["ts"].shape == (5,)
+  np.testing.assert_allclose(curves["ts"][[0, -1]], [SDE.eps, SDE.T])
+  np.testing.assert_allclose(curves["L_t"][:, -1], lv, rtol=1e-5)  # L(T) is the score
+  np.testing.assert_allclose(curves["L_t"][:, 0], 0.0, atol=1e-5)
+  assert scoring.is_complete(config(), d)
+  assert not scoring.is_complete(config(rtol=1e-4), d)
+
+
+def test_exact_matches_the_gaussian_closed_form(tmp_path, model):
+  g = analytic.random_gaussian_eps(jax.random.PRNGKey(1), SHAPE, SDE, std_range=(0.1, 0.8))
+  model["eps"] = g
+  scoring.run(config(estimators=("exact",), rtol=1e-5, atol=1e-5, num_save_times=0), str(tmp_path), log=quiet)
+  rows = io.load_csv(os.path.join(str(tmp_path), "scores", "scores.csv"))
+  np.testing.assert_allclose([float(r["exact_log_volume"]) for r in rows],
+                             float(g.log_volume(SDE.eps, SDE.T)), rtol=2e-4)
+  assert io.load_npz(os.path.join(str(tmp_path), "scores", "curves_exact.npz"))["L_t"].shape == (N, 0)
+
+
+def _values(workdir):
+  rows = io.load_csv(os.path.join(workdir, "scores", "scores.csv"))
+  return {k: np.array([float(r[k]) for r in rows]) for k in rows[0] if k != "split"}
+
+
+def test_same_scores_for_any_device_count_and_batch_size(tmp_path, model):
+  results = {}
+  for devices, bs in [(4, 4), (1, 4), (4, 3), (2, 10)]:
+    model["devices"] = devices
+    d = str(tmp_path / f"d{devices}_b{bs}")
+    scoring.run(config(estimators=("hutchinson",), batch_size=bs), d, log=quiet)
+    results[(devices, bs)] = (read(d), _values(d))
+  ref = results[(4, 4)][0]
+  for k, (raw, vals) in results.items():
+    assert raw == ref, k  # byte-identical CSV
+
+
+class Killed(Exception):
+  """Stands for the process being killed mid-run."""
+
+
+def test_killed_run_resumes_to_the_same_file(tmp_path, model, monkeypatch):
+  ref = str(tmp_path / "ref")
+  scoring.run(config(), ref, log=quiet)
+  d = str(tmp_path / "w")
+  real, calls, kill = scoring.score_images, [], [4]
+
+  def flaky(eps_fn, images, ids, *args, **kw):
+    calls.append(tuple(ids))
+    if len(calls) == kill[0]:  # exact done (3 batches), killed in the first hutchinson batch
+      kill[0] = 0
+      raise Killed
+    return real(eps_fn, images, ids, *args, **kw)
+
+  monkeypatch.setattr(scoring, "score_images", flaky)
+  with pytest.raises(Killed):
+    scoring.run(config(), d, log=quiet)
+  assert not os.path.exists(os.path.join(d, "scores", "scores.csv"))
+  assert not scoring.is_complete(config(), d)
+  calls.clear()
+  scoring.run(config(), d, log=quiet)
+  assert len(calls) == 3  # only hutchinson's 3 batches
+  assert read(d) == read(ref)
+  for e in ("exact", "hutchinson"):
+    a, b = (io.load_npz(os.path.join(w, "scores", f"curves_{e}.npz")) for w in (ref, d))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+  calls.clear()
+  scoring.run(config(), d, log=quiet)  # complete: nothing recomputed
+  assert calls == []
+
+
+def test_corrupt_part_is_recomputed(tmp_path, model):
+  d = str(tmp_path)
+  scoring.run(config(estimators=("exact",)), d, log=quiet)
+  before = read(d)
+  os.remove(os.path.join(d, "scores", "scores.csv"))
+  part = os.path.join(scoring.parts_folder(d, "exact"), "000004_000008.npz")
+  with open(part, "r+b") as f:
+    f.truncate(100)
+  messages = []
+  scoring.run(config(estimators=("exact",)), d, log=messages.append)
+  assert any("000004_000008.npz is corrupt" in m and "recomputing" in m for m in messages)
+  assert read(d) == before
+
+
+def test_settings_are_never_mixed(tmp_path, model):
+  d = str(tmp_path)
+  scoring.run(config(estimators=("exact",)), d, log=quiet)
+  before = read(d)
+  with pytest.raises(ValueError, match=r"rtol.*delete .*scores"):
+    scoring.run(config(estimators=("exact",), rtol=1e-4), d, log=quiet)
+  model["eps"] = analytic.memoriser_eps(TRAIN, SDE, width=0.25)  # another checkpoint
+  with pytest.raises(ValueError, match="params"):
+    scoring.run(config(estimators=("exact",)), d, log=quiet)
+  assert read(d) == before  # nothing overwritten
+  model["eps"] = analytic.memoriser_eps(TRAIN, SDE, width=0.2)
+  with pytest.raises(ValueError, match="batch size"):
+    os.remove(os.path.join(d, "scores", "manifest.json"))
+    scoring.run(config(estimators=("exact",), batch_size=5), d, log=quiet)
+
+
+def test_adding_an_estimator_keeps_the_other(tmp_path, model, monkeypatch):
+  d = str(tmp_path)
+  scoring.run(config(estimators=("exact",)), d, log=quiet)
+  exact_before = _values(d)["exact_log_volume"]
+  real, calls = scoring.score_images, []
+  monkeypatch.setattr(scoring, "score_images", lambda *a, **k: calls.append(a[4].estimator) or real(*a, **k))
+  scoring.run(config(estimators=("exact", "hutchinson")), d, log=quiet)
+  assert set(calls) == {"hutchinson"}
+  np.testing.assert_array_equal(_values(d)["exact_log_volume"], exact_before)
+
+
+def test_bad_input(tmp_path, model):
+  for kw, msg in [(dict(estimators=()), "empty"), (dict(estimators=("magic",)), "magic"),
+                  (dict(estimators=("exact", "exact")), "once"), (dict(batch_size=0), "batch_size")]:
+    with pytest.raises(ValueError, match=msg):
+      scoring.run(config(**kw), str(tmp_path), log=quiet)
+  model["eps"] = analytic.memoriser_eps(np.zeros((2, 5, 5, 1), np.float32), SDE, 0.2)  # 5x5 model
+  with pytest.raises(ValueError, match="shape"):
+    scoring.run(config(), str(tmp_path), log=quiet)
+  bad = TABLE._replace(images=np.where(np.arange(N)[:, None, None, None] == 3, np.nan, TABLE.images))
+  model["eps"] = analytic.memoriser_eps(TRAIN, SDE, 0.2)
+  scoring._load.__globals__  # (monkeypatched lambda, replaced below)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(scoring, "_load", lambda c, w: (model["eps"], bad))
+    with pytest.raises(ValueError, match="NaN"):
+      scoring.run(config(), str(tmp_path), log=quiet)
+  assert not os.path.exists(os.path.join(str(tmp_path), "scores", "scores.csv"))
+
+
+def test_image_table_from_a_split():
+  class S:
+    pass
+  split, tr, ho = S(), S(), S()
+  tr.images, tr.ids, tr.labels = TRAIN, np.arange(6), np.zeros(6)
+  ho.images, ho.ids, ho.labels = HELDOUT, np.arange(6, 10), np.ones(4)
+  split.train, split.heldout, split.dup_counts = tr, ho, np.array([1, 2, 1, 1, 1, 1])
+  t = scoring.image_table(split)
+  assert t.images.shape == (10, *SHAPE) and t.split.tolist() == ["train"] * 6 + ["heldout"] * 4
+  np.testing.assert_array_equal(t.dup_counts, [1, 2, 1, 1, 1, 1, 0, 0, 0, 0])
+  tr.ids = np.arange(6) + 2**31
+  with pytest.raises(ValueError, match="ids"):
+    scoring.image_table(split)
