@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments.configs.base import get_base_config
-from memvol import io, parallel, sampling
+from memvol import analytic, io, parallel, sampling
 from memvol import sde as sde_lib
 
 SHAPE = (4, 4, 1)
@@ -48,11 +48,28 @@ def _check_moments(images, mean_tol, var_tol):
   assert np.all(np.abs(x.var(0) / VAR - 1) < var_tol + 5 * np.sqrt(2 / n))
 
 
+ROTATED = analytic.random_gaussian_eps(jax.random.PRNGKey(7), SHAPE, SDE, std_range=(0.1, 0.7))
+
+
+def _check_covariance(images, g, tol):
+  """Sample mean and full covariance against the data's N(mu, U diag(s2) U^T)."""
+  x = np.asarray(images, np.float64).reshape(len(images), -1)
+  cov = np.asarray(g.U) @ np.diag(np.asarray(g.s2)) @ np.asarray(g.U).T
+  n = x.shape[0]
+  assert np.all(np.abs(x.mean(0) - np.asarray(g.mu).ravel()) < 0.01 + 5 * np.sqrt(np.diag(cov) / n))
+  err = np.cov(x.T) - cov
+  # per entry: the sampling std of a covariance estimate is sqrt((c_ii c_jj + c_ij^2) / n)
+  scale = np.sqrt((np.outer(np.diag(cov), np.diag(cov)) + cov**2) / n)
+  assert np.all(np.abs(err) < tol * np.abs(cov).max() + 5 * scale)
+
+
 def test_reverse_sde_reproduces_gaussian_moments():
   out = sampling.reverse_sde_sample(gaussian_eps, SDE, KEY, 2000, SHAPE, 1000, mesh=mesh(4))
   assert out.images.shape == (2000, *SHAPE) and out.images.dtype == jnp.float32
   np.testing.assert_array_equal(out.nfe, 1000)
   _check_moments(out.images, 0.01, 0.03)
+  rot = sampling.reverse_sde_sample(ROTATED, SDE, KEY, 2000, SHAPE, 1000, mesh=mesh(4))
+  _check_covariance(rot.images, ROTATED, 0.03)
 
 
 def test_pf_ode_is_the_exact_gaussian_map_and_reproduces_moments():
@@ -62,6 +79,10 @@ def test_pf_ode_is_the_exact_gaussian_map_and_reproduces_moments():
   _check_moments(out.images, 0.01, 0.03)
   nfe = np.asarray(out.nfe)
   assert np.all(nfe > 7) and np.all((nfe - 1) % 6 == 0)  # tsit5: 1 + 6 per step
+  rot = sampling.pf_ode_sample(ROTATED, SDE, KEY, 2000, SHAPE, rtol=1e-5, atol=1e-5, mesh=mesh(4))
+  flow = jax.vmap(lambda z: ROTATED.flow(z, SDE.T, SDE.eps))(jnp.asarray(z))
+  np.testing.assert_allclose(rot.images[:8], flow, atol=5e-4)
+  _check_covariance(rot.images, ROTATED, 0.03)
 
 
 def test_pf_ode_fixed_steps_counts_nfe():
