@@ -165,6 +165,11 @@ def process_slice(n: int, process_index: int | None = None, process_count: int |
   return slice(p * n // count, (p + 1) * n // count)
 
 
+def is_main_process() -> bool:
+  """Whether this is process 0 (the one that merges and writes shared files)."""
+  return jax.process_index() == 0
+
+
 def sync_processes(name: str) -> None:
   """Barrier across processes (no-op with one process)."""
   if jax.process_count() > 1:

@@ -282,7 +282,7 @@ def run(config: Any, workdir: str, log: Any = print) -> None:
         lambda s, e, m=method: _generate(config, m, eps_fn, shape, mesh, s, e),
         root=folder, desc=f"sample {method}", unit="sample",
         postfix=lambda a: {"nfe": float(np.mean(a["nfe"]))}, log=log)
-    if jax.process_index() == 0:
+    if parallel.is_main_process():
       merged = parts.merge_parts(folder, n, bs, settings, root=folder)
       images = np.clip(merged["images"], -1.0, 1.0).astype(np.float32)
       io.save_npz(samples_path(workdir, method), images=images, nfe=merged["nfe"],

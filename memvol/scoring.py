@@ -186,7 +186,7 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> None:
     parts.run_batches(parts_folder(workdir, est), n, bs, all_settings[est], compute,
                       root=paths["root"], desc=f"score {est}", unit="img",
                       postfix=lambda a: {"nfe": f"{np.mean(a['nfe']):.0f}"}, log=log)
-  if jax.process_index() == 0:
+  if parallel.is_main_process():
     merge(workdir, table, ests, all_settings, bs, log)
   parallel.sync_processes("memvol-scores-merged")
 

@@ -169,8 +169,8 @@ def test_settings_are_never_mixed(tmp_path, model):
     scoring.run(config(estimators=("exact",)), d, log=quiet)
   assert read(d) == before  # nothing overwritten
   model["eps"] = analytic.memoriser_eps(TRAIN, SDE, width=0.2)
+  os.remove(os.path.join(d, "scores", "manifest.json"))
   with pytest.raises(ValueError, match="batch size"):
-    os.remove(os.path.join(d, "scores", "manifest.json"))
     scoring.run(config(estimators=("exact",), batch_size=5), d, log=quiet)
 
 
@@ -195,7 +195,6 @@ def test_bad_input(tmp_path, model):
     scoring.run(config(), str(tmp_path), log=quiet)
   bad = TABLE._replace(images=np.where(np.arange(N)[:, None, None, None] == 3, np.nan, TABLE.images))
   model["eps"] = analytic.memoriser_eps(TRAIN, SDE, 0.2)
-  scoring._load.__globals__  # (monkeypatched lambda, replaced below)
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(scoring, "_load", lambda c, w: (model["eps"], bad))
     with pytest.raises(ValueError, match="NaN"):
@@ -216,3 +215,21 @@ def test_image_table_from_a_split():
   tr.ids = np.arange(6) + 2**31
   with pytest.raises(ValueError, match="ids"):
     scoring.image_table(split)
+
+
+def test_two_processes_share_the_work_and_process_0_merges(tmp_path, model, monkeypatch):
+  ref = str(tmp_path / "ref")
+  scoring.run(config(), ref, log=quiet)
+  d = str(tmp_path / "w")
+  real_slice, calls = parallel.process_slice, []
+  real = scoring.score_images
+  monkeypatch.setattr(scoring, "score_images", lambda *a, **k: calls.append(tuple(a[2])) or real(*a, **k))
+  for p in (1, 0):  # process 1 finishes first; process 0 then scores its share and merges
+    monkeypatch.setattr(parallel, "process_slice", lambda n, p=p: real_slice(n, p, 2))
+    monkeypatch.setattr(parallel, "is_main_process", lambda p=p: p == 0)
+    calls.clear()
+    scoring.run(config(), d, log=quiet)
+    # 3 batches per estimator: process 0 gets batch 0, process 1 batches 1 and 2
+    assert [c[0] for c in calls] == ([5, 5] if p == 0 else [9, 102, 9, 102])
+    assert os.path.exists(os.path.join(d, "scores", "scores.csv")) == (p == 0)
+  assert read(d) == read(ref)
