@@ -280,10 +280,10 @@ def run(config: Any, workdir: str, log: Any = print) -> None:
     parts.run_batches(
         folder, n, bs, settings,
         lambda s, e, m=method: _generate(config, m, eps_fn, shape, mesh, s, e),
-        root=folder, desc=f"sample {method}", unit="sample",
-        postfix=lambda a: {"nfe": float(np.mean(a["nfe"]))}, log=log)
+        root=root, desc=f"sample {method}", unit="sample",
+        postfix=lambda a: {"nfe": f"{np.mean(a['nfe']):.0f}"}, log=log)
     if parallel.is_main_process():
-      merged = parts.merge_parts(folder, n, bs, settings, root=folder)
+      merged = parts.merge_parts(folder, n, bs, settings, root=root)
       images = np.clip(merged["images"], -1.0, 1.0).astype(np.float32)
       io.save_npz(samples_path(workdir, method), images=images, nfe=merged["nfe"],
                   settings=np.asarray(json.dumps(settings, sort_keys=True)))
