@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memvol import io, parallel, parts, volume
+from memvol import sde as sde_lib
 
 _SCORE_STREAM = 1  # fold_in(PRNGKey(config.seed), _SCORE_STREAM): the scoring key
 # per-estimator CSV columns: (column suffix, record key)
@@ -128,9 +129,13 @@ def _check_model(eps_fn: Any, shape: tuple[int, ...]) -> None:
 
 def _load(config: Any, workdir: str) -> tuple[Any, ImageTable]:
   """(eps_fn, ImageTable) of the workdir: the checkpoint's (EMA) network and the split."""
-  from memvol import data, train  # the stage's inputs; imported here to keep this module light
-  eps_fn = train.load_eps_fn(config, workdir, use_ema=bool(config.score.use_ema))
-  return eps_fn, image_table(data.load_split(config, workdir))
+  from memvol import data, models, train  # the stage's inputs; imported here to stay light
+  model, params, model_shape = train.load_model(config, workdir, use_ema=bool(config.score.use_ema))
+  table = image_table(data.load_split(config, workdir))
+  if tuple(table.images.shape[1:]) != tuple(model_shape):
+    raise ValueError(f"the split's images have shape {table.images.shape[1:]} but the model was "
+                     f"trained on {tuple(model_shape)}; score with the data config it was trained on")
+  return models.make_eps_fn(model, params, sde_lib.from_config(config.sde)), table
 
 
 def _paths(workdir: str) -> dict[str, str]:
