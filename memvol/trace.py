@@ -7,9 +7,10 @@ x, so the network's forward pass is done once and each product costs one JVP).
 - `exact_trace`: tr J = sum_i e_i^T J e_i over the D basis vectors, chunked.
 - `hutchinson`: the per-probe quadratic forms v_k^T J v_k; their mean is unbiased for
   tr J when E[v v^T] = I (Rademacher or Gaussian probes).
-- `hutchpp`: Hutch++ (Meyer, Musco, Musco & Woodruff 2021): Q = orth(J S) from k sketch
-  vectors S, tr(Q^T J Q) exactly plus Hutchinson on (I - Q Q^T) J (I - Q Q^T). Unbiased
-  for any square J (tr((I - QQ^T) J Q Q^T) = 0), with variance from the deflated part only.
+- `hutchpp`: Hutch++ (Meyer, Musco, Musco & Woodruff 2021) applied to J - alpha I, with
+  alpha = tr J / D estimated from the sketch: tr(Q^T (J - alpha I) Q) exactly for
+  Q = orth((J - alpha I) S) plus Hutchinson on the deflated remainder, plus alpha D.
+  Unbiased for any square J; the variance comes from the shifted, deflated part only.
 - `orthonormalise` / `sorted_gram_schmidt`: the QR step of Lyapunov-type frame methods
   (the `subspace` and `paper` estimators).
 """
@@ -74,23 +75,31 @@ def hutchinson(jvp_fn: JvpFn, probes: Array, chunk_size: int | None = None) -> A
 
 
 def hutchpp(jvp_fn: JvpFn, sketch: Array, probes: Array, chunk_size: int | None = None) -> Array:
-  """[n] Hutch++ terms tr(Q^T J Q) + g_k'^T J g_k', g_k' = (I - Q Q^T) g_k, Q = orth(J S).
+  """[n] terms of Hutch++ with an identity shift; their mean is unbiased for tr J.
 
-  sketch S: [k, *shape]; probes g: [n, *shape]. The mean of the n terms is unbiased for
-  tr J given S; their spread is the Hutchinson noise of the deflated part. Costs 2k + n
-  JVPs.
+  sketch S: [k, *shape]; probes g: [n, *shape]. From the sketch: alpha = S.(J S) / (k D)
+  (a Hutchinson estimate of tr J / D) and Q = orth((J - alpha I) S) [D, m], m = min(k, D).
+  Term k: alpha D + tr(Q^T (J - alpha I) Q) + g_k'^T (J - alpha I) g_k', g_k' = (I - Q Q^T) g_k.
+  Given S it is unbiased for any square J (tr((I - QQ^T) B Q Q^T) = 0), and its spread is the
+  Hutchinson noise of the shifted, deflated remainder: the shift makes an identity-heavy J
+  (eps networks: d eps/dx ~ (I - projector) / sigma near the data) cost nothing and lets Q
+  catch the low-rank deviation from it; plain Hutch++ would deflate the flat identity part
+  and, with Rademacher probes, add variance. k >= D is exact. Costs 2k + n JVPs.
   """
-  k, n = sketch.shape[0], probes.shape[0]  # k > D is allowed: then J is deflated exactly
+  k, n = sketch.shape[0], probes.shape[0]
   shape = probes.shape[1:]
+  d = math.prod(shape)
+  s = sketch.reshape(k, -1)
   y = chunked_vmap(jvp_fn, sketch, chunk_size).reshape(k, -1)
-  q, _ = jnp.linalg.qr(y.T)  # [D, min(k, D)]
+  alpha = jnp.sum(s * y) / (k * d)
+  q, _ = jnp.linalg.qr((y - alpha * s).T)  # [D, m]
   m = q.shape[1]
-  qt = q.T.reshape((m,) + shape)
-  low = jnp.sum(q.T * chunked_vmap(jvp_fn, qt, chunk_size).reshape(m, -1))
+  jq = chunked_vmap(jvp_fn, q.T.reshape((m,) + shape), chunk_size).reshape(m, -1)
+  low = jnp.sum(q.T * jq) - alpha * m
   g = probes.reshape(n, -1)
   g = g - (g @ q) @ q.T
   jg = chunked_vmap(jvp_fn, g.reshape((n,) + shape), chunk_size).reshape(n, -1)
-  return low + jnp.sum(g * jg, axis=1)
+  return alpha * d + low + jnp.sum(g * jg, axis=1) - alpha * jnp.sum(g * g, axis=1)
 
 
 def orthonormalise(frame: Array) -> tuple[Array, Array]:

@@ -1,0 +1,342 @@
+"""memvol.volume: every estimator against a closed form, the probe contract, batch and
+order independence, one compilation per batch shape, costs, and the ValueErrors."""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memvol import analytic, trace, volume
+from memvol import sde as sde_lib
+from experiments.configs import base
+
+SHAPE = (4, 4, 1)
+D = 16
+SDES = {"vp": sde_lib.VPSDE(), "subvp": sde_lib.SubVPSDE(), "ve": sde_lib.VESDE()}
+TIGHT = dict(rtol=1e-10, atol=1e-10, max_steps=20000)
+
+
+def _images(n, seed=0, shape=SHAPE):
+  return jax.random.uniform(jax.random.PRNGKey(seed), (n,) + shape, minval=-1, maxval=1)
+
+
+def _diagonal_gaussian(sde, seed=0):
+  """A Gaussian with axis-aligned covariance: d eps / dx is diagonal."""
+  g = analytic.random_gaussian_eps(jax.random.PRNGKey(seed), SHAPE, sde, std_range=(0.05, 1.0))
+  return eqx.tree_at(lambda m: m.U, g, jnp.eye(D, dtype=g.U.dtype))
+
+
+class TinyNet(nn.Module):
+  """A small conv eps-network with a sinusoidal time embedding (random init in tests)."""
+
+  @nn.compact
+  def __call__(self, x, t):
+    freqs = jnp.asarray([1.0, 3.0, 10.0, 30.0])  # smooth in t, so solves stay short
+    temb = jnp.concatenate([jnp.sin(t * freqs), jnp.cos(t * freqs)])
+    h = nn.Conv(8, (3, 3))(x[None])[0] + nn.Dense(8)(temb)
+    h = nn.Conv(8, (3, 3))(nn.silu(h)[None])[0]
+    return nn.Conv(x.shape[-1], (3, 3))(nn.silu(h)[None])[0] + 0.5 * x
+
+
+class FlaxEps(eqx.Module):
+  """A flax network as a pytree eps_fn: params are traced inputs, the module is static."""
+
+  params: dict
+  module: TinyNet = eqx.field(static=True)
+
+  def __call__(self, x, t):
+    return self.module.apply({"params": self.params}, x, t)
+
+
+def _tiny_net(shape=SHAPE, seed=0, dtype=jnp.float32):
+  module = TinyNet()
+  params = module.init(jax.random.PRNGKey(seed), jnp.zeros(shape, dtype), jnp.asarray(0.5, dtype))["params"]
+  return FlaxEps(params=jax.tree.map(lambda p: p.astype(dtype), params), module=module)
+
+
+# --- exact and hutchinson against closed forms -------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(SDES))
+def test_exact_matches_the_gaussian_closed_form(x64, name):
+  sde = SDES[name]
+  g = analytic.random_gaussian_eps(jax.random.PRNGKey(1), SHAPE, sde, std_range=(0.02, 1.5))
+  x0 = _images(2)
+  t0, t1 = sde.eps, sde.T
+  save = (t0, 0.1, 0.5, t1)
+  res = volume.log_volume_growth(g, x0, sde=sde, estimator="exact", chunk_size=5, save_ts=save, **TIGHT)
+  expected = float(g.log_volume(t0, t1))
+  np.testing.assert_allclose(res.log_volume, expected, rtol=1e-6)
+  np.testing.assert_allclose(res.x_T, jax.vmap(lambda x: g.flow(x, t0, t1))(x0), rtol=1e-6, atol=1e-8)
+  np.testing.assert_allclose(res.prior_logp, jax.vmap(sde.prior_logp)(jnp.asarray(res.x_T)), rtol=1e-12)
+  np.testing.assert_allclose(res.logp, res.prior_logp + res.log_volume, rtol=1e-12)
+  np.testing.assert_allclose(res.L_t, np.tile([float(g.log_volume(t0, s)) for s in save], (2, 1)),
+                             rtol=1e-6, atol=1e-8)
+  assert np.all(res.status == 0) and np.all(res.log_volume_stderr == 0)
+  assert np.all(res.num_jvps == res.nfe * D) and np.all(res.nfe > 0)
+
+
+def test_fixed_steps_on_the_sigma_grid(x64):
+  sde = SDES["vp"]
+  g = analytic.random_gaussian_eps(jax.random.PRNGKey(2), SHAPE, sde, std_range=(0.02, 1.5))
+  res = volume.log_volume_growth(g, _images(1), sde=sde, estimator="exact", adaptive=False, num_steps=40)
+  np.testing.assert_allclose(res.log_volume, float(g.log_volume(sde.eps, sde.T)), rtol=1e-4)
+  assert res.num_steps[0] == 40 and res.num_rejected[0] == 0 and res.nfe[0] == 1 + 6 * 40
+  grid = volume.time_grid(sde, sde.eps, sde.T, 40)
+  assert grid[0] == sde.eps and grid[-1] == sde.T and np.all(np.diff(grid) > 0)
+  assert np.diff(grid)[0] < 0.02 * np.diff(grid)[-1] and np.max(np.diff(grid)) <= 2 / 40
+  np.testing.assert_allclose(np.diff(volume.time_grid(SDES["ve"], 1e-5, 1.0, 10)), (1 - 1e-5) / 10, rtol=1e-6)
+
+
+def test_hutchinson_is_exact_on_a_diagonal_jacobian(x64):
+  sde = SDES["vp"]
+  g = _diagonal_gaussian(sde)
+  res = volume.log_volume_growth(g, _images(2), sde=sde, key=jax.random.PRNGKey(7), estimator="hutchinson",
+                                 num_probes=3, **TIGHT)
+  np.testing.assert_allclose(res.log_volume, float(g.log_volume(sde.eps, sde.T)), rtol=1e-6)
+  assert np.all(res.log_volume_stderr < 1e-6) and np.all(res.num_jvps == res.nfe * 3)
+
+
+@pytest.mark.parametrize("num_probes,probe", [(1, "rademacher"), (4, "gaussian"), (9, "rademacher")])
+def test_hutchinson_on_a_linear_map_of_known_trace(x64, num_probes, probe):
+  """Each probe's integrated L_k = lin + v_k^T M v_k with M = U diag(m) U^T known in closed
+  form: the result must be their mean (a missing 1/n shows) over the documented probes."""
+  sde = SDES["vp"]
+  g = analytic.random_gaussian_eps(jax.random.PRNGKey(3), SHAPE, sde, std_range=(0.02, 1.5))
+  key, ids = jax.random.PRNGKey(11), np.array([5, 2, 40])
+  res = volume.log_volume_growth(g, _images(3), sde=sde, key=key, estimator="hutchinson",
+                                 num_probes=num_probes, probe=probe, image_ids=ids, **TIGHT)
+  t0, t1 = sde.eps, sde.T
+  lin = float(sde.integrated_linear_div(t0, t1, D))
+  m = np.asarray(g.direction_log_stretch(t0, t1)) - (lin / D)
+  big_m = (np.asarray(g.U) * m) @ np.asarray(g.U).T
+  for i, image_id in enumerate(ids):
+    v = np.asarray(trace.sample_probes(jax.random.fold_in(key, image_id), num_probes, SHAPE,
+                                       jnp.float64, probe)).reshape(num_probes, D)
+    per_probe = lin + np.einsum("ki,ij,kj->k", v, big_m, v)
+    assert res.log_volume[i] == pytest.approx(per_probe.mean(), rel=1e-6)
+    if num_probes > 1:
+      assert res.log_volume_stderr[i] == pytest.approx(per_probe.std(ddof=1) / math.sqrt(num_probes), rel=1e-5)
+    else:
+      assert np.isnan(res.log_volume_stderr[i])  # one probe: no spread to measure
+
+
+def test_hutchinson_and_hutchpp_agree_with_exact_on_a_real_network(x64):
+  shape = (8, 8, 1)
+  net = _tiny_net(shape=shape, dtype=jnp.float64)
+  x0 = _images(2, seed=4, shape=shape)
+  kw = dict(sde=SDES["vp"], rtol=1e-6, atol=1e-6)
+  exact = volume.log_volume_growth(net, x0, estimator="exact", **kw)
+  hut = volume.log_volume_growth(net, x0, estimator="hutchinson", num_probes=16, **kw)
+  hpp = volume.log_volume_growth(net, x0, estimator="hutchinson", num_probes=16, variance_reduction="hutch++", **kw)
+  for res in (hut, hpp):
+    assert np.all(np.abs(res.log_volume - exact.log_volume) < 3 * res.log_volume_stderr)
+  # The shifted Hutch++ lowers the spread over probes on this random-init conv net.
+  ratio = hpp.log_volume_stderr / hut.log_volume_stderr
+  assert np.all(ratio < 1) and np.mean(ratio) < 0.8, ratio
+  assert np.all(hpp.num_jvps == 3 * 16 * hpp.nfe)
+
+
+# --- subspace and paper -----------------------------------------------------------------
+
+def test_subspace_on_linear_flows(x64):
+  sde = SDES["vp"]
+  t0, t1 = sde.eps, sde.T
+  iso = analytic.random_gaussian_eps(jax.random.PRNGKey(5), SHAPE, sde, std_range=(0.3, 0.3), isotropic=True)
+  res = volume.log_volume_growth(iso, _images(2), sde=sde, estimator="subspace", K=5, **TIGHT)
+  per_direction = float(iso.direction_log_stretch(t0, t1)[0])
+  np.testing.assert_allclose(res.log_volume, 5 * per_direction, rtol=1e-6)
+  np.testing.assert_allclose(res.x_T, jax.vmap(lambda x: iso.flow(x, t0, t1))(_images(2)), rtol=1e-6, atol=1e-8)
+  assert np.all(np.isnan(res.logp)) and np.all(res.num_jvps == 5 * res.nfe)
+  # K = D: the frame spans everything and the sum of log|R_ii| is the full log-determinant.
+  g = analytic.random_gaussian_eps(jax.random.PRNGKey(6), SHAPE, sde, std_range=(0.02, 1.5))
+  full = volume.log_volume_growth(g, _images(1), sde=sde, estimator="subspace", K=D, save_ts=(t0, 0.3, t1), **TIGHT)
+  np.testing.assert_allclose(full.log_volume, float(g.log_volume(t0, t1)), rtol=1e-6)
+  np.testing.assert_allclose(full.L_t[0], [0.0, float(g.log_volume(t0, 0.3)), float(g.log_volume(t0, t1))],
+                             rtol=1e-3, atol=1e-6)  # linear interpolation between steps
+  fixed = volume.log_volume_growth(g, _images(1), sde=sde, estimator="subspace", K=D, adaptive=False, num_steps=60)
+  np.testing.assert_allclose(fixed.log_volume, float(g.log_volume(t0, t1)), rtol=1e-4)
+  assert fixed.nfe[0] == 7 * 60
+
+
+def _euler_log_factors(rate_fn, t0, t1, n):
+  ts = np.linspace(t0, t1, n)
+  dt = (t1 - t0) / (n - 1)
+  return np.log(np.abs(1 + dt * np.array([float(rate_fn(jnp.asarray(t))) for t in ts])))
+
+
+def test_paper_on_an_isotropic_linear_flow_is_the_product_of_euler_factors(x64):
+  sde = SDES["vp"]
+  iso = analytic.random_gaussian_eps(jax.random.PRNGKey(8), SHAPE, sde, std_range=(0.2, 0.2), isotropic=True)
+  n, k = 200, 6
+  res = volume.log_volume_growth(iso, _images(2), sde=sde, estimator="paper", K=k, paper_steps=n,
+                                 save_ts=(sde.eps, 1.0))
+  factors = _euler_log_factors(lambda t: iso.drift_jacobian_rate(t)[0], sde.eps, sde.T, n)
+  np.testing.assert_allclose(res.log_volume, k * factors.sum(), rtol=1e-9)
+  np.testing.assert_allclose(res.L_t[:, 0], 0.0, atol=1e-12)
+  assert np.all(res.nfe == n * (k + 1)) and np.all(res.num_steps == n) and np.all(np.isnan(res.logp))
+  # The center follows the same Euler recursion: x_T is the Euler solution.
+  x = np.asarray(_images(2)[0], np.float64)
+  mu = np.asarray(iso.mu)
+  ts, dt = np.linspace(sde.eps, sde.T, n), (sde.T - sde.eps) / (n - 1)
+  for t in ts:
+    x = x + dt * np.asarray(sde.pf_drift(iso, jnp.asarray(x), jnp.asarray(t)))
+  np.testing.assert_allclose(res.x_T[0], x, rtol=1e-9)
+  del mu
+
+
+def test_paper_on_the_perfect_memoriser(x64):
+  sde = SDES["vp"]
+  # One training image: the memoriser is exactly linear, so the Euler product is exact.
+  data = _images(1, seed=9)
+  one = analytic.memoriser_eps(data, sde)
+  res = volume.log_volume_growth(one, data, sde=sde, estimator="paper", K=3)
+  rate = lambda t: sde.f_lin(t) + sde.g2(t) / (2 * sde.std(t) ** 2)  # noqa: E731
+  euler = _euler_log_factors(rate, sde.eps, sde.T, 1000).sum()
+  np.testing.assert_allclose(res.log_volume, 3 * euler, rtol=1e-7)
+  # Several images, the paper's K = 100, radius 0.05, 1000 steps: about K log(sigma(1)/sigma(eps)).
+  shape = (8, 8, 2)
+  data = _images(4, seed=10, shape=shape)
+  mem = analytic.memoriser_eps(data, sde)
+  res = volume.log_volume_growth(mem, data[:2], sde=sde, estimator="paper", K=100, chunk_size=51)
+  ideal = 100 * float(jnp.log(sde.std(1.0) / sde.std(sde.eps)))
+  np.testing.assert_allclose(res.log_volume, ideal, rtol=0.04)
+  np.testing.assert_allclose(res.log_volume, 100 * euler, rtol=0.005)
+
+
+# --- batch, order, compilation, costs ---------------------------------------------------
+
+def test_scores_do_not_depend_on_batch_size_or_order():
+  sde = SDES["vp"]
+  net = analytic.memoriser_eps(_images(3, seed=13), sde, width=0.3)  # nonlinear in x
+  x0, ids = _images(4, seed=12), np.array([10, 11, 12, 13])
+  key = jax.random.PRNGKey(3)
+  kw = dict(sde=sde, key=key, estimator="hutchinson", num_probes=2, rtol=1e-4, atol=1e-4)
+  full = volume.log_volume_growth(net, x0, image_ids=ids, **kw)
+  perm = np.array([2, 0, 3, 1])
+  shuffled = volume.log_volume_growth(net, x0[perm], image_ids=ids[perm], **kw)
+  single = volume.log_volume_growth(net, x0[2:3], image_ids=ids[2:3], **kw)
+  np.testing.assert_allclose(shuffled.log_volume, full.log_volume[perm], rtol=1e-5)
+  np.testing.assert_allclose(shuffled.log_volume_stderr, full.log_volume_stderr[perm], rtol=1e-4)
+  np.testing.assert_allclose(single.log_volume, full.log_volume[2:3], rtol=1e-5)
+  np.testing.assert_array_equal(shuffled.num_steps, full.num_steps[perm])
+  # The same image under another id draws other probes.
+  other = volume.log_volume_growth(net, x0[2:3], image_ids=np.array([99]), **kw)
+  assert other.log_volume[0] != single.log_volume[0]
+
+
+def test_one_compilation_per_batch_shape():
+  traces = []
+
+  class CountingEps(eqx.Module):
+    scale: jax.Array
+
+    def __call__(self, x, t):
+      traces.append(1)  # runs only while tracing
+      return self.scale * x * t
+
+  sde = SDES["vp"]
+  opts = volume.VolumeOptions(sde=sde, estimator="hutchinson", num_probes=2, rtol=1e-3, atol=1e-3)
+  run = lambda s, x: volume.run(CountingEps(jnp.asarray(s)), x, opts)  # noqa: E731
+  first = run(0.5, _images(2))
+  n = len(traces)
+  assert n > 2
+  # Each call traces eps_fn once for its input shape check (eval_shape); a compilation
+  # would trace it many more times (drift, JVPs, every solver stage).
+  second = run(0.7, _images(2, seed=1))  # new params and images, same shapes
+  assert len(traces) == n + 1 and second.log_volume[0] != first.log_volume[0]
+  run(0.5, _images(3))  # a new batch shape compiles once more
+  m = len(traces)
+  assert m > n + 2
+  run(0.9, _images(3, seed=2))
+  assert len(traces) == m + 1
+
+
+def test_nfe_counts_network_evaluations():
+  count = [0]
+  g = analytic.random_gaussian_eps(jax.random.PRNGKey(1), SHAPE, SDES["vp"])
+
+  def eps_fn(x, t):
+    jax.debug.callback(lambda: count.__setitem__(0, count[0] + 1))
+    return g(x, t)
+
+  cases = [dict(estimator="exact", solver="tsit5"),  # FSAL, adaptive
+           dict(estimator="hutchinson", solver="bosh3", adaptive=False, num_steps=7, num_probes=2),
+           dict(estimator="subspace", solver="heun", K=3)]  # own loop, first step chosen by PID
+  for case in cases:
+    count[0] = 0
+    res = volume.log_volume_growth(eps_fn, _images(1), sde=SDES["vp"], rtol=1e-3, atol=1e-3, **case)
+    jax.effects_barrier()
+    assert res.nfe[0] == count[0] and res.num_steps[0] + res.num_rejected[0] > 2, case
+
+
+def test_max_steps_reports_status_without_raising():
+  sde = SDES["vp"]
+  g = analytic.random_gaussian_eps(jax.random.PRNGKey(1), SHAPE, sde)
+  for est in ("exact", "subspace"):
+    res = volume.log_volume_growth(g, _images(1), sde=sde, estimator=est, K=2, max_steps=3)
+    assert res.status[0] == 1 and res.num_steps[0] + res.num_rejected[0] == 3
+
+
+# --- options, config and errors --------------------------------------------------------
+
+def test_options_from_config_and_hashable():
+  cfg = base.get_base_config()
+  opts = volume.VolumeOptions.from_config(cfg.score, "hutchinson")
+  assert opts.sde == sde_lib.VPSDE() and opts.num_probes == cfg.score.num_probes
+  assert opts.variance_reduction is None and len(opts.save_ts) == cfg.score.num_save_times
+  assert opts.save_ts[0] == opts.t_start and opts.save_ts[-1] == opts.t_end
+  cfg.sde.name = "ve"
+  whole = volume.VolumeOptions.from_config(cfg, "paper", K=8)
+  assert isinstance(whole.sde, sde_lib.VESDE) and whole.K == 8 and whole.t_start == whole.sde.eps
+  assert hash(opts) == hash(volume.VolumeOptions.from_config(base.get_base_config().score, "hutchinson"))
+  cfg.score.variance_reduction = "hutch++"
+  assert volume.VolumeOptions.from_config(cfg, "hutchinson").variance_reduction == "hutch++"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(estimator="trace"), "unknown estimator 'trace'"),
+    (dict(solver="rk45"), "unknown solver 'rk45'"),
+    (dict(probe="sobol"), "unknown probe 'sobol'"),
+    (dict(variance_reduction="antithetic"), "unknown variance_reduction 'antithetic'"),
+    (dict(t0=0.5, t1=0.5), "t0 < t1"),
+    (dict(t0=0.9, t1=0.1), "t0 < t1"),
+    (dict(t0=0.0), "sigma"),
+    (dict(solver="euler"), "no error estimate"),
+    (dict(num_probes=0), "num_probes"),
+    (dict(rtol=-1.0), "rtol"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(save_ts=(0.5, 0.2)), "non-decreasing"),
+    (dict(save_ts=(0.5, 2.0)), r"\[t0, t1\]"),
+    (dict(estimator="subspace", K=17), "K=17 exceeds"),
+])
+def test_bad_options_raise(kwargs, match):
+  g = analytic.random_gaussian_eps(jax.random.PRNGKey(1), SHAPE, SDES["vp"])
+  with pytest.raises(ValueError, match=match):
+    volume.log_volume_growth(g, _images(1), sde=SDES["vp"], **kwargs)
+
+
+def test_bad_images_raise():
+  sde = SDES["vp"]
+  g = analytic.random_gaussian_eps(jax.random.PRNGKey(1), SHAPE, sde)
+  good = np.asarray(_images(2))
+  bad_cases = [
+      (good[0, :, :, 0].reshape(-1), "rank >= 2"),
+      (good.reshape(2, 8, 2, 1), "must return the image's shape|shape"),
+      (good.astype(np.int32), "floating point"),
+      (np.where(np.arange(D).reshape(SHAPE) == 3, np.nan, good), "2 NaN or inf"),
+      (np.where(np.arange(D).reshape(SHAPE) == 3, np.inf, good), "NaN or inf"),
+      (good[:0], "at least one"),
+  ]
+  for x0, match in bad_cases:
+    with pytest.raises(ValueError, match=match):
+      volume.log_volume_growth(g, x0, sde=sde)
+  with pytest.raises(ValueError, match="image_ids must be 2 integers"):
+    volume.log_volume_growth(g, good, sde=sde, image_ids=[1, 2, 3])
+  with pytest.raises(ValueError, match="opts must be a VolumeOptions"):
+    volume.validate_inputs(good, {"estimator": "exact"})
