@@ -28,11 +28,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- model (memvol/models) ---------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
   m.name = "unet"             # unet | mlp
-  m.ch = 32                   # base channels
+  m.ch = 24                   # base channels (models.named_config("small_unet"): 0.367M params)
   m.ch_mult = (1, 2)          # channel multiplier per resolution level
   m.num_res_blocks_down = 1   # residual blocks per level on the way down
-  m.num_res_blocks_up = 2     # residual blocks per level on the way up
-  m.attn_resolutions = (7,)   # resolutions (side length) with self-attention
+  m.num_res_blocks_up = 2     # residual blocks per level on the way up (>= down + 1)
+  m.attn_resolutions = ()     # resolutions (side length) with self-attention (the middle always has one)
   m.dropout = 0.0
   m.num_groups = 8            # GroupNorm groups
   m.hidden = 256              # mlp: hidden width
