@@ -16,7 +16,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data = d = ml_collections.ConfigDict()
   d.name = "mnist"            # mnist | digits | lfw | gaussian | mixture | npz | folder | cifar10
   d.path = ""                 # npz file / image folder / cifar-10-batches-py folder
-  d.resolution = 14           # output side length (average pooling from the native size)
+  d.resolution = 14           # output side (average pooling by an integer factor, else resize; 0 = native)
   d.classes = ()              # class subset; () = all
   d.num_train = 96            # distinct training images
   d.num_heldout = 96          # held-out images, disjoint from training
@@ -24,6 +24,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.duplicate_factor = 8      # each planted duplicate appears this many times in training
   d.random_flip = False       # random horizontal flip during training
   d.split_seed = 0            # seed of the train/held-out split and of the duplicate choice
+  d.balanced = True           # class-balanced train and held-out draws when the source has labels
+  d.channels = 0              # folder: 1 grey, 3 RGB, 0 = RGB as soon as one image has colour
+  d.pool_size = 2000          # gaussian / mixture: images generated
+  d.synthetic_std = 0.1       # gaussian / mixture: per-pixel std (images clipped to [-1, 1])
+  d.num_components = 4        # mixture: Gaussian components (means uniform in [-0.5, 0.5])
+  d.pool_seed = 0             # gaussian / mixture: seed of the generated pool
 
   # --- model (memvol/models) ---------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
