@@ -1,0 +1,144 @@
+"""Training checkpoints: orbax `CheckpointManager` at workdir/checkpoints.
+
+A checkpoint at step N holds four items:
+
+  params, ema_params, opt_state   array pytrees (orbax StandardSave; restored onto the
+                                  shardings of an abstract target)
+  meta                            JSON: step, seed, examples_seen (what fixes the data
+                                  order), the training stream's size and fingerprint,
+                                  image_shape and the data/model/sde config it was made with
+
+orbax writes each step to a temporary folder and renames it when complete, so a run killed
+at any moment leaves only whole checkpoints behind. Restoring into a config whose
+data/model/sde sections differ from the recorded ones is refused, naming the fields.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+
+from memvol import io
+from memvol.pipeline import IDENTITY_SECTIONS  # data, model, sde: what a checkpoint belongs to
+
+ARRAY_ITEMS = ("params", "ema_params", "opt_state")
+ITEMS = ARRAY_ITEMS + ("meta",)
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def open_manager(workdir: str, max_to_keep: int | None = None, keep_period: int | None = None,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+  """A writing manager at workdir/checkpoints keeping the last `max_to_keep` checkpoints
+  (None = all) plus every step divisible by `keep_period` (None = none). Temporary folders
+  of a save that was killed are removed."""
+  if max_to_keep is not None and max_to_keep < 1:
+    raise ValueError(f"train.keep_checkpoints must be >= 1, got {max_to_keep}")
+  if keep_period is not None and keep_period < 1:
+    raise ValueError(f"train.keep_every must be >= 1 (or 0 for none), got {keep_period}")
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, keep_period=keep_period, cleanup_tmp_directories=True,
+      enable_async_checkpointing=async_save)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+def _reader(workdir: str) -> ocp.CheckpointManager | None:
+  path = checkpoint_dir(workdir)
+  if not os.path.isdir(path):
+    return None
+  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False),
+                               item_names=ITEMS)
+
+
+def latest_step(workdir: str) -> int | None:
+  """Step of the newest complete checkpoint in `workdir`, or None."""
+  mngr = _reader(workdir)
+  if mngr is None:
+    return None
+  try:
+    return mngr.latest_step()
+  finally:
+    mngr.close()
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params: Any, ema_params: Any, opt_state: Any,
+         meta: Mapping[str, Any]) -> None:
+  """Save one checkpoint (asynchronously if the manager is; `mngr.wait_until_finished()`
+  before the arrays may change in place)."""
+  mngr.save(int(step), force=True, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params), ema_params=ocp.args.StandardSave(ema_params),
+      opt_state=ocp.args.StandardSave(opt_state), meta=ocp.args.JsonSave(dict(meta))))
+
+
+def config_record(config: Any) -> dict[str, Any]:
+  """The identity sections of `config` as plain JSON-able dicts."""
+  return {s: io.config_to_dict(config[s]) for s in IDENTITY_SECTIONS}
+
+
+def check_config(meta: Mapping[str, Any], config: Any, where: str) -> None:
+  """ValueError naming every data/model/sde field where `config` differs from the config
+  recorded in a checkpoint's `meta`."""
+  recorded = meta.get("config", {})
+  diff = io.config_diff({s: recorded.get(s, {}) for s in IDENTITY_SECTIONS}, config_record(config))
+  if diff:
+    raise ValueError(
+        f"checkpoint {where} was trained with a different config; differing fields: "
+        + "; ".join(diff) + ". Use a new --workdir, or restore the original settings.")
+
+
+def _require_step(mngr: ocp.CheckpointManager | None, workdir: str, step: int | None) -> int:
+  latest = None if mngr is None else mngr.latest_step()
+  if latest is None:
+    raise FileNotFoundError(
+        f"no checkpoint in {checkpoint_dir(workdir)}; train first "
+        f"(python -m experiments.main --mode=train --config=... --workdir={workdir})")
+  if step is None:
+    return latest
+  if step not in mngr.all_steps():
+    raise ValueError(f"no checkpoint at step {step} in {checkpoint_dir(workdir)}; "
+                     f"available: {sorted(mngr.all_steps())}")
+  return int(step)
+
+
+def restore(workdir: str, config: Any, targets: Mapping[str, Any], step: int | None = None
+            ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Restore the array items named in `targets` (item -> abstract pytree of
+  jax.ShapeDtypeStruct with shardings) from the checkpoint at `step` (default: latest),
+  after checking its config against `config`. Returns ({item: pytree}, meta)."""
+  unknown = set(targets) - set(ARRAY_ITEMS)
+  if unknown:
+    raise ValueError(f"unknown checkpoint items {sorted(unknown)}; expected some of {ARRAY_ITEMS}")
+  mngr = _reader(workdir)
+  try:
+    step = _require_step(mngr, workdir, step)
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    check_config(meta, config, f"{checkpoint_dir(workdir)}/{step}")
+    if not targets:
+      return {}, meta
+    args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}
+    restored = mngr.restore(step, args=ocp.args.Composite(**args))
+    return {k: restored[k] for k in targets}, meta
+  finally:
+    if mngr is not None:
+      mngr.close()
+
+
+def restore_meta(workdir: str, step: int | None = None) -> dict[str, Any]:
+  """The `meta` item of the checkpoint at `step` (default: latest), unchecked."""
+  mngr = _reader(workdir)
+  try:
+    step = _require_step(mngr, workdir, step)
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  finally:
+    if mngr is not None:
+      mngr.close()
+
+
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """Shape/dtype structs of `tree`'s array leaves, all placed with `sharding`."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)

@@ -1,0 +1,459 @@
+"""Training the noise-prediction network: the `train` stage.
+
+Loss (eps prediction, as the paper): for x0 from the training stream, t ~ U(eps, T),
+z ~ N(0, I), x_t = a(t) x0 + sigma(t) z,
+
+    loss = mean over batch and pixels of (eps_theta(x_t, 999 t) - z)^2.
+
+Adam with a linear warm-up (lr (k + 1) / warmup at update k) after global-norm gradient
+clipping; an EMA of the parameters with decay min(ema_decay, (1 + k) / (10 + k)) (so it
+tracks the parameters early in short runs), kept in the checkpoint and used for
+sampling and scoring by default.
+
+Determinism: update k draws its noise from fold_in(PRNGKey(seed) -> 1, k); the training
+stream of N images (planted duplicates repeated) is read in epochs, epoch e being the
+permutation of fold_in(PRNGKey(seed) -> 2, e), and the global example counter
+`examples_seen` is saved in every checkpoint. A resumed run therefore sees the same
+batches and noise and, on CPU, ends with bitwise the same parameters as an uninterrupted
+one.
+
+Scale-out: the batch is split over the `data` axis of a mesh of all devices (params
+replicated, XLA inserts the gradient all-reduce); with several processes each process
+builds only its rows of the global batch (`jax.make_array_from_process_local_data`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from tqdm import tqdm
+
+from memvol import checkpoint as ckpt_lib
+from memvol import data as data_lib
+from memvol import io, models, parallel, plotting, sampling
+from memvol import sde as sde_lib
+
+Array = jax.Array
+LOG_COLUMNS = ("step", "loss", "grad_norm", "lr", "steps_per_s", "elapsed_s")
+_INIT, _STEP, _ORDER, _PREVIEW = 0, 1, 2, 3  # fold_in tags of PRNGKey(seed)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """step: int32 [] updates applied; params / ema_params: the network's "params"
+  collection; opt_state: optax state."""
+
+  step: Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+# --- maths ---------------------------------------------------------------------------
+
+
+def lr_schedule(train_cfg: Any) -> Callable[[Array], Array]:
+  """Learning rate at update k (0-based): lr * min((k + 1) / warmup_steps, 1)."""
+  lr, warmup = float(train_cfg.lr), int(train_cfg.warmup_steps)
+  if warmup <= 0:
+    return lambda count: jnp.full((), lr, jnp.float32)
+  return lambda count: lr * jnp.minimum((count + 1.0) / warmup, 1.0)
+
+
+def make_optimizer(train_cfg: Any) -> optax.GradientTransformation:
+  """Global-norm clipping (train.grad_clip; 0 = off), then Adam with the warm-up schedule."""
+  adam = optax.adam(lr_schedule(train_cfg), b1=float(train_cfg.adam_b1),
+                    b2=float(train_cfg.adam_b2), eps=float(train_cfg.adam_eps))
+  if float(train_cfg.grad_clip) > 0:
+    return optax.chain(optax.clip_by_global_norm(float(train_cfg.grad_clip)), adam)
+  return adam
+
+
+def ema_decay_at(decay: float, step: Array) -> Array:
+  """EMA decay used at update `step` (0-based): min(decay, (1 + step) / (10 + step))."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def denoising_loss(apply_fn: Callable[..., Array], params: Any, sde: sde_lib.SDE, x0: Array,
+                   key: Array, train: bool = True) -> Array:
+  """eps-prediction loss (scalar) of a batch x0 [B, H, W, C]; `apply_fn(params, x, t_net,
+  dropout_key)` is the batched network with t_net = 999 t."""
+  k_t, k_z, k_drop = jax.random.split(key, 3)
+  t = jax.random.uniform(k_t, (x0.shape[0],), x0.dtype, minval=sde.eps, maxval=sde.T)
+  z = jax.random.normal(k_z, x0.shape, x0.dtype)
+  tb = t.reshape((-1,) + (1,) * (x0.ndim - 1))
+  x_t = sde.perturb(x0, tb, z)
+  eps = apply_fn(params, x_t, sde.time_input(t), k_drop)
+  return jnp.mean(jnp.square(eps - z))
+
+
+def _apply_fn(model: Any, train: bool) -> Callable[..., Array]:
+  def apply(params: Any, x: Array, t_net: Array, key: Array) -> Array:
+    return model.apply({"params": params}, x, t_net, train=train, rngs={"dropout": key})
+  return apply
+
+
+def make_train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation,
+                    train_cfg: Any, mesh: Mesh, random_flip: bool = False
+                    ) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict[str, Array]]]:
+  """The jitted update `step(state, batch [B, H, W, C], key) -> (state, {loss, grad_norm})`:
+  batch sharded over `data`, state and key replicated, state donated. Update k uses
+  fold_in(key, k)."""
+  apply = _apply_fn(model, train=True)
+  ema_decay = float(train_cfg.ema_decay)
+  rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+
+  def step(state: TrainState, x0: Array, key: Array) -> tuple[TrainState, dict[str, Array]]:
+    key = jax.random.fold_in(key, state.step)
+    k_loss, k_flip = jax.random.split(key)
+    if random_flip:
+      x0 = data_lib.random_flip(k_flip, x0)
+    loss, grads = jax.value_and_grad(lambda p: denoising_loss(apply, p, sde, x0, k_loss))(state.params)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    d = ema_decay_at(ema_decay, state.step)
+    ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+    new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+    return new, {"loss": loss, "grad_norm": grad_norm}
+
+  return jax.jit(step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep), donate_argnums=0)
+
+
+def init_state(model: Any, tx: optax.GradientTransformation, key: Array,
+               image_shape: Sequence[int], sharding: NamedSharding) -> TrainState:
+  """Fresh state, created directly with `sharding` (EMA starts at the initial params)."""
+  return jax.jit(_init_fn(model, tx, image_shape), out_shardings=sharding)(key)
+
+
+def _init_fn(model: Any, tx: optax.GradientTransformation, image_shape: Sequence[int]
+             ) -> Callable[[Array], TrainState]:
+  shape = tuple(int(s) for s in image_shape)
+
+  def init(key: Array) -> TrainState:
+    params = models.init_params(model, key, shape)
+    ema = jax.tree.map(jnp.copy, params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
+                      opt_state=tx.init(params))
+  return init
+
+
+# --- data order ----------------------------------------------------------------------
+
+
+class DataOrder:
+  """Example k of the run (k = 0, 1, ...) is stream item perm_e[k mod N] of epoch
+  e = k // N, perm_e = jax.random.permutation(fold_in(key, e), N) (computed on the host
+  CPU, so every process and backend agrees)."""
+
+  def __init__(self, size: int, key: Array):
+    if size < 1:
+      raise ValueError("the training stream is empty")
+    self.size = int(size)
+    self._key = key
+    self._perms: dict[int, np.ndarray] = {}
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      cpu = jax.local_devices(backend="cpu")[0]
+      with jax.default_device(cpu):
+        perm = jax.random.permutation(jax.random.fold_in(self._key, epoch), self.size)
+      self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+      self._perms[epoch] = np.asarray(perm)
+    return self._perms[epoch]
+
+  def indices(self, start: int, count: int) -> np.ndarray:
+    """Stream indices of examples start .. start + count - 1."""
+    k = np.arange(start, start + count, dtype=np.int64)
+    epochs, pos = k // self.size, k % self.size
+    out = np.empty(count, np.int64)
+    for e in np.unique(epochs):
+      sel = epochs == e
+      out[sel] = self.permutation(int(e))[pos[sel]]
+    return out
+
+
+def stream_fingerprint(ids: np.ndarray) -> str:
+  """sha1 of the training stream's image ids in stream order."""
+  return hashlib.sha1(np.ascontiguousarray(np.asarray(ids, np.int64)).tobytes()).hexdigest()
+
+
+def _local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
+  """The contiguous rows of a batch-sharded global array held by this process."""
+  idx = sharding.addressable_devices_indices_map(global_shape).values()
+  starts = sorted({(i[0].start or 0, i[0].stop if i[0].stop is not None else global_shape[0])
+                   for i in idx})
+  lo, hi = starts[0][0], starts[-1][1]
+  if sum(b - a for a, b in starts) != hi - lo:
+    raise ValueError("this process's devices do not hold contiguous rows of the batch; "
+                     "order the mesh devices by process")
+  return slice(lo, hi)
+
+
+# --- checks and logs -----------------------------------------------------------------
+
+
+def check_finite(losses: np.ndarray, grad_norms: np.ndarray, first_step: int) -> None:
+  """FloatingPointError naming the first step (losses[i] is step first_step + i) whose loss
+  or gradient norm is not finite."""
+  bad = ~(np.isfinite(losses) & np.isfinite(grad_norms))
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise FloatingPointError(
+        f"non-finite training metrics at step {first_step + i}: loss={losses[i]}, "
+        f"grad_norm={grad_norms[i]}. Lower train.lr, lengthen train.warmup_steps or lower "
+        f"train.grad_clip; resume starts from the last checkpoint, saved before this step.")
+
+
+def _check_train_config(tc: Any, num_devices: int) -> None:
+  ints = {"num_steps": 1, "batch_size": 1, "warmup_steps": 0, "log_every": 1, "ckpt_every": 1,
+          "keep_checkpoints": 1, "keep_every": 0, "sample_every": 0, "sample_num": 1,
+          "sample_steps": 1}
+  for name, low in ints.items():
+    if int(tc[name]) < low:
+      raise ValueError(f"train.{name} must be >= {low}, got {tc[name]}")
+  if not float(tc.lr) > 0:
+    raise ValueError(f"train.lr must be > 0, got {tc.lr}")
+  if float(tc.grad_clip) < 0:
+    raise ValueError(f"train.grad_clip must be >= 0 (0 = no clipping), got {tc.grad_clip}")
+  if not 0.0 <= float(tc.ema_decay) < 1.0:
+    raise ValueError(f"train.ema_decay must be in [0, 1), got {tc.ema_decay}")
+  if int(tc.batch_size) % num_devices:
+    raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by the {num_devices} "
+                     f"devices of the data mesh; use a multiple of {num_devices}")
+
+
+def _log_path(workdir: str) -> str:
+  return os.path.join(workdir, "train", "log.csv")
+
+
+def read_log(workdir: str) -> list[dict[str, float]]:
+  """Rows of workdir/train/log.csv (step int, the rest float; [] if there is none yet)."""
+  path = _log_path(workdir)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    if len(f.readlines()) <= 1:
+      return []
+  return [{k: int(v) if k == "step" else float(v) for k, v in r.items()} for r in io.load_csv(path)]
+
+
+def save_loss_curve(rows: Sequence[Mapping[str, float]], path: str) -> None:
+  """PNG of the logged training loss against step (log scale)."""
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(6, 3.5), dpi=120)
+  ax = fig.add_subplot()
+  steps = [r["step"] for r in rows]
+  ax.plot(steps, [r["loss"] for r in rows], lw=1.2)
+  ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.set_ylabel("eps-prediction loss (per pixel)")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  with io.atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png")
+
+
+def _host_copy(tree: Any) -> Any:
+  """This process's copy of a replicated pytree, as numpy."""
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
+
+
+def save_sample_grid(config: Any, model: Any, sde: sde_lib.SDE, ema_params: Any,
+                     image_shape: Sequence[int], path: str) -> None:
+  """PNG grid of train.sample_num reverse-SDE samples (train.sample_steps steps) of the EMA
+  network, from a fixed key so grids of different steps are comparable."""
+  tc = config.train
+  eps_fn = models.make_eps_fn(model, jax.tree.map(jnp.asarray, _host_copy(ema_params)), sde)
+  key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), _PREVIEW)
+  out = sampling.reverse_sde_sample(eps_fn, sde, key, int(tc.sample_num), tuple(image_shape),
+                                    num_steps=int(tc.sample_steps))
+  plotting.save_image_grid(np.asarray(out.images), path, scale=max(1, 64 // int(image_shape[0])))
+
+
+# --- the stage -----------------------------------------------------------------------
+
+
+def _abstract_state(model: Any, tx: optax.GradientTransformation, image_shape: Sequence[int],
+                    sharding: NamedSharding) -> TrainState:
+  shapes = jax.eval_shape(_init_fn(model, tx, image_shape), jax.random.PRNGKey(0))
+  return ckpt_lib.abstract_like(shapes, sharding)
+
+
+def restore_state(config: Any, workdir: str, mesh: Mesh, step: int | None = None
+                  ) -> tuple[TrainState, dict[str, Any]]:
+  """The training state of the checkpoint at `step` (default: latest), replicated over
+  `mesh`, and its meta (config checked: ValueError naming differing fields)."""
+  meta = ckpt_lib.restore_meta(workdir, step)
+  ckpt_lib.check_config(meta, config, f"{ckpt_lib.checkpoint_dir(workdir)}/{meta['step']}")
+  image_shape = tuple(meta["image_shape"])
+  model = models.get_model(config.model, image_shape)
+  rep = parallel.replicated(mesh)
+  abstract = _abstract_state(model, make_optimizer(config.train), image_shape, rep)
+  items, meta = ckpt_lib.restore(
+      workdir, config, {"params": abstract.params, "ema_params": abstract.ema_params,
+                        "opt_state": abstract.opt_state}, meta["step"])
+  step_arr = jax.device_put(jnp.asarray(meta["step"], jnp.int32), rep)
+  return TrainState(step=step_arr, **items), meta
+
+
+def is_complete(config: Any, workdir: str) -> bool:
+  """Whether the latest checkpoint has at least train.num_steps updates."""
+  step = ckpt_lib.latest_step(workdir)
+  return step is not None and step >= int(config.train.num_steps)
+
+
+def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
+  """Train (or resume) to train.num_steps; returns the final state. Writes
+  workdir/checkpoints, workdir/train/log.csv (appended on resume), samples_step{N}.png grids
+  and loss.png. Returns at once when the latest checkpoint is already complete."""
+  tc = config.train
+  mesh = parallel.data_mesh() if mesh is None else mesh
+  _check_train_config(tc, mesh.size)
+  rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  latest = ckpt_lib.latest_step(workdir)
+  if latest is not None:  # refuse a different config before touching the workdir
+    ckpt_lib.check_config(ckpt_lib.restore_meta(workdir, latest), config,
+                          f"{ckpt_lib.checkpoint_dir(workdir)}/{latest}")
+  if latest is not None and latest >= int(tc.num_steps):
+    logging.info("train: checkpoint at step %d >= num_steps=%d, nothing to do", latest, tc.num_steps)
+    return restore_state(config, workdir, mesh)[0]
+
+  split = data_lib.prepare(config, workdir)
+  images, ids = split.training_stream()
+  images = np.asarray(images, np.float32)
+  image_shape = tuple(images.shape[1:])
+  model = models.get_model(config.model, image_shape)
+  sde = sde_lib.from_config(config.sde)
+  tx = make_optimizer(tc)
+  fingerprint = stream_fingerprint(ids)
+
+  if latest is None:
+    seed = int(config.seed)
+    state = init_state(model, tx, jax.random.fold_in(jax.random.PRNGKey(seed), _INIT), image_shape, rep)
+    examples_seen = 0
+  else:
+    state, meta = restore_state(config, workdir, mesh)
+    if meta["stream_size"] != len(ids) or meta["stream_fingerprint"] != fingerprint:
+      raise ValueError(
+          f"the training stream of {workdir} changed since the checkpoint at step {meta['step']} "
+          f"({meta['stream_size']} -> {len(ids)} images); use a new --workdir")
+    seed, examples_seen = int(meta["seed"]), int(meta["examples_seen"])
+    if seed != int(config.seed):
+      logging.warning("train: resuming with the checkpoint's seed %d (config.seed=%d ignored)",
+                      seed, config.seed)
+  start = latest or 0
+  root = jax.random.PRNGKey(seed)
+  step_key = jax.device_put(jax.random.fold_in(root, _STEP), rep)
+  order = DataOrder(len(ids), jax.random.fold_in(root, _ORDER))
+  train_step = make_train_step(model, sde, tx, tc, mesh, bool(config.data.random_flip))
+  schedule = lr_schedule(tc)
+
+  batch_size = int(tc.batch_size)
+  global_shape = (batch_size,) + image_shape
+  rows_local = _local_rows(shard, global_shape)
+  is_main = jax.process_index() == 0
+  log_rows = [r for r in read_log(workdir) if r["step"] <= start]
+  elapsed0 = log_rows[-1]["elapsed_s"] if log_rows else 0.0
+
+  def meta_at(step: int) -> dict[str, Any]:
+    return {"step": step, "seed": seed, "examples_seen": examples_seen, "stream_size": len(ids),
+            "stream_fingerprint": fingerprint, "image_shape": list(image_shape),
+            "config": ckpt_lib.config_record(config), "train": io.config_to_dict(tc),
+            "num_params": int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params)))}
+
+  mngr = ckpt_lib.open_manager(workdir, int(tc.keep_checkpoints), int(tc.keep_every) or None)
+  bar = tqdm(total=int(tc.num_steps), initial=start, desc="train", unit="step",
+             dynamic_ncols=True, mininterval=1.0, disable=not is_main)
+  pending: list[dict[str, Array]] = []
+  t_run0 = t_last = time.perf_counter()
+  step_last = start
+  try:
+    for step in range(start, int(tc.num_steps)):
+      idx = order.indices(examples_seen, batch_size)[rows_local]
+      batch = jax.make_array_from_process_local_data(shard, images[idx], global_shape)
+      state, metrics = train_step(state, batch, step_key)
+      examples_seen += batch_size
+      pending.append(metrics)
+      bar.update(1)
+      done = step + 1
+      final = done == int(tc.num_steps)
+      do_ckpt = final or done % int(tc.ckpt_every) == 0
+      do_sample = int(tc.sample_every) > 0 and done % int(tc.sample_every) == 0
+      if not (final or do_ckpt or do_sample or done % int(tc.log_every) == 0):
+        continue
+      fetched = jax.device_get(pending)
+      losses = np.array([m["loss"] for m in fetched], np.float64)
+      gnorms = np.array([m["grad_norm"] for m in fetched], np.float64)
+      check_finite(losses, gnorms, done - len(fetched) + 1)
+      pending = []
+      now = time.perf_counter()
+      log_rows.append({"step": done, "loss": float(losses.mean()), "grad_norm": float(gnorms.mean()),
+                       "lr": float(schedule(done - 1)),
+                       "steps_per_s": (done - step_last) / max(now - t_last, 1e-9),
+                       "elapsed_s": elapsed0 + now - t_run0})
+      t_last, step_last = now, done
+      bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}", refresh=False)
+      if is_main:
+        io.save_csv(_log_path(workdir), log_rows, LOG_COLUMNS)
+      if do_ckpt:
+        ckpt_lib.save(mngr, done, state.params, state.ema_params, state.opt_state, meta_at(done))
+      if do_sample and is_main:
+        save_sample_grid(config, model, sde, state.ema_params, image_shape,
+                         os.path.join(workdir, "train", f"samples_step{done}.png"))
+    mngr.wait_until_finished()
+  finally:
+    bar.close()
+    mngr.close()
+  if is_main and log_rows:
+    save_loss_curve(log_rows, os.path.join(workdir, "train", "loss.png"))
+  logging.info("train: %d steps done, final loss %.4f", int(tc.num_steps),
+               log_rows[-1]["loss"] if log_rows else float("nan"))
+  return state
+
+
+# --- loading a trained network -------------------------------------------------------
+
+
+def load_params(config: Any, workdir: str, use_ema: bool = True, step: int | None = None) -> Any:
+  """The (EMA by default) params of the checkpoint at `step` (default: latest), replicated
+  over this process's devices. FileNotFoundError saying to train first if there is none;
+  ValueError naming the fields if its data/model/sde config differs from `config`."""
+  meta = ckpt_lib.restore_meta(workdir, step)
+  ckpt_lib.check_config(meta, config, f"{ckpt_lib.checkpoint_dir(workdir)}/{meta['step']}")
+  image_shape = tuple(meta["image_shape"])
+  model = models.get_model(config.model, image_shape)
+  item = "ema_params" if use_ema else "params"
+  abstract = _abstract_state(model, make_optimizer(config.train), image_shape,
+                             parallel.replicated(parallel.local_mesh()))
+  items, _ = ckpt_lib.restore(workdir, config, {item: getattr(abstract, item)}, meta["step"])
+  return items[item]
+
+
+def load_model(config: Any, workdir: str, use_ema: bool = True, step: int | None = None
+               ) -> tuple[Any, Any, tuple[int, ...]]:
+  """(model, params, image_shape) of the checkpoint at `step` (default: latest)."""
+  meta = ckpt_lib.restore_meta(workdir, step)
+  image_shape = tuple(meta["image_shape"])
+  params = load_params(config, workdir, use_ema, meta["step"])
+  return models.get_model(config.model, image_shape), params, image_shape
+
+
+def load_eps_fn(config: Any, workdir: str, use_ema: bool = True, step: int | None = None) -> Any:
+  """Single-image eps_fn(x [H, W, C], t) of the latest (or `step`) checkpoint, EMA params
+  by default."""
+  model, params, _ = load_model(config, workdir, use_ema, step)
+  return models.make_eps_fn(model, params, sde_lib.from_config(config.sde))

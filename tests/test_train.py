@@ -1,0 +1,272 @@
+"""Training: the loss, the optimiser schedule, data order, resume (bitwise on CPU), config
+refusal, finite-ness errors, 1 vs 4 devices, and loading a trained eps_fn."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs.base import get_base_config
+from memvol import checkpoint as ckpt_lib
+from memvol import models, parallel, train
+from memvol import sde as sde_lib
+
+
+def tiny_config(num_steps: int = 12):
+  """sklearn 8x8 digits, a tiny MLP, batch 8 (divisible by the 4 test devices)."""
+  c = get_base_config()
+  c.data.name = "digits"
+  c.data.resolution = 8
+  c.data.num_train = 24
+  c.data.num_heldout = 8
+  c.data.num_duplicated = 2
+  c.data.duplicate_factor = 2
+  c.model.name = "mlp"
+  c.model.hidden = 32
+  c.model.num_layers = 1
+  c.model.dropout = 0.0
+  t = c.train
+  t.num_steps = num_steps
+  t.batch_size = 8
+  t.lr = 1e-3
+  t.warmup_steps = 2
+  t.log_every = 3
+  t.ckpt_every = 3
+  t.keep_checkpoints = 2
+  t.sample_every = 0
+  return c
+
+
+def tree_equal(a, b) -> bool:
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted 12-step run: (config, workdir, final state)."""
+  c = tiny_config(12)
+  wd = str(tmp_path_factory.mktemp("ref"))
+  return c, wd, train.run(c, wd)
+
+
+# --- maths ---------------------------------------------------------------------------
+
+
+def test_lr_schedule_and_ema_decay():
+  c = tiny_config()
+  c.train.lr, c.train.warmup_steps = 2e-3, 4
+  sched = train.lr_schedule(c.train)
+  np.testing.assert_allclose([float(sched(k)) for k in range(6)],
+                             [5e-4, 1e-3, 1.5e-3, 2e-3, 2e-3, 2e-3], rtol=1e-6)
+  c.train.warmup_steps = 0
+  assert float(train.lr_schedule(c.train)(0)) == pytest.approx(2e-3)
+  np.testing.assert_allclose([float(train.ema_decay_at(0.999, k)) for k in (0, 10, 10_000)],
+                             [0.1, 11 / 20, 0.999], rtol=1e-6)
+
+
+def test_denoising_loss_vanishes_for_the_oracle():
+  """With x0 = 0, x_t = sigma(t) z, so eps = x_t / sigma(t_net / 999) is exact: loss 0.
+  This pins x_t = a x0 + sigma z, the 999 t time input and t in [eps, T]."""
+  sde = sde_lib.VPSDE()
+  x0 = jnp.zeros((64, 4, 4, 1))
+  seen = []
+
+  def oracle(params, x, t_net, key):
+    seen.append(t_net)
+    return x / sde.std(t_net / 999.0)[:, None, None, None]
+
+  loss = train.denoising_loss(oracle, None, sde, x0, jax.random.PRNGKey(0))
+  assert float(loss) < 1e-8
+  t = np.asarray(seen[0]) / 999.0
+  assert t.min() >= sde.eps and t.max() <= sde.T and t.std() > 0.2
+  zero = train.denoising_loss(lambda p, x, t, k: jnp.zeros_like(x), None, sde, x0, jax.random.PRNGKey(0))
+  assert 0.8 < float(zero) < 1.2  # E z^2 = 1
+
+
+def test_data_order_is_epochwise_permutation_and_split_invariant():
+  order = train.DataOrder(10, jax.random.PRNGKey(3))
+  whole = order.indices(0, 35)
+  for e in range(3):
+    assert sorted(whole[10 * e:10 * e + 10]) == list(range(10))
+  assert not np.array_equal(whole[:10], whole[10:20])
+  pieces = np.concatenate([order.indices(0, 7), order.indices(7, 13), order.indices(20, 15)])
+  np.testing.assert_array_equal(pieces, whole)
+  again = train.DataOrder(10, jax.random.PRNGKey(3))
+  np.testing.assert_array_equal(again.indices(21, 4), whole[21:25])
+
+
+def test_check_finite_names_the_first_bad_step():
+  losses = np.array([1.0, 0.9, 0.8, np.nan, np.inf])
+  train.check_finite(losses[:3], np.ones(3), 11)
+  with pytest.raises(FloatingPointError, match=r"step 14\b"):
+    train.check_finite(losses, np.ones(5), 11)
+  with pytest.raises(FloatingPointError, match=r"step 12\b"):
+    train.check_finite(np.ones(3), np.array([1.0, np.inf, 1.0]), 11)
+
+
+# --- devices -------------------------------------------------------------------------
+
+
+def _tiny_setup(devices):
+  c = tiny_config()
+  shape = (8, 8, 1)
+  model = models.get_model(c.model, shape)
+  tx = train.make_optimizer(c.train)
+  mesh = parallel.data_mesh(devices)
+  state = train.init_state(model, tx, jax.random.PRNGKey(0), shape, parallel.replicated(mesh))
+  step = train.make_train_step(model, sde_lib.VPSDE(), tx, c.train, mesh)
+  return c, mesh, state, step
+
+
+def test_one_vs_four_devices_same_step():
+  assert jax.device_count() >= 4, "conftest forces 4 host devices"
+  batch = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (8, 8, 8, 1), minval=-1, maxval=1))
+  key = jax.random.PRNGKey(7)
+  out = []
+  for devices in (jax.devices()[:1], jax.devices()[:4]):
+    _, mesh, state, step = _tiny_setup(devices)
+    for _ in range(3):
+      state, metrics = step(state, jax.device_put(batch, parallel.batch_sharded(mesh)), key)
+    out.append((jax.device_get(state), jax.device_get(metrics)))
+  (s1, m1), (s4, m4) = out
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
+  assert int(s1.step) == int(s4.step) == 3
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert not tree_equal(s1.params, s1.ema_params)
+
+
+def test_batch_must_divide_by_device_count(tmp_path):
+  c = tiny_config()
+  c.train.batch_size = 6
+  with pytest.raises(ValueError, match="divisible by the 4 devices"):
+    train.run(c, str(tmp_path), mesh=parallel.data_mesh(jax.devices()[:4]))
+
+
+# --- the stage: training, resume, refusal --------------------------------------------
+
+
+def test_loss_falls_on_a_tiny_set(tmp_path):
+  c = tiny_config(150)
+  c.data.num_train, c.data.num_duplicated = 8, 0
+  c.model.hidden = 64
+  c.train.lr, c.train.warmup_steps, c.train.log_every, c.train.ckpt_every = 3e-3, 10, 25, 150
+  wd = str(tmp_path)
+  shape = (8, 8, 1)
+  model = models.get_model(c.model, shape)
+  init = train.init_state(model, train.make_optimizer(c.train), jax.random.fold_in(
+      jax.random.PRNGKey(c.seed), 0), shape, parallel.replicated(parallel.data_mesh()))
+  final = train.run(c, wd)
+  from memvol import data as data_lib
+  x0 = jnp.asarray(np.tile(data_lib.prepare(c, wd).train.images, (32, 1, 1, 1)))
+  apply = lambda p, x, t, k: model.apply({"params": p}, x, t, train=False, rngs={"dropout": k})
+  sde = sde_lib.from_config(c.sde)
+  before = float(train.denoising_loss(apply, init.params, sde, x0, jax.random.PRNGKey(5)))
+  after = float(train.denoising_loss(apply, final.params, sde, x0, jax.random.PRNGKey(5)))
+  assert after < 0.6 * before, (before, after)
+  rows = train.read_log(wd)
+  assert [r["step"] for r in rows] == [25, 50, 75, 100, 125, 150]
+  assert rows[-1]["loss"] < rows[0]["loss"]
+  assert os.path.exists(os.path.join(wd, "train", "loss.png"))
+
+
+def test_resume_is_bitwise_identical(reference, tmp_path):
+  c, ref_wd, ref = reference
+  wd = str(tmp_path)
+  half = tiny_config(6)
+  train.run(half, wd)
+  assert ckpt_lib.latest_step(wd) == 6 and not train.is_complete(c, wd)
+  jax.clear_caches()
+  resumed = train.run(c, wd)
+  assert int(resumed.step) == 12
+  assert tree_equal(resumed, ref)
+  assert [r["step"] for r in train.read_log(wd)] == [3, 6, 9, 12]
+  assert sorted(os.listdir(ckpt_lib.checkpoint_dir(wd))) == ["12", "9"]  # keep_checkpoints = 2
+
+
+def test_killed_run_resumes_bitwise(reference, tmp_path, monkeypatch):
+  """Kill the run after step 8 (checkpoint at 6 saved, steps 7-8 lost), restart: same end."""
+  _, _, ref = reference
+  c = tiny_config(12)
+  wd = str(tmp_path)
+  real = train.check_finite
+
+  def killer(losses, grad_norms, first_step):
+    real(losses, grad_norms, first_step)
+    if first_step + len(losses) - 1 >= 8:
+      raise KeyboardInterrupt("simulated kill")
+
+  monkeypatch.setattr(train, "check_finite", killer)
+  c.train.log_every = 4  # logs at 3, 4, 6, 8: the kill lands between checkpoints
+  with pytest.raises(KeyboardInterrupt):
+    train.run(c, wd)
+  assert ckpt_lib.latest_step(wd) == 6
+  monkeypatch.setattr(train, "check_finite", real)
+  c.train.log_every = 3
+  resumed = train.run(c, wd)
+  assert tree_equal(resumed, ref)
+  steps = [r["step"] for r in train.read_log(wd)]
+  assert steps == sorted(set(steps)) and steps[-1] == 12 and 8 not in steps
+
+
+def test_complete_run_returns_at_once(reference):
+  c, wd, ref = reference
+  assert train.is_complete(c, wd)
+  log_before = open(os.path.join(wd, "train", "log.csv")).read()
+  state = train.run(c, wd)
+  assert tree_equal(state, ref)
+  assert open(os.path.join(wd, "train", "log.csv")).read() == log_before
+
+
+@pytest.mark.parametrize("section,field,value", [("model", "hidden", 16), ("sde", "beta_max", 10.0),
+                                                 ("data", "num_train", 20)])
+def test_config_mismatch_is_refused_naming_the_field(reference, section, field, value):
+  c, wd, _ = reference
+  other = tiny_config(24)
+  other[section][field] = value
+  pattern = re.escape(f"{section}.{field}")
+  with pytest.raises(ValueError, match=pattern):
+    train.run(other, wd)
+  with pytest.raises(ValueError, match=pattern):
+    train.load_params(other, wd)
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+  c = tiny_config(12)
+  c.train.lr, c.train.warmup_steps, c.train.grad_clip = 1e30, 0, 0.0
+  c.train.ckpt_every = 100
+  with pytest.raises(FloatingPointError, match=r"non-finite training metrics at step \d+"):
+    train.run(c, str(tmp_path))
+  assert ckpt_lib.latest_step(str(tmp_path)) is None  # nothing non-finite was saved
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+def test_load_eps_fn_gives_a_single_image_eps_fn(reference):
+  c, wd, ref = reference
+  eps_fn = train.load_eps_fn(c, wd)
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 8, 1))
+  y = eps_fn(x, jnp.float32(0.3))
+  assert y.shape == (8, 8, 1) and bool(jnp.all(jnp.isfinite(y)))
+  model = models.get_model(c.model, (8, 8, 1))
+  sde = sde_lib.from_config(c.sde)
+  want = model.apply({"params": ref.ema_params}, x[None], sde.time_input(jnp.full((1,), 0.3)),
+                     train=False)[0]
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+  assert tree_equal(train.load_params(c, wd, use_ema=False), ref.params)
+  assert not tree_equal(train.load_params(c, wd, use_ema=True), ref.params)
+  batched = jax.vmap(eps_fn)(jnp.stack([x, -x]), jnp.array([0.3, 0.7]))
+  np.testing.assert_allclose(batched[0], y, rtol=1e-5, atol=1e-6)
+
+
+def test_loading_without_a_checkpoint_says_train_first(tmp_path):
+  with pytest.raises(FileNotFoundError, match="train first"):
+    train.load_eps_fn(tiny_config(), str(tmp_path))
+  assert not train.is_complete(tiny_config(), str(tmp_path))
