@@ -1,4 +1,4 @@
-"""A small MLP noise predictor for tiny images (8x8 digits, synthetic data)."""
+"""A small time-conditioned MLP eps_theta for tiny images (8x8 digits: D = 64)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ Array = jax.Array
 
 
 class MLP(nn.Module):
-  """eps_theta(x [B, H, W, C], t_net [B]) -> [B, H, W, C]: the flattened image and an MLP
-  embedding of t_net, through `num_layers` swish layers of width `hidden`."""
+  """eps_theta: x [B, H, W, C], t_net [B] (999 t) -> [B, H, W, C].
+
+  h = Dense(x) + Dense(temb); then num_layers x [h + Dense(dropout(swish(LayerNorm h))) +
+  Dense(temb)]; out = Dense(swish(h)) (zero-initialised), temb = MLP(sinusoidal(t_net))."""
 
   hidden: int = 256
   num_layers: int = 3
@@ -22,13 +24,16 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: Array, t_net: Array, train: bool = False) -> Array:
     if x.ndim != 4:
-      raise ValueError(f"MLP expects x [B, H, W, C], got shape {x.shape}")
+      raise ValueError(f"MLP takes x [B, H, W, C], got shape {x.shape}")
     b = x.shape[0]
-    temb = timestep_embedding(jnp.broadcast_to(t_net, (b,)), 64)
-    temb = nn.Dense(self.hidden)(nn.swish(nn.Dense(self.hidden)(temb)))
-    h = nn.Dense(self.hidden)(x.reshape(b, -1)) + temb
-    for _ in range(self.num_layers - 1):
-      h = nn.Dropout(self.dropout, deterministic=not train)(nn.swish(h))
-      h = nn.Dense(self.hidden)(h) + nn.Dense(self.hidden)(temb)
-    out = nn.Dense(x[0].size, kernel_init=nn.initializers.zeros)(nn.swish(h))
+    t_net = jnp.broadcast_to(jnp.asarray(t_net), (b,))
+    temb = timestep_embedding(t_net, max(4, 2 * (self.hidden // 4)))
+    temb = nn.swish(nn.Dense(self.hidden, name="temb_dense0")(temb))
+    temb = nn.swish(nn.Dense(self.hidden, name="temb_dense1")(temb))
+    h = nn.Dense(self.hidden, name="in")(x.reshape(b, -1)) + nn.Dense(self.hidden, name="temb_in")(temb)
+    for k in range(self.num_layers):
+      u = nn.swish(nn.LayerNorm(name=f"norm{k}")(h))
+      u = nn.Dropout(self.dropout, deterministic=not train)(u)
+      h = h + nn.Dense(self.hidden, name=f"dense{k}")(u) + nn.Dense(self.hidden, name=f"temb{k}")(temb)
+    out = nn.Dense(x[0].size, kernel_init=nn.initializers.zeros_init(), name="out")(nn.swish(h))
     return out.reshape(x.shape)

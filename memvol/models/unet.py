@@ -1,8 +1,18 @@
-"""DDPM / score_sde-style UNet for noise prediction (Ho et al. 2020; Song et al. 2021).
+"""DDPM / score_sde style UNet predicting eps_theta(x, t_net) (Ho et al. 2020).
 
-eps_theta(x [B, H, W, C], t_net [B]) -> [B, H, W, C], with t_net = 999 t. Odd sizes work:
-downsampling is a stride-2 'SAME' convolution (14 -> 7 -> 4) and each upsampling resizes
-to the exact size of the skip connection it meets.
+Layout for ch_mult of length L (level i works at side ~ H / 2^i, with ch * ch_mult[i]
+channels):
+
+    conv_in -> per level: num_res_blocks_down x [ResBlock (+ attention)] (+ Downsample)
+            -> middle: ResBlock, attention, ResBlock
+            -> per level, reversed: num_res_blocks_up x [concat skip, ResBlock (+ attention)]
+               (+ Upsample) -> GroupNorm, swish, conv_out (zero-initialised)
+
+Each resolution leaves num_res_blocks_down + 1 skips (conv_in or the downsample output,
+then every ResBlock); up blocks take them last-in first-out, so DDPM's num_res_blocks_up
+= num_res_blocks_down + 1 uses each exactly once; extra up blocks take none. Odd sides
+(14 -> 7 -> 4) work: Downsample is a stride-2 SAME conv (ceil(H / 2)) and Upsample
+repeats each pixel twice and crops to the matching skip's side.
 """
 
 from __future__ import annotations
@@ -17,29 +27,24 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
-  """Sinusoidal embedding of t [B] (any scale, e.g. 999 t) -> [B, dim]."""
+def timestep_embedding(t_net: Array, dim: int, max_period: float = 10000.0) -> Array:
+  """Sinusoidal embedding [B, dim] of network times t_net [B] (999 t), DDPM's form:
+  sin(t w_k) then cos(t w_k), w_k = max_period^(-k / (dim/2 - 1))."""
+  if dim < 4 or dim % 2:
+    raise ValueError(f"time embedding dim must be even and >= 4, got {dim}")
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-  args = t.astype(jnp.float32)[:, None] * freqs[None]
-  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-  return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  args = t_net.astype(jnp.result_type(t_net.dtype, jnp.float32))[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
-def _groups(channels: int, num_groups: int) -> int:
-  """The largest group count <= num_groups that divides channels."""
-  g = min(num_groups, channels)
-  while channels % g:
-    g -= 1
-  return g
+def _zeros_init():
+  return nn.initializers.zeros_init()
 
 
-def _zero_init_scale(scale: float = 1e-10):
-  return nn.initializers.variance_scaling(scale, "fan_avg", "uniform")
-
-
-class ResnetBlock(nn.Module):
-  """GroupNorm-swish-conv, time embedding added, GroupNorm-swish-dropout-conv, skip."""
+class ResBlock(nn.Module):
+  """GroupNorm, swish, conv, + Dense(temb), GroupNorm, swish, dropout, conv (zero init);
+  a 1x1 conv shortcut when the channel count changes."""
 
   out_ch: int
   num_groups: int
@@ -47,94 +52,104 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, train: bool) -> Array:
-    h = nn.swish(nn.GroupNorm(_groups(x.shape[-1], self.num_groups))(x))
-    h = nn.Conv(self.out_ch, (3, 3))(h)
-    h = h + nn.Dense(self.out_ch)(nn.swish(temb))[:, None, None, :]
-    h = nn.swish(nn.GroupNorm(_groups(self.out_ch, self.num_groups))(h))
+    h = nn.swish(nn.GroupNorm(num_groups=self.num_groups, name="norm1")(x))
+    h = nn.Conv(self.out_ch, (3, 3), name="conv1")(h)
+    h = h + nn.Dense(self.out_ch, name="temb_proj")(nn.swish(temb))[:, None, None, :]
+    h = nn.swish(nn.GroupNorm(num_groups=self.num_groups, name="norm2")(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = nn.Conv(self.out_ch, (3, 3), kernel_init=_zero_init_scale())(h)
+    h = nn.Conv(self.out_ch, (3, 3), kernel_init=_zeros_init(), name="conv2")(h)
     if x.shape[-1] != self.out_ch:
-      x = nn.Conv(self.out_ch, (1, 1))(x)
+      x = nn.Conv(self.out_ch, (1, 1), name="shortcut")(x)
     return x + h
 
 
 class AttnBlock(nn.Module):
-  """Single-head self-attention over the H*W positions, residual."""
+  """Single-head self-attention over the H W positions, residual, zero-initialised output."""
 
   num_groups: int
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    b, h, w, c = x.shape
-    y = nn.GroupNorm(_groups(c, self.num_groups))(x)
-    q, k, v = (nn.Dense(c)(y).reshape(b, h * w, c) for _ in range(3))
-    a = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) / math.sqrt(c), axis=-1)
-    y = jnp.einsum("bij,bjc->bic", a, v).reshape(b, h, w, c)
-    return x + nn.Dense(c, kernel_init=_zero_init_scale())(y)
+    b, hh, ww, c = x.shape
+    h = nn.GroupNorm(num_groups=self.num_groups, name="norm")(x).reshape(b, hh * ww, c)
+    q, k, v = (nn.Dense(c, name=n)(h) for n in ("q", "k", "v"))
+    w = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) / math.sqrt(c), axis=-1)
+    h = jnp.einsum("bij,bjc->bic", w, v)
+    h = nn.Dense(c, kernel_init=_zeros_init(), name="proj_out")(h)
+    return x + h.reshape(b, hh, ww, c)
+
+
+class Downsample(nn.Module):
+  """3x3 conv with stride 2: side H -> ceil(H / 2)."""
+
+  ch: int
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return nn.Conv(self.ch, (3, 3), strides=(2, 2), padding="SAME", name="conv")(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2, cropped to side `size` (h, w), then a 3x3 conv."""
+
+  ch: int
+
+  @nn.compact
+  def __call__(self, x: Array, size: tuple[int, int]) -> Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)[:, :size[0], :size[1], :]
+    return nn.Conv(self.ch, (3, 3), name="conv")(x)
 
 
 class UNet(nn.Module):
-  """Noise-prediction UNet.
+  """eps_theta: x [B, H, W, C], t_net [B] (999 t) -> [B, H, W, C]."""
 
-  Attributes:
-    ch: base channels; level i has ch * ch_mult[i].
-    ch_mult: channel multiplier per resolution level (len = number of levels).
-    num_res_blocks_down / num_res_blocks_up: residual blocks per level on each path. The up
-      path concatenates one skip per block while the level has skips left (DDPM uses
-      up = down + 1, which consumes them all).
-    attn_resolutions: side lengths (H) at which an attention block follows each res block;
-      the middle always has one.
-    dropout, num_groups: as in DDPM (GroupNorm groups are reduced to divide the channels).
-  """
-
-  ch: int = 32
-  ch_mult: Sequence[int] = (1, 2)
-  num_res_blocks_down: int = 1
-  num_res_blocks_up: int = 2
-  attn_resolutions: Sequence[int] = (7,)
-  dropout: float = 0.0
-  num_groups: int = 8
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks_down: int = 2
+  num_res_blocks_up: int = 3
+  attn_resolutions: Sequence[int] = (16,)
+  dropout: float = 0.1
+  num_groups: int = 32
 
   @nn.compact
   def __call__(self, x: Array, t_net: Array, train: bool = False) -> Array:
     if x.ndim != 4:
-      raise ValueError(f"UNet expects x [B, H, W, C], got shape {x.shape}")
-    out_ch = x.shape[-1]
-    gn = self.num_groups
-    temb = timestep_embedding(jnp.broadcast_to(t_net, x.shape[:1]), self.ch)
-    temb = nn.Dense(4 * self.ch)(temb)
-    temb = nn.Dense(4 * self.ch)(nn.swish(temb))
+      raise ValueError(f"UNet takes x [B, H, W, C], got shape {x.shape}")
+    t_net = jnp.broadcast_to(jnp.asarray(t_net), (x.shape[0],))
+    temb = timestep_embedding(t_net, self.ch)
+    temb = nn.Dense(4 * self.ch, name="temb_dense0")(temb)
+    temb = nn.Dense(4 * self.ch, name="temb_dense1")(nn.swish(temb))
+    attn = set(int(r) for r in self.attn_resolutions)
+    g, p = self.num_groups, self.dropout
+    levels = len(self.ch_mult)
 
-    h = nn.Conv(self.ch, (3, 3))(x)
-    skips: list[list[Array]] = []
-    level_skips = [h]
+    h = nn.Conv(self.ch, (3, 3), name="conv_in")(x)
+    skips = [[h]]
     for i, mult in enumerate(self.ch_mult):
-      for _ in range(self.num_res_blocks_down):
-        h = ResnetBlock(self.ch * mult, gn, self.dropout)(h, temb, train)
-        if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(gn)(h)
-        level_skips.append(h)
-      skips.append(level_skips)
-      if i != len(self.ch_mult) - 1:
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2))(h)
-        level_skips = [h]
+      for j in range(self.num_res_blocks_down):
+        h = ResBlock(self.ch * mult, g, p, name=f"down{i}_res{j}")(h, temb, train)
+        if h.shape[1] in attn:
+          h = AttnBlock(g, name=f"down{i}_attn{j}")(h)
+        skips[i].append(h)
+      if i != levels - 1:
+        h = Downsample(h.shape[-1], name=f"down{i}_downsample")(h)
+        skips.append([h])
 
-    h = ResnetBlock(h.shape[-1], gn, self.dropout)(h, temb, train)
-    h = AttnBlock(gn)(h)
-    h = ResnetBlock(h.shape[-1], gn, self.dropout)(h, temb, train)
+    h = ResBlock(h.shape[-1], g, p, name="mid_res0")(h, temb, train)
+    h = AttnBlock(g, name="mid_attn")(h)
+    h = ResBlock(h.shape[-1], g, p, name="mid_res1")(h, temb, train)
 
-    for i in reversed(range(len(self.ch_mult))):
+    for i in reversed(range(levels)):
       level_skips = skips[i]
-      for _ in range(self.num_res_blocks_up):
+      for j in range(self.num_res_blocks_up):
         if level_skips:
           h = jnp.concatenate([h, level_skips.pop()], axis=-1)
-        h = ResnetBlock(self.ch * self.ch_mult[i], gn, self.dropout)(h, temb, train)
-        if h.shape[1] in self.attn_resolutions:
-          h = AttnBlock(gn)(h)
+        h = ResBlock(self.ch * self.ch_mult[i], g, p, name=f"up{i}_res{j}")(h, temb, train)
+        if h.shape[1] in attn:
+          h = AttnBlock(g, name=f"up{i}_attn{j}")(h)
       if i != 0:
-        target = skips[i - 1][-1].shape
-        h = jax.image.resize(h, (h.shape[0], target[1], target[2], h.shape[-1]), "nearest")
-        h = nn.Conv(h.shape[-1], (3, 3))(h)
+        size = skips[i - 1][-1].shape[1:3]
+        h = Upsample(h.shape[-1], name=f"up{i}_upsample")(h, size)
 
-    h = nn.swish(nn.GroupNorm(_groups(h.shape[-1], gn))(h))
-    return nn.Conv(out_ch, (3, 3), kernel_init=_zero_init_scale())(h)
+    h = nn.swish(nn.GroupNorm(num_groups=g, name="norm_out")(h))
+    return nn.Conv(x.shape[-1], (3, 3), kernel_init=_zeros_init(), name="conv_out")(h)
