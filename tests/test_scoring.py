@@ -233,3 +233,26 @@ def test_two_processes_share_the_work_and_process_0_merges(tmp_path, model, monk
     assert [c[0] for c in calls] == ([5, 5] if p == 0 else [9, 102, 9, 102])
     assert os.path.exists(os.path.join(d, "scores", "scores.csv")) == (p == 0)
   assert read(d) == read(ref)
+
+
+@pytest.mark.slow
+def test_real_workdir_train_sample_score(tmp_path):
+  """The stages on a real (tiny) trained MLP and the digits split, nothing monkeypatched."""
+  from experiments.configs import digits
+  from memvol import data, pipeline, sampling
+
+  c = digits.get_config("quick")
+  c.train.num_steps = 40
+  c.sample.update(dict(methods=("sde", "ode"), num_samples=6, batch_size=4, sde_steps=30))
+  c.score.update(dict(estimators=("exact", "hutchinson"), batch_size=12, num_save_times=3))
+  d = str(tmp_path)
+  for stage in ("train", "sample", "score"):
+    pipeline.run(c, d, stage, log=quiet)
+  assert sampling.is_complete(c, d) and scoring.is_complete(c, d)
+  split = data.load_split(c, d)
+  rows = io.load_csv(os.path.join(d, "scores", "scores.csv"))
+  assert [int(r["id"]) for r in rows] == split.train.ids.tolist() + split.heldout.ids.tolist()
+  assert [int(r["dup_count"]) for r in rows] == split.dup_counts.tolist() + [0] * len(split.heldout.ids)
+  assert all(r["exact_status"] == "0" and np.isfinite(float(r["exact_log_volume"])) for r in rows)
+  s = io.load_npz(os.path.join(d, "samples", "samples_ode.npz"))
+  assert s["images"].shape == (6, *split.train.images.shape[1:])
