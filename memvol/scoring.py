@@ -19,7 +19,6 @@ batch size or the device count. Process 0 merges everything into
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable, NamedTuple
 
