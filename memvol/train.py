@@ -373,8 +373,11 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
     return {"step": step, "seed": seed, "examples_seen": examples_seen, "stream_size": len(ids),
             "stream_fingerprint": fingerprint, "image_shape": list(image_shape),
             "config": ckpt_lib.config_record(config), "train": io.config_to_dict(tc),
-            "num_params": int(sum(np.prod(p.shape) for p in jax.tree.leaves(state.params)))}
+            "num_params": models.count_params(state.params)}
 
+  logging.info("train: %d stream images %s (%d distinct), %d params, steps %d -> %d, batch %d "
+               "over %d device(s)", len(ids), image_shape, len(np.unique(ids)),
+               models.count_params(state.params), start, int(tc.num_steps), batch_size, mesh.size)
   mngr = ckpt_lib.open_manager(workdir, int(tc.keep_checkpoints), int(tc.keep_every) or None)
   bar = tqdm(total=int(tc.num_steps), initial=start, desc="train", unit="step",
              dynamic_ncols=True, mininterval=1.0, disable=not is_main)
@@ -414,10 +417,12 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
       if do_sample and is_main:
         save_sample_grid(config, model, sde, state.ema_params, image_shape,
                          os.path.join(workdir, "train", f"samples_step{done}.png"))
-    mngr.wait_until_finished()
+    with ckpt_lib.quiet():
+      mngr.wait_until_finished()
   finally:
     bar.close()
-    mngr.close()
+    with ckpt_lib.quiet():
+      mngr.close()
   if is_main and log_rows:
     save_loss_curve(log_rows, os.path.join(workdir, "train", "loss.png"))
   logging.info("train: %d steps done, final loss %.4f", int(tc.num_steps),

@@ -270,3 +270,65 @@ def test_loading_without_a_checkpoint_says_train_first(tmp_path):
   with pytest.raises(FileNotFoundError, match="train first"):
     train.load_eps_fn(tiny_config(), str(tmp_path))
   assert not train.is_complete(tiny_config(), str(tmp_path))
+
+
+# --- experiment configs --------------------------------------------------------------
+
+CONFIGS = {"digits": ("digits_mlp", ("", "quick")),
+           "cifar10_2to7": ("paper_cifar10", ("", "short", "quick")),
+           "celeba64": ("paper_cifar10", ("", "quick"))}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_experiment_configs(name):
+  import importlib
+  mod = importlib.import_module(f"experiments.configs.{name}")
+  doc = mod.__doc__
+  for needed in ("python -m experiments.main", f"--config=experiments/configs/{name}.py",
+                 "Expected runtime", "Expected result"):
+    assert needed in doc, (name, needed)
+  named, args = CONFIGS[name]
+  full = mod.get_config()
+  assert full.model.to_dict() == models.named_config(named).to_dict()
+  for arg in args:
+    c = mod.get_config(arg or None)
+    train._check_train_config(c.train, 4)
+    assert c.train.batch_size % 8 == 0  # fits 1, 2, 4 or 8 devices
+    models.get_model(c.model, (c.data.resolution, c.data.resolution, 3))
+  with pytest.raises(ValueError, match="unknown config argument"):
+    mod.get_config("nonsense")
+
+
+def _fake_cifar(folder: str) -> str:
+  import pickle
+  path = os.path.join(folder, "cifar-10-batches-py")
+  os.makedirs(path)
+  rng = np.random.default_rng(0)
+  with open(os.path.join(path, "data_batch_1"), "wb") as f:
+    pickle.dump({b"data": rng.integers(0, 256, (40, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, 40))}, f)
+  return path
+
+
+def _fake_faces(folder: str) -> str:
+  from PIL import Image
+  path = os.path.join(folder, "faces")
+  os.makedirs(path)
+  rng = np.random.default_rng(0)
+  for i in range(36):
+    Image.fromarray(rng.integers(0, 256, (90, 72, 3), dtype=np.uint8)).save(os.path.join(path, f"{i}.png"))
+  return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,make", [("cifar10_2to7", _fake_cifar), ("celeba64", _fake_faces)])
+def test_quick_gpu_configs_train_on_fake_data(name, make, tmp_path):
+  import importlib
+  c = importlib.import_module(f"experiments.configs.{name}").get_config("quick")
+  c.data.path = make(str(tmp_path))
+  c.train.num_steps, c.train.log_every, c.train.ckpt_every = 4, 2, 2
+  wd = str(tmp_path / "run")
+  state = train.run(c, wd)
+  assert int(state.step) == 4 and train.is_complete(c, wd)
+  eps = train.load_eps_fn(c, wd)(jnp.zeros((c.data.resolution,) * 2 + (3,)), jnp.float32(0.5))
+  assert eps.shape == (c.data.resolution, c.data.resolution, 3) and bool(jnp.all(jnp.isfinite(eps)))
