@@ -40,14 +40,6 @@ def mesh(n):
 KEY = jax.random.PRNGKey(3)
 
 
-def _check_moments(images, mean_tol, var_tol):
-  x = np.asarray(images, np.float64)
-  n = x.shape[0]
-  # 5 standard errors of the sample mean, plus the discretisation tolerance
-  assert np.all(np.abs(x.mean(0) - MU) < mean_tol + 5 * np.sqrt(VAR / n))
-  assert np.all(np.abs(x.var(0) / VAR - 1) < var_tol + 5 * np.sqrt(2 / n))
-
-
 ROTATED = analytic.random_gaussian_eps(jax.random.PRNGKey(7), SHAPE, SDE, std_range=(0.1, 0.7))
 
 
@@ -64,25 +56,22 @@ def _check_covariance(images, g, tol):
 
 
 def test_reverse_sde_reproduces_gaussian_moments():
-  out = sampling.reverse_sde_sample(gaussian_eps, SDE, KEY, 2000, SHAPE, 1000, mesh=mesh(4))
+  out = sampling.reverse_sde_sample(ROTATED, SDE, KEY, 2000, SHAPE, 1000, mesh=mesh(4))
   assert out.images.shape == (2000, *SHAPE) and out.images.dtype == jnp.float32
   np.testing.assert_array_equal(out.nfe, 1000)
-  _check_moments(out.images, 0.01, 0.03)
-  rot = sampling.reverse_sde_sample(ROTATED, SDE, KEY, 2000, SHAPE, 1000, mesh=mesh(4))
-  _check_covariance(rot.images, ROTATED, 0.03)
+  _check_covariance(out.images, ROTATED, 0.03)
 
 
 def test_pf_ode_is_the_exact_gaussian_map_and_reproduces_moments():
-  out = sampling.pf_ode_sample(gaussian_eps, SDE, KEY, 1000, SHAPE, rtol=1e-5, atol=1e-5, mesh=mesh(4))
   z = np.stack([SDE.prior_sample(jax.random.fold_in(KEY, i), SHAPE) for i in range(8)])
-  np.testing.assert_allclose(out.images[:8], pf_map(z), atol=2e-4)
-  _check_moments(out.images, 0.01, 0.03)
+  diag = sampling.pf_ode_sample(gaussian_eps, SDE, KEY, 8, SHAPE, rtol=1e-5, atol=1e-5, mesh=mesh(4))
+  np.testing.assert_allclose(diag.images, pf_map(z), atol=2e-4)
+  out = sampling.pf_ode_sample(ROTATED, SDE, KEY, 2000, SHAPE, rtol=1e-5, atol=1e-5, mesh=mesh(4))
+  flow = jax.vmap(lambda z: ROTATED.flow(z, SDE.T, SDE.eps))(jnp.asarray(z))
+  np.testing.assert_allclose(out.images[:8], flow, atol=5e-4)
+  _check_covariance(out.images, ROTATED, 0.03)
   nfe = np.asarray(out.nfe)
   assert np.all(nfe > 7) and np.all((nfe - 1) % 6 == 0)  # tsit5: 1 + 6 per step
-  rot = sampling.pf_ode_sample(ROTATED, SDE, KEY, 2000, SHAPE, rtol=1e-5, atol=1e-5, mesh=mesh(4))
-  flow = jax.vmap(lambda z: ROTATED.flow(z, SDE.T, SDE.eps))(jnp.asarray(z))
-  np.testing.assert_allclose(rot.images[:8], flow, atol=5e-4)
-  _check_covariance(rot.images, ROTATED, 0.03)
 
 
 def test_pf_ode_fixed_steps_counts_nfe():
@@ -104,7 +93,7 @@ def test_samples_independent_of_batch_and_devices(method):
   whole = np.asarray(draw(11, 0, 4))  # 11 on 4 devices: padded to 12, padding dropped
   assert whole.shape == (11, *SHAPE)
   # any batching over several devices: bitwise the same samples
-  pieces = np.concatenate([draw(3, 0, 2), draw(5, 3, 4, pad_to=16), draw(3, 8, 2)])
+  pieces = np.concatenate([draw(3, 0, 2), draw(5, 3, 4, pad_to=12), draw(3, 8, 2)])
   np.testing.assert_array_equal(pieces, whole)
   # one device: XLA compiles a program without partitioning, equal up to the last bits
   np.testing.assert_allclose(draw(11, 0, 1), whole, rtol=1e-5, atol=1e-5)
