@@ -85,12 +85,26 @@ def get_model(model_cfg: Any, image_shape: Sequence[int]) -> nn.Module:
   return MODELS[name](model_cfg, _check_image_shape(image_shape))
 
 
+def _fast_init_key(key: Array) -> Array:
+  """An "rbg" key derived from `key` (raw uint32[2] or typed): XLA compiles its random bits
+  several times faster than one unrolled threefry per parameter (20 s -> 6 s for a small
+  UNet on 2 loaded cores). Deterministic for a given key and backend."""
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  if key.shape == (4,):
+    return jax.random.wrap_key_data(key.astype(jnp.uint32), impl="rbg")
+  if key.shape != (2,):
+    raise ValueError(f"init_params takes one PRNG key, got key data of shape {key.shape}")
+  return jax.random.wrap_key_data(jax.random.split(key.astype(jnp.uint32), 2).reshape(4), impl="rbg")
+
+
 def init_params(model: nn.Module, key: Array, image_shape: Sequence[int]) -> Any:
-  """Fresh float32 params of `model` for images (H, W, C). Traceable (works inside jit)."""
+  """Fresh float32 params of `model` for images (H, W, C), deterministic in `key`.
+  Traceable (works inside jit)."""
   h, w, c = _check_image_shape(image_shape)
   x = jnp.zeros((1, h, w, c), jnp.float32)
   t = jnp.zeros((1,), jnp.float32)
-  return model.init({"params": key}, x, t, train=False)["params"]
+  return model.init({"params": _fast_init_key(jnp.asarray(key))}, x, t, train=False)["params"]
 
 
 def count_params(params: Any) -> int:
