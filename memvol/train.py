@@ -24,8 +24,8 @@ builds only its rows of the global batch (`jax.make_array_from_process_local_dat
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import math
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -65,18 +65,26 @@ class TrainState:
 
 def lr_schedule(train_cfg: Any) -> Callable[[Array], Array]:
   """Learning rate at update k (0-based): lr * min((k + 1) / warmup_steps, 1)."""
-  lr, warmup = float(train_cfg.lr), int(train_cfg.warmup_steps)
+  lr, warmup = float(train_cfg["lr"]), int(train_cfg["warmup_steps"])
   if warmup <= 0:
     return lambda count: jnp.full((), lr, jnp.float32)
   return lambda count: lr * jnp.minimum((count + 1.0) / warmup, 1.0)
 
 
 def make_optimizer(train_cfg: Any) -> optax.GradientTransformation:
-  """Global-norm clipping (train.grad_clip; 0 = off), then Adam with the warm-up schedule."""
-  adam = optax.adam(lr_schedule(train_cfg), b1=float(train_cfg.adam_b1),
-                    b2=float(train_cfg.adam_b2), eps=float(train_cfg.adam_eps))
-  if float(train_cfg.grad_clip) > 0:
-    return optax.chain(optax.clip_by_global_norm(float(train_cfg.grad_clip)), adam)
+  """Global-norm clipping (train.grad_clip; 0 = off), then Adam with the warm-up schedule.
+  Equal settings give the same object, so jitted steps built on it are reused."""
+  return _optimizer(float(train_cfg.lr), int(train_cfg.warmup_steps), float(train_cfg.adam_b1),
+                    float(train_cfg.adam_b2), float(train_cfg.adam_eps), float(train_cfg.grad_clip))
+
+
+@functools.lru_cache(maxsize=8)
+def _optimizer(lr: float, warmup_steps: int, b1: float, b2: float, eps: float, grad_clip: float
+               ) -> optax.GradientTransformation:
+  schedule = lr_schedule({"lr": lr, "warmup_steps": warmup_steps})
+  adam = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
+  if grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adam)
   return adam
 
 
@@ -110,9 +118,14 @@ def make_train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformati
                     ) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict[str, Array]]]:
   """The jitted update `step(state, batch [B, H, W, C], key) -> (state, {loss, grad_norm})`:
   batch sharded over `data`, state and key replicated, state donated. Update k uses
-  fold_in(key, k)."""
+  fold_in(key, k). Built once per (model, sde, tx, ema_decay, mesh, random_flip)."""
+  return _train_step(model, sde, tx, float(train_cfg.ema_decay), mesh, bool(random_flip))
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, ema_decay: float,
+                mesh: Mesh, random_flip: bool) -> Callable[..., Any]:
   apply = _apply_fn(model, train=True)
-  ema_decay = float(train_cfg.ema_decay)
   rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
   def step(state: TrainState, x0: Array, key: Array) -> tuple[TrainState, dict[str, Array]]:
@@ -135,7 +148,13 @@ def make_train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformati
 def init_state(model: Any, tx: optax.GradientTransformation, key: Array,
                image_shape: Sequence[int], sharding: NamedSharding) -> TrainState:
   """Fresh state, created directly with `sharding` (EMA starts at the initial params)."""
-  return jax.jit(_init_fn(model, tx, image_shape), out_shardings=sharding)(key)
+  return _init_jit(model, tx, tuple(int(s) for s in image_shape), sharding)(key)
+
+
+@functools.lru_cache(maxsize=8)
+def _init_jit(model: Any, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
+              sharding: NamedSharding) -> Callable[[Array], TrainState]:
+  return jax.jit(_init_fn(model, tx, image_shape), out_shardings=sharding)
 
 
 def _init_fn(model: Any, tx: optax.GradientTransformation, image_shape: Sequence[int]

@@ -27,13 +27,13 @@ def tiny_config(num_steps: int = 12):
   c.data.num_duplicated = 2
   c.data.duplicate_factor = 2
   c.model.name = "mlp"
-  c.model.hidden = 32
+  c.model.hidden = 64
   c.model.num_layers = 1
   c.model.dropout = 0.0
   t = c.train
   t.num_steps = num_steps
   t.batch_size = 8
-  t.lr = 1e-3
+  t.lr = 3e-3
   t.warmup_steps = 2
   t.log_every = 3
   t.ckpt_every = 3
@@ -137,8 +137,11 @@ def test_one_vs_four_devices_same_step():
   (s1, m1), (s4, m4) = out
   np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
   assert int(s1.step) == int(s4.step) == 3
+  np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+  # Adam divides by sqrt(v): where a gradient entry is ~0 the summation-order noise of the
+  # all-reduce shows up at a small fraction of lr (3e-3) in that entry.
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   assert not tree_equal(s1.params, s1.ema_params)
 
 
@@ -153,10 +156,9 @@ def test_batch_must_divide_by_device_count(tmp_path):
 
 
 def test_loss_falls_on_a_tiny_set(tmp_path):
-  c = tiny_config(150)
+  c = tiny_config(150)  # same network and optimiser as the other runs: one compile
   c.data.num_train, c.data.num_duplicated = 8, 0
-  c.model.hidden = 64
-  c.train.lr, c.train.warmup_steps, c.train.log_every, c.train.ckpt_every = 3e-3, 10, 25, 150
+  c.train.log_every, c.train.ckpt_every = 25, 150
   wd = str(tmp_path)
   shape = (8, 8, 1)
   model = models.get_model(c.model, shape)
@@ -182,8 +184,7 @@ def test_resume_is_bitwise_identical(reference, tmp_path):
   half = tiny_config(6)
   train.run(half, wd)
   assert ckpt_lib.latest_step(wd) == 6 and not train.is_complete(c, wd)
-  jax.clear_caches()
-  resumed = train.run(c, wd)
+  resumed = train.run(c, wd)  # restores params, optimiser state and data position from disk
   assert int(resumed.step) == 12
   assert tree_equal(resumed, ref)
   assert [r["step"] for r in train.read_log(wd)] == [3, 6, 9, 12]
