@@ -271,19 +271,13 @@ def read_log(workdir: str) -> list[dict[str, float]]:
 
 def save_loss_curve(rows: Sequence[Mapping[str, float]], path: str) -> None:
   """PNG of the logged training loss against step (log scale)."""
-  from matplotlib.figure import Figure
-
-  fig = Figure(figsize=(6, 3.5), dpi=120)
-  ax = fig.add_subplot()
-  steps = [r["step"] for r in rows]
-  ax.plot(steps, [r["loss"] for r in rows], lw=1.2)
+  fig, ax = plotting.pyplot().subplots(figsize=(6, 3.5))
+  ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
   ax.set_yscale("log")
   ax.set_xlabel("step")
   ax.set_ylabel("eps-prediction loss (per pixel)")
   ax.grid(alpha=0.3)
-  fig.tight_layout()
-  with io.atomic_open(path, "wb") as f:
-    fig.savefig(f, format="png")
+  plotting.save_figure(fig, path)
 
 
 def _host_copy(tree: Any) -> Any:
@@ -384,7 +378,7 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
   batch_size = int(tc.batch_size)
   global_shape = (batch_size,) + image_shape
   rows_local = _local_rows(shard, global_shape)
-  is_main = jax.process_index() == 0
+  is_main = parallel.is_main_process()
   log_rows = [r for r in read_log(workdir) if r["step"] <= start]
   elapsed0 = log_rows[-1]["elapsed_s"] if log_rows else 0.0
 

@@ -333,3 +333,47 @@ def test_quick_gpu_configs_train_on_fake_data(name, make, tmp_path):
   assert int(state.step) == 4 and train.is_complete(c, wd)
   eps = train.load_eps_fn(c, wd)(jnp.zeros((c.data.resolution,) * 2 + (3,)), jnp.float32(0.5))
   assert eps.shape == (c.data.resolution, c.data.resolution, 3) and bool(jnp.all(jnp.isfinite(eps)))
+
+
+_PROCESS = r"""
+import os, sys
+pid, port, wd = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{port}", 2, pid)
+sys.path.insert(0, "tests")
+import numpy as np
+from test_train import tiny_config
+from memvol import train
+assert jax.process_count() == 2 and jax.device_count() == 4
+state = train.run(tiny_config(12), wd)
+np.savez(f"{wd}/final_{pid}.npz", *[np.asarray(p.addressable_data(0)) for p in jax.tree.leaves(state.params)])
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(reference, tmp_path):
+  """jax.distributed on localhost: 2 processes x 2 CPU devices, each feeding its half of the
+  global batch, end where 1 process x 4 devices ends (up to all-reduce order)."""
+  import socket
+  import subprocess
+  import sys
+  _, _, ref = reference
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = str(s.getsockname()[1])
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = [subprocess.Popen([sys.executable, "-c", _PROCESS, str(p), port, str(tmp_path)], cwd=root,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for p in (0, 1)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+  want = [np.asarray(x) for x in jax.tree.leaves(ref.params)]
+  for p in (0, 1):
+    with np.load(tmp_path / f"final_{p}.npz") as z:
+      got = [z[f"arr_{i}"] for i in range(len(want))]
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert ckpt_lib.latest_step(str(tmp_path)) == 12
+  assert [r["step"] for r in train.read_log(str(tmp_path))] == [3, 6, 9, 12]
