@@ -33,7 +33,9 @@ def get_config(arg: str | None = None):
 
   c.model.name = "unet"
 
-  c.train.num_steps = 8000
+  c.train.num_steps = 3000
+  c.train.ckpt_every = 500
+  c.train.sample_every = 1000
   c.train.batch_size = 64
   c.train.lr = 2e-4
 
