@@ -33,7 +33,7 @@ import hashlib
 import logging
 import os
 import pickle
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

@@ -174,6 +174,7 @@ def test_planted_duplicates_and_training_stream():
   s = data.make_split(dcfg(name="digits", resolution=8, num_train=20, num_heldout=5,
                            num_duplicated=4, duplicate_factor=6))
   assert sorted(s.dup_counts.tolist()) == [1] * 16 + [6] * 4
+  assert data.describe(s).startswith("20 train + 5 held-out images of shape (8, 8, 1), 4 planted duplicates, stream 40")
   images, ids = s.training_stream()
   assert len(images) == len(ids) == 16 + 24
   for i, n in zip(s.train.ids, s.dup_counts):
