@@ -502,6 +502,39 @@ def validate_inputs(x0, opts: VolumeOptions) -> None:
     raise ValueError(f"K={opts.K} exceeds the image dimension D={d} for estimator {opts.estimator!r}")
 
 
+_CHECKED_EPS_FNS: dict = {}  # signature of (eps_fn, image shape, dtype) -> True, once checked
+
+
+def _eps_fn_signature(eps_fn, shape, dtype):
+  """A hashable key for eps_fn's structure and array shapes (not values), or None."""
+  leaves, treedef = jax.tree.flatten(eps_fn)
+  try:
+    key = (treedef, tuple((l.shape, l.dtype) if eqx.is_array(l) else l for l in leaves), shape, dtype)
+    hash(key)
+  except TypeError:
+    return None
+  return key
+
+
+def _check_eps_fn(eps_fn, shape: tuple[int, ...], dtype) -> None:
+  """ValueError unless eps_fn maps one image [*shape] to [*shape]. Traces eps_fn abstractly
+  once per structure (a UNet trace costs ~1 s, too much to repeat on every batch)."""
+  sig = _eps_fn_signature(eps_fn, shape, dtype)
+  if sig is not None and sig in _CHECKED_EPS_FNS:
+    return
+  try:
+    out_spec = eqx.filter_eval_shape(eps_fn, jax.ShapeDtypeStruct(shape, dtype), jax.ShapeDtypeStruct((), dtype))
+  except Exception as e:  # the network's own shape error, re-raised naming the input
+    raise ValueError(f"eps_fn fails on one image of shape {shape} ({type(e).__name__}: {e})") from e
+  if getattr(out_spec, "shape", None) != shape:
+    raise ValueError(f"eps_fn maps one image of shape {shape} to "
+                     f"{getattr(out_spec, 'shape', out_spec)}; it must return the image's shape")
+  if sig is not None:
+    if len(_CHECKED_EPS_FNS) > 256:
+      _CHECKED_EPS_FNS.clear()
+    _CHECKED_EPS_FNS[sig] = True
+
+
 def log_volume_growth(eps_fn, x0, *, sde: sde_lib.SDE, key: Array | None = None,
                       estimator: str = "hutchinson", solver: str = "tsit5", adaptive: bool = True,
                       rtol: float = 1e-5, atol: float = 1e-5, num_steps: int = 100,
@@ -539,14 +572,7 @@ def run(eps_fn, x0, opts: VolumeOptions, *, key: Array | None = None, image_ids=
   if image_ids.shape != (b,) or not np.issubdtype(image_ids.dtype, np.integer):
     raise ValueError(f"image_ids must be {b} integers (one per image); got shape "
                      f"{image_ids.shape}, dtype {image_ids.dtype}")
-  x_spec = jax.ShapeDtypeStruct(x0.shape[1:], x0.dtype)
-  try:
-    out_spec = eqx.filter_eval_shape(eps_fn, x_spec, jax.ShapeDtypeStruct((), x0.dtype))
-  except Exception as e:  # the network's own shape error, re-raised naming the input
-    raise ValueError(f"eps_fn fails on one image of shape {x0.shape[1:]} ({type(e).__name__}: {e})") from e
-  if getattr(out_spec, "shape", None) != x0.shape[1:]:
-    raise ValueError(f"eps_fn maps one image of shape {x0.shape[1:]} to "
-                     f"{getattr(out_spec, 'shape', out_spec)}; it must return the image's shape")
+  _check_eps_fn(eps_fn, x0.shape[1:], x0.dtype)
   key = jax.random.PRNGKey(0) if key is None else key
   out = jax.device_get(_batch_log_volume_jit(eps_fn, x0, jnp.asarray(image_ids, jnp.int32), key, opts))
   return VolumeResult(

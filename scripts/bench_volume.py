@@ -23,7 +23,8 @@ scheme (the network call jitted and batched over the K + 1 points, as the refere
 batches its neighbours; growth and the sorted Gram-Schmidt in Python loops over K, in
 numpy on the host, which is faster than eager device ops: a conservative baseline). Both
 are timed on a few steps and extrapolated linearly to --paper_steps (every step does the
-same work), and the script says so. Where the network's forward passes dominate (a UNet
+same work; the vectorised one as its time at n steps plus (its time at 2n steps minus
+that) / n per further step, so fixed costs are not multiplied), and the script says so. Where the network's forward passes dominate (a UNet
 on CPU) both do the same (K + 1) x steps forwards and the speed-up tends to 1; the loop's
 overhead is the Python Gram-Schmidt and one dispatch per step, which dominate for small
 networks and on accelerators.
@@ -32,6 +33,7 @@ networks and on accelerators.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 
@@ -157,6 +159,7 @@ def main() -> None:
   p.add_argument("--loop_steps", type=int, default=2, help="steps timed of the Python-loop baseline")
   p.add_argument("--unet_exact_steps", type=int, default=2,
                  help="exact on the UNet: fixed Euler steps (784 JVPs per evaluation); 0 = adaptive")
+  p.add_argument("--chunk_size", type=int, default=64, help="vectors (or paper points) vmapped together per image")
   p.add_argument("--repeats", type=int, default=1)
   p.add_argument("--keep_zero_init", action="store_true")
   args = p.parse_args()
@@ -173,7 +176,7 @@ def main() -> None:
     print(f"\n{name}: {nparams / 1e6:.2f}M params, images {shape}, batch {b}, "
           f"bare forward+JVP {bare * 1e3:.2f} ms per batch")
     for est in args.estimators.split(","):
-      kw = dict(sde=sde, rtol=args.rtol, atol=args.atol, num_probes=args.num_probes, chunk_size=64)
+      kw = dict(sde=sde, rtol=args.rtol, atol=args.atol, num_probes=args.num_probes, chunk_size=args.chunk_size)
       note = f"tsit5 rtol {args.rtol:g}"
       if est in ("hutchinson", "hutch++"):
         kw.update(estimator="hutchinson", variance_reduction="hutch++" if est == "hutch++" else None)
@@ -188,7 +191,7 @@ def main() -> None:
         note += f", K {kw['K']}"
       elif est == "paper":
         steps = args.digits_paper_steps if name == "digits_mlp" else args.unet_paper_steps
-        kw.update(estimator="paper", K=min(args.K, d), paper_steps=max(2, steps), chunk_size=None)
+        kw.update(estimator="paper", K=min(args.K, d), paper_steps=max(2, steps))
         note = f"K {kw['K']}, {steps} of {args.paper_steps} steps"
       else:
         raise ValueError(f"unknown estimator {est!r}")
@@ -197,13 +200,17 @@ def main() -> None:
       if np.any(res.status != 0):
         note += f", {int(np.sum(res.status != 0))} failed solves"
       if est == "paper":
-        scale = args.paper_steps / opts.paper_steps
-        per_image = seconds * scale / b
+        total = seconds
+        if opts.paper_steps < args.paper_steps:  # fixed cost + marginal cost per step
+          longer = dataclasses.replace(opts, paper_steps=2 * opts.paper_steps)
+          per_step = max(run_estimator(eps_fn, x, longer, args.repeats)[0] - seconds, 0.0) / opts.paper_steps
+          total = seconds + per_step * (args.paper_steps - opts.paper_steps)
+        per_image = total / b
         loop_step, _ = paper_python_loop(eps_fn, np.asarray(x[0]), sde, opts.K, opts.radius,
                                          args.paper_steps, args.loop_steps)
         loop_image = loop_step * args.paper_steps
         paper_rows.append((name, opts.K, b, per_image, loop_image, loop_image / per_image))
-        rows.append((name, est, note, b, seconds, b / (seconds * scale), res.nfe.mean() * scale,
+        rows.append((name, est, note, b, seconds, b / total, res.nfe.mean() * args.paper_steps / opts.paper_steps,
                      float("nan"), float("nan"), float("nan"), float("nan")))
         continue
       passes = res.num_jvps.astype(np.float64)
@@ -222,7 +229,8 @@ def main() -> None:
   print("(stderr: spread over the probes / sqrt(n); hutch++ spends 3x the JVPs of hutchinson per probe, "
         "so it wins per JVP when its stderr is below 1/sqrt(3) = 0.58 of hutchinson's)")
   if paper_rows:
-    print("\npaper (per image, extrapolated linearly to the full step count from the steps run):")
+    print(f"\npaper (per image, {args.paper_steps} steps, extrapolated linearly from the steps run; "
+          "images/s and NFE of its row above are for the full step count):")
     print("| model | K | batch | vectorised s / image | Python loop s / image | speed-up |")
     print("|---|---|---|---|---|---|")
     for r in paper_rows:
