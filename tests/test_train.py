@@ -216,6 +216,13 @@ def test_killed_run_resumes_bitwise(reference, tmp_path, monkeypatch):
   assert steps == sorted(set(steps)) and steps[-1] == 12 and 8 not in steps
 
 
+def test_keep_every_keeps_those_steps_too(tmp_path):
+  c = tiny_config(12)
+  c.train.keep_checkpoints, c.train.keep_every = 1, 6
+  train.run(c, str(tmp_path))
+  assert sorted(os.listdir(ckpt_lib.checkpoint_dir(str(tmp_path))), key=int) == ["6", "12"]
+
+
 def test_complete_run_returns_at_once(reference):
   c, wd, ref = reference
   assert train.is_complete(c, wd)
