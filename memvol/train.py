@@ -316,9 +316,16 @@ def restore_state(config: Any, workdir: str, mesh: Mesh, step: int | None = None
   model = models.get_model(config.model, image_shape)
   rep = parallel.replicated(mesh)
   abstract = _abstract_state(model, make_optimizer(config.train), image_shape, rep)
-  items, meta = ckpt_lib.restore(
-      workdir, config, {"params": abstract.params, "ema_params": abstract.ema_params,
-                        "opt_state": abstract.opt_state}, meta["step"])
+  targets = {"params": abstract.params, "ema_params": abstract.ema_params,
+             "opt_state": abstract.opt_state}
+  try:
+    items, meta = ckpt_lib.restore(workdir, config, targets, meta["step"])
+  except (ValueError, KeyError, TypeError) as e:
+    fields = ("grad_clip", "adam_b1", "adam_b2", "adam_eps", "lr", "warmup_steps")
+    diff = io.config_diff({k: meta.get("train", {}).get(k) for k in fields},
+                          {k: io.config_to_dict(config.train)[k] for k in fields}, "train.")
+    raise ValueError(f"cannot restore the optimiser state of checkpoint {meta['step']} in "
+                     f"{workdir} ({e}); optimiser settings changed since: {diff or 'none'}") from e
   step_arr = jax.device_put(jnp.asarray(meta["step"], jnp.int32), rep)
   return TrainState(step=step_arr, **items), meta
 
