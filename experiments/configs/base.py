@@ -123,3 +123,16 @@ def get_base_config() -> ml_collections.ConfigDict:
   r.fpr = 0.01                # TPR is read off the ROC curve at this FPR
   r.alternative = "two-sided"  # two-sided | greater | less (pos vs neg) for Welch and Mann-Whitney
   return c
+
+
+def shrink_downstream(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `:quick` settings of the stages after training (sample, score, detect, report),
+  shared by every experiment's quick variant: a few minutes on 2 CPU cores."""
+  c.sample.num_samples = 64
+  c.sample.sde_steps = 200
+  c.sample.batch_size = 64
+  c.score.rtol = 1e-3
+  c.score.atol = 1e-3
+  c.detect.carlini_n = 10
+  c.report.num_bootstrap = 200
+  return c

@@ -20,7 +20,7 @@ singletons (245 vs 197, AUROC 1.0).
 a tiny MLP and few steps; its numbers only need to exist and be finite.
 """
 
-from experiments.configs.base import get_base_config
+from experiments.configs.base import get_base_config, shrink_downstream
 
 
 def get_config(arg: str | None = None):
@@ -69,14 +69,8 @@ def get_config(arg: str | None = None):
     t.log_every = 50
     t.ckpt_every = 100
     t.sample_every = 0
-    c.sample.num_samples = 64
-    c.sample.sde_steps = 200
-    c.sample.batch_size = 64
     c.score.batch_size = 16
-    c.score.rtol = 1e-3
-    c.score.atol = 1e-3
-    c.detect.carlini_n = 10
-    c.report.num_bootstrap = 200
+    shrink_downstream(c)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; expected '' or 'quick'")
   return c

@@ -23,7 +23,7 @@ copied vs other training digits 928.1 vs 815.5 (Welch p 6e-05).
 minutes with a tiny model and few steps; its numbers only need to exist and be finite.
 """
 
-from experiments.configs.base import get_base_config
+from experiments.configs.base import get_base_config, shrink_downstream
 
 
 def get_config(arg: str | None = None):
@@ -65,15 +65,9 @@ def get_config(arg: str | None = None):
     c.train.ckpt_every = 100
     c.train.log_every = 50
     c.train.sample_every = 0
-    c.sample.num_samples = 64
-    c.sample.sde_steps = 200
-    c.sample.batch_size = 64
     c.score.batch_size = 32
     c.score.num_probes = 2
-    c.score.rtol = 1e-3
-    c.score.atol = 1e-3
-    c.detect.carlini_n = 10
-    c.report.num_bootstrap = 200
+    shrink_downstream(c)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; expected '' or 'quick'")
   return c
