@@ -199,14 +199,24 @@ def test_paper_on_the_perfect_memoriser(x64):
   rate = lambda t: sde.f_lin(t) + sde.g2(t) / (2 * sde.std(t) ** 2)  # noqa: E731
   euler = _euler_log_factors(rate, sde.eps, sde.T, 1000).sum()
   np.testing.assert_allclose(res.log_volume, 3 * euler, rtol=1e-7)
-  # Several images, the paper's K = 100, radius 0.05, 1000 steps: about K log(sigma(1)/sigma(eps)).
-  shape = (8, 8, 2)
+  # Several training images, radius 0.05, 1000 steps: about K log(sigma(1)/sigma(eps)).
+  _memoriser_about_k_log_ratio(sde, k=20, shape=(6, 6, 1), num_scored=1, euler=euler)
+
+
+def test_paper_on_the_perfect_memoriser_at_the_papers_k(x64):
+  sde = SDES["vp"]
+  rate = lambda t: sde.f_lin(t) + sde.g2(t) / (2 * sde.std(t) ** 2)  # noqa: E731
+  euler = _euler_log_factors(rate, sde.eps, sde.T, 1000).sum()
+  _memoriser_about_k_log_ratio(sde, k=100, shape=(8, 8, 2), num_scored=2, euler=euler)
+
+
+def _memoriser_about_k_log_ratio(sde, k, shape, num_scored, euler):
   data = _images(4, seed=10, shape=shape)
   mem = analytic.memoriser_eps(data, sde)
-  res = volume.log_volume_growth(mem, data[:2], sde=sde, estimator="paper", K=100, chunk_size=51)
-  ideal = 100 * float(jnp.log(sde.std(1.0) / sde.std(sde.eps)))
+  res = volume.log_volume_growth(mem, data[:num_scored], sde=sde, estimator="paper", K=k, chunk_size=51)
+  ideal = k * float(jnp.log(sde.std(1.0) / sde.std(sde.eps)))
   np.testing.assert_allclose(res.log_volume, ideal, rtol=0.04)
-  np.testing.assert_allclose(res.log_volume, 100 * euler, rtol=0.005)
+  np.testing.assert_allclose(res.log_volume, k * euler, rtol=0.005)
 
 
 # --- batch, order, compilation, costs ---------------------------------------------------
