@@ -13,7 +13,9 @@ extra ODE state beside x. Estimators (`estimator=`):
 - `hutchinson`: n probes v_k (Rademacher or Gaussian), fixed for the whole solve, each with
   its own integrated L_k = integral eps_coeff v_k^T (d eps/dx) v_k dt; L is their mean and
   the standard error across probes comes free. `variance_reduction="hutch++"` replaces
-  each probe's term by Hutch++ (n sketch vectors, so 3n JVPs per evaluation).
+  each probe's term by Hutch++ on d eps/dx - alpha I (`trace.hutchpp`: n sketch vectors
+  fixed for the solve, 3n JVPs per evaluation; the stderr is then the spread of the
+  deflated remainder given the sketch).
 - `subspace`: K tangent vectors pushed by the linearised drift, re-orthonormalised by QR
   after every accepted step; L = sum of log|diag R| (the sum of the K largest finite-time
   Lyapunov stretches; = the full L when K = D). The linear drift part f_lin I stretches
@@ -24,6 +26,13 @@ extra ODE state beside x. Estimators (`estimator=`):
   the K edges of log(|edge after| / |edge before|), then the edges are sorted by
   decreasing length, Gram-Schmidt-orthonormalised and rescaled to `radius`. The last
   step starts at t1, so its x_T is at t1 + dt, as in their code. Includes the linear part.
+  Choices where the reference is silent or unseeded: the initial offsets are N(0, I) noise
+  from fold_in(fold_in(key, image_id), 0) (theirs: an unseeded torch.randn per image),
+  scaled by radius, sorted and orthonormalised like every later frame; Gram-Schmidt is done
+  as a Householder QR with diag R > 0 (the same frame in exact arithmetic, stabler in
+  float32); the edge growth uses the measured |edge before| (= radius up to rounding), as
+  theirs does. Their evaluation also scores each image's horizontal flip: that is the
+  caller's choice of x0, not this function's.
 
 Each image is its own ODE with its own steps and error control (jax.vmap over images,
 never one ODE over the batch); one network forward pass per right-hand side evaluation
