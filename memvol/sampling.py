@@ -250,8 +250,8 @@ def _generate(config: Any, method: str, eps_fn: Any, shape: tuple[int, ...], mes
 
 def _load_model(config: Any, workdir: str) -> tuple[Any, tuple[int, ...]]:
   """(eps_fn, image_shape) of the workdir's latest checkpoint (EMA if sample.use_ema)."""
-  from memvol import models, train  # the stage's input; imported here to keep this module light
-  model, params, shape = train.load_model(config, workdir, use_ema=bool(config.sample.use_ema))
+  from memvol import loading, models  # the stage's input; imported here to keep this module light
+  model, params, shape = loading.load_model(config, workdir, use_ema=bool(config.sample.use_ema))
   return models.make_eps_fn(model, params, sde_lib.from_config(config.sde)), tuple(shape)
 
 

@@ -128,8 +128,8 @@ def _check_model(eps_fn: Any, shape: tuple[int, ...]) -> None:
 
 def _load(config: Any, workdir: str) -> tuple[Any, ImageTable]:
   """(eps_fn, ImageTable) of the workdir: the checkpoint's (EMA) network and the split."""
-  from memvol import data, models, train  # the stage's inputs; imported here to stay light
-  model, params, model_shape = train.load_model(config, workdir, use_ema=bool(config.score.use_ema))
+  from memvol import data, loading, models  # the stage's inputs; imported here to stay light
+  model, params, model_shape = loading.load_model(config, workdir, use_ema=bool(config.score.use_ema))
   table = image_table(data.load_split(config, workdir))
   if tuple(table.images.shape[1:]) != tuple(model_shape):
     raise ValueError(f"the split's images have shape {table.images.shape[1:]} but the model was "

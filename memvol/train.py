@@ -448,37 +448,3 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
   logging.info("train: %d steps done, final loss %.4f", int(tc.num_steps),
                log_rows[-1]["loss"] if log_rows else float("nan"))
   return state
-
-
-# --- loading a trained network -------------------------------------------------------
-
-
-def load_params(config: Any, workdir: str, use_ema: bool = True, step: int | None = None) -> Any:
-  """The (EMA by default) params of the checkpoint at `step` (default: latest), replicated
-  over this process's devices. FileNotFoundError saying to train first if there is none;
-  ValueError naming the fields if its data/model/sde config differs from `config`."""
-  meta = ckpt_lib.restore_meta(workdir, step)
-  ckpt_lib.check_config(meta, config, f"{ckpt_lib.checkpoint_dir(workdir)}/{meta['step']}")
-  image_shape = tuple(meta["image_shape"])
-  model = models.get_model(config.model, image_shape)
-  item = "ema_params" if use_ema else "params"
-  abstract = _abstract_state(model, make_optimizer(config.train), image_shape,
-                             parallel.replicated(parallel.local_mesh()))
-  items, _ = ckpt_lib.restore(workdir, config, {item: getattr(abstract, item)}, meta["step"])
-  return items[item]
-
-
-def load_model(config: Any, workdir: str, use_ema: bool = True, step: int | None = None
-               ) -> tuple[Any, Any, tuple[int, ...]]:
-  """(model, params, image_shape) of the checkpoint at `step` (default: latest)."""
-  meta = ckpt_lib.restore_meta(workdir, step)
-  image_shape = tuple(meta["image_shape"])
-  params = load_params(config, workdir, use_ema, meta["step"])
-  return models.get_model(config.model, image_shape), params, image_shape
-
-
-def load_eps_fn(config: Any, workdir: str, use_ema: bool = True, step: int | None = None) -> Any:
-  """Single-image eps_fn(x [H, W, C], t) of the latest (or `step`) checkpoint, EMA params
-  by default."""
-  model, params, _ = load_model(config, workdir, use_ema, step)
-  return models.make_eps_fn(model, params, sde_lib.from_config(config.sde))

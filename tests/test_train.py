@@ -13,7 +13,7 @@ import pytest
 
 from experiments.configs.base import get_base_config
 from memvol import checkpoint as ckpt_lib
-from memvol import models, parallel, train
+from memvol import loading, models, parallel, train
 from memvol import sde as sde_lib
 
 
@@ -242,7 +242,7 @@ def test_config_mismatch_is_refused_naming_the_field(reference, section, field, 
   with pytest.raises(ValueError, match=pattern):
     train.run(other, wd)
   with pytest.raises(ValueError, match=pattern):
-    train.load_params(other, wd)
+    loading.load_params(other, wd)
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):
@@ -259,7 +259,7 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
 
 def test_load_eps_fn_gives_a_single_image_eps_fn(reference):
   c, wd, ref = reference
-  eps_fn = train.load_eps_fn(c, wd)
+  eps_fn = loading.load_eps_fn(c, wd)
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 8, 1))
   y = eps_fn(x, jnp.float32(0.3))
   assert y.shape == (8, 8, 1) and bool(jnp.all(jnp.isfinite(y)))
@@ -268,15 +268,15 @@ def test_load_eps_fn_gives_a_single_image_eps_fn(reference):
   want = model.apply({"params": ref.ema_params}, x[None], sde.time_input(jnp.full((1,), 0.3)),
                      train=False)[0]
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
-  assert tree_equal(train.load_params(c, wd, use_ema=False), ref.params)
-  assert not tree_equal(train.load_params(c, wd, use_ema=True), ref.params)
+  assert tree_equal(loading.load_params(c, wd, use_ema=False), ref.params)
+  assert not tree_equal(loading.load_params(c, wd, use_ema=True), ref.params)
   batched = jax.vmap(eps_fn)(jnp.stack([x, -x]), jnp.array([0.3, 0.7]))
   np.testing.assert_allclose(batched[0], y, rtol=1e-5, atol=1e-6)
 
 
 def test_loading_without_a_checkpoint_says_train_first(tmp_path):
   with pytest.raises(FileNotFoundError, match="train first"):
-    train.load_eps_fn(tiny_config(), str(tmp_path))
+    loading.load_eps_fn(tiny_config(), str(tmp_path))
   assert not train.is_complete(tiny_config(), str(tmp_path))
 
 
@@ -338,7 +338,7 @@ def test_quick_gpu_configs_train_on_fake_data(name, make, tmp_path):
   wd = str(tmp_path / "run")
   state = train.run(c, wd)
   assert int(state.step) == 4 and train.is_complete(c, wd)
-  eps = train.load_eps_fn(c, wd)(jnp.zeros((c.data.resolution,) * 2 + (3,)), jnp.float32(0.5))
+  eps = loading.load_eps_fn(c, wd)(jnp.zeros((c.data.resolution,) * 2 + (3,)), jnp.float32(0.5))
   assert eps.shape == (c.data.resolution, c.data.resolution, 3) and bool(jnp.all(jnp.isfinite(eps)))
 
 
