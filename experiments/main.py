@@ -6,12 +6,19 @@
 
 Modes: train | sample | score | detect | report | all (default: the whole chain, skipping
 stages already complete in the workdir).
+
+Exit status: 0 done; 143 stopped by a preemption notice (SIGTERM) after saving its
+progress (rerun the same command to resume); 75 the workdir is locked by another job.
 """
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from experiments.configs.base import get_base_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/mnist.py", "Experiment config file (path[:arg]).", lock_config=True)
@@ -25,6 +32,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --distribu
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --distributed: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --distributed: this process's index.")
 flags.mark_flags_as_required(["workdir"])
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: what schedulers read as "preempted, requeue me"
+LOCKED_EXIT = 75      # EX_TEMPFAIL: the workdir is in use by another job
 
 
 def main(argv: list[str]) -> None:
@@ -33,9 +42,18 @@ def main(argv: list[str]) -> None:
   if _DISTRIBUTED.value:
     import jax
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from memvol import pipeline
+  from memvol import lock, pipeline, preempt
   logging.set_verbosity(logging.INFO)
-  pipeline.run(_CONFIG.value, _WORKDIR.value, _MODE.value, force=_FORCE.value, log=print)
+  try:
+    # Keys are checked against the base config here: the library never imports experiments/.
+    pipeline.run(_CONFIG.value, _WORKDIR.value, _MODE.value, force=_FORCE.value, log=print,
+                 reference=get_base_config())
+  except preempt.Preempted as e:
+    print(f"[memvol] {e}", file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_EXIT)
+  except lock.LockHeld as e:
+    print(f"[memvol] {e}", file=sys.stderr, flush=True)
+    sys.exit(LOCKED_EXIT)
 
 
 if __name__ == "__main__":

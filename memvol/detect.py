@@ -258,9 +258,33 @@ def _warn_repeated_images(images: np.ndarray) -> None:
                     flat.shape[0] - n_unique, flat.shape[0])
 
 
+OUTPUTS = ("detect.csv", "nn.npz", "copies.png")
+
+
+def settings(config, workdir: str) -> dict[str, Any]:
+  """What detect's outputs depend on: the detect and data sections and the samples file."""
+  return {"detect": io.config_to_dict(config.detect), "data": io.config_to_dict(config.data),
+          "inputs": {"samples": io.file_digest(samples_path(config, workdir))}}
+
+
+def stale_reason(config, workdir: str) -> str | None:
+  """None when detect/ holds outputs made with this config from the current samples;
+  otherwise why not (for --mode=all)."""
+  return io.stale_reason(os.path.join(workdir, "detect"), settings(config, workdir), OUTPUTS)
+
+
+def is_complete(config, workdir: str) -> bool:
+  return stale_reason(config, workdir) is None
+
+
 def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
   """Search the samples for copies of training images; write detect/detect.csv,
-  detect/nn.npz and detect/copies.png. `split` defaults to memvol.data.load_split."""
+  detect/nn.npz and detect/copies.png, then detect/settings.json (the settings and
+  input digest that made them; a rerun with others recomputes). `split` defaults to
+  memvol.data.load_split."""
+  folder = os.path.join(workdir, "detect")
+  io.forget_settings(folder)
+  record = settings(config, workdir)
   samples = load_samples(config, workdir)
   split = load_split(config, workdir) if split is None else split
   train = split.train
@@ -279,7 +303,6 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
                memorised=int(ratio.counts[j] > 0), min_distance=f"{float(nbrs.train_min_dist[j]):.6g}",
                closest_sample=int(nbrs.train_closest[j]))
           for j in range(images.shape[0])]
-  folder = os.path.join(workdir, "detect")
   io.save_npz(os.path.join(folder, "nn.npz"),
               nn_index=nbrs.index[:, :2], nn_id=ids[nbrs.index[:, :2]],
               d1=nbrs.dist[:, 0], d2=nbrs.dist[:, 1], ratio=ratio.score, copied_ratio=ratio.copied,
@@ -289,6 +312,7 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
               train_closest_sample=nbrs.train_closest)
   save_copies_figure(samples, images, ids, nbrs, ratio, config, os.path.join(folder, "copies.png"))
   io.save_csv(os.path.join(folder, "detect.csv"), rows, DETECT_COLUMNS)
+  io.record_settings(folder, record)
   summary = dict(num_samples=int(samples.shape[0]), num_train=int(images.shape[0]),
                  copied_samples_ratio=int(ratio.copied.sum()), copied_samples_carlini=int(carlini.copied.sum()),
                  memorised_ratio=int((ratio.counts > 0).sum()), memorised_carlini=int((carlini.counts > 0).sum()))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -134,3 +135,51 @@ def check_config_matches(config: Any, path: str, sections: Sequence[str], what: 
     raise ValueError(
         f"{what} was made with a different config ({path}); differing fields: "
         + "; ".join(diff) + ". Use a new --workdir, or restore the original settings.")
+
+
+# --- settings records: what made a folder's outputs ------------------------------------
+
+SETTINGS_FILE = "settings.json"
+
+
+def file_digest(path: str) -> str | None:
+  """sha256 (hex, 16 chars) of a file's bytes; None when it does not exist."""
+  if not os.path.exists(path):
+    return None
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()[:16]
+
+
+def forget_settings(folder: str) -> None:
+  """Remove `folder`'s settings record before its outputs are rewritten, so that a run
+  stopped half way is never taken as complete."""
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(os.path.join(folder, SETTINGS_FILE))
+
+
+def record_settings(folder: str, settings: Mapping[str, Any]) -> None:
+  """Record the settings that made `folder`'s outputs (write it after them: it marks them
+  complete)."""
+  save_json(os.path.join(folder, SETTINGS_FILE), settings)
+
+
+def stale_reason(folder: str, settings: Mapping[str, Any], outputs: Sequence[str]) -> str | None:
+  """Why `folder`'s outputs (file names in it) are not the outputs of `settings`; None when
+  they all exist and were made with exactly these settings."""
+  path = os.path.join(folder, SETTINGS_FILE)
+  if not os.path.exists(path):
+    return f"no settings record {path} (never run, or stopped before it finished)"
+  missing = [o for o in outputs if not os.path.exists(os.path.join(folder, o))]
+  if missing:
+    return f"outputs missing in {folder}: {', '.join(missing)}"
+  try:
+    saved = load_json(path)
+  except ValueError as e:
+    return str(e)
+  diff = config_diff(saved, json.loads(json.dumps(settings, default=_json_default)))
+  if diff:
+    return "settings or inputs changed since its outputs were made: " + "; ".join(diff)
+  return None

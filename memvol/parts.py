@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from memvol import io, parallel
+from memvol import io, parallel, preempt
 
 SETTINGS_KEY = "_settings"
 _PART_RE = re.compile(r"^(\d{6,})_(\d{6,})\.npz$")
@@ -126,6 +126,8 @@ def run_batches(folder: str, n: int, batch_size: int, settings: Mapping[str, Any
   `compute(start, end)` returns arrays with leading axis end - start. `root` is the
   folder to name in errors (what the user would delete). Shows a progress bar (items/s,
   ETA, and `postfix(arrays)` of the last batch). Ends with a barrier across processes.
+  A preemption notice (preempt.should_stop) is honoured between batches: the batch in
+  progress is committed first, then preempt.Preempted is raised.
   """
   ranges = batch_ranges(n, batch_size)
   check_plan(folder, ranges, root)
@@ -144,7 +146,10 @@ def run_batches(folder: str, n: int, batch_size: int, settings: Mapping[str, Any
   done = sum(e - s for s, e in mine) - sum(e - s for s, e in todo)
   with tqdm(total=sum(e - s for s, e in mine), initial=done, desc=desc, unit=unit,
             dynamic_ncols=True, smoothing=0.3) as bar:
-    for s, e in todo:
+    for k, (s, e) in enumerate(todo):
+      if k and preempt.should_stop(k):
+        raise preempt.Preempted(desc, f"item {s} of {n} ({k} batches committed in this run)",
+                                preempt.resume_hint())
       arrays = {k: np.asarray(v) for k, v in compute(s, e).items()}
       bad = [k for k, v in arrays.items() if v.ndim == 0 or v.shape[0] != e - s]
       if bad:

@@ -1,8 +1,9 @@
 """The experiment chain: train -> sample -> score -> detect -> report, over one workdir.
 
 Each stage is a library function `run(config, workdir)` in its own module; this module
-only orders them, skips what is already done, checks the workdir belongs to this config
-and records each stage's wall time in `workdir/timings.json`.
+only orders them, skips what is already done (saying why), checks the workdir belongs to
+this config, holds the workdir's lock (one job per workdir) and records each stage's wall
+time in `workdir/timings.json`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Callable
 
 from absl import logging
 
-from memvol import io
+from memvol import io, lock, preempt
 
 STAGES = ("train", "sample", "score", "detect", "report")
 _MODULES = {"train": "memvol.train", "sample": "memvol.sampling", "score": "memvol.scoring",
@@ -27,38 +28,53 @@ def _module(stage: str):
   return importlib.import_module(_MODULES[stage])
 
 
-def _outputs(config, workdir: str, stage: str) -> list[str]:
-  """Files whose presence (and freshness) means a cheap stage is done."""
-  if stage == "detect":
-    return [os.path.join(workdir, "detect", "detect.csv")]
-  if stage == "report":
-    return [os.path.join(workdir, "report", "report.md"), os.path.join(workdir, "report", "summary.json")]
-  return []
+# What a complete / incomplete stage means, for stages that cannot say more (see status()).
+_COMPLETE_MEANS = {
+    "train": ("the latest checkpoint has train.num_steps updates",
+              "no checkpoint with train.num_steps updates yet"),
+    "sample": ("samples of every configured method exist, made with these settings and this model",
+               "samples are missing, partial, or were made with other settings or another model"),
+    "score": ("scores.csv holds every configured estimator, made with these settings and this model",
+              "scores are missing, partial, or were made with other settings or another model"),
+}
 
 
-def _inputs(config, workdir: str, stage: str) -> list[str]:
-  if stage == "detect":
-    return [os.path.join(workdir, "samples", f"samples_{config.detect.sample_method}.npz")]
-  if stage == "report":
-    return [os.path.join(workdir, "scores", "scores.csv"), os.path.join(workdir, "detect", "detect.csv")]
-  return []
+def status(config, workdir: str, stage: str) -> tuple[bool, str]:
+  """(complete, why): whether `stage` has valid outputs for this config in `workdir`, and a
+  phrase saying why (for --mode=all's log). Stages that record their settings next to
+  their outputs (detect, report) name what changed."""
+  mod = _module(stage)
+  if hasattr(mod, "stale_reason"):
+    why = mod.stale_reason(config, workdir)
+    return (why is None, why or "outputs present, made with these settings and inputs")
+  done = bool(mod.is_complete(config, workdir))
+  return done, _COMPLETE_MEANS[stage][0 if done else 1]
 
 
 def is_complete(config, workdir: str, stage: str) -> bool:
   """Whether `stage` has valid outputs for this config in `workdir`."""
-  mod = _module(stage)
-  if hasattr(mod, "is_complete"):
-    return bool(mod.is_complete(config, workdir))
-  outs, ins = _outputs(config, workdir, stage), _inputs(config, workdir, stage)
-  if not outs or not all(os.path.exists(p) for p in outs):
-    return False
-  newest_in = max((os.path.getmtime(p) for p in ins if os.path.exists(p)), default=0.0)
-  return min(os.path.getmtime(p) for p in outs) >= newest_in
+  return status(config, workdir, stage)[0]
+
+
+def check_keys(config, reference, where: str = "config") -> None:
+  """ValueError for a key of `config` that `reference` (e.g. the base config) lacks, naming
+  the key and the known keys of its section; recursive over sections."""
+  known = set(reference.keys())
+  for k in config.keys():
+    if k not in known:
+      raise ValueError(f"unknown key {where}.{k} (a typo?); known keys of {where}: "
+                       f"{', '.join(sorted(known))}")
+    sub, ref = config[k], reference[k]
+    if hasattr(sub, "keys") and hasattr(ref, "keys"):
+      check_keys(sub, ref, f"{where}.{k}")
 
 
 def check_workdir(config, workdir: str) -> None:
   """Refuse a workdir made with another data/model/SDE config (ValueError naming the fields)."""
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise OSError(e.errno, f"cannot create the workdir {workdir}: {e.strerror}") from e
   io.check_config_matches(config, os.path.join(workdir, "config.json"), IDENTITY_SECTIONS,
                           f"workdir {workdir}")
 
@@ -84,14 +100,31 @@ def run_stage(config, workdir: str, stage: str, log: Callable[[str], None] = log
 
 
 def run(config, workdir: str, mode: str = "all", force: bool = False,
-        log: Callable[[str], None] = logging.info) -> None:
+        log: Callable[[str], None] = logging.info, reference=None) -> None:
   """Run `mode` (one stage, or 'all' = every stage in order, skipping completed ones unless
-  `force`) on `workdir`."""
+  `force`) on `workdir`, holding its lock (memvol.lock) throughout.
+
+  reference: a config whose keys are the known ones (experiments pass their base config);
+  any other key in `config` is refused before anything runs. A preemption notice
+  (SIGTERM) stops the chain between stages, or inside a stage at its next commit, with
+  preempt.Preempted.
+  """
   if mode != "all" and mode not in STAGES:
     raise ValueError(f"unknown mode {mode!r}; expected 'all' or one of {STAGES}")
-  check_workdir(config, workdir)
-  for stage in STAGES if mode == "all" else (mode,):
-    if mode == "all" and not force and is_complete(config, workdir, stage):
-      log(f"[memvol] stage {stage}: already complete in {workdir}, skipped")
-      continue
-    run_stage(config, workdir, stage, log)
+  if reference is not None:
+    check_keys(config, reference)
+  with lock.hold(workdir, log=log), preempt.handling():
+    check_workdir(config, workdir)
+    for stage in STAGES if mode == "all" else (mode,):
+      if preempt.requested():
+        raise preempt.Preempted("the chain", f"the start of stage {stage}", preempt.resume_hint())
+      if mode == "all":
+        if force:
+          log(f"[memvol] stage {stage}: rerun (--force)")
+        else:
+          done, why = status(config, workdir, stage)
+          if done:
+            log(f"[memvol] stage {stage}: skipped, already complete in {workdir} ({why})")
+            continue
+          log(f"[memvol] stage {stage}: to run: {why}")
+      run_stage(config, workdir, stage, log)

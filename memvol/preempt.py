@@ -16,7 +16,9 @@ process it reads the local flag.
 from __future__ import annotations
 
 import contextlib
+import shlex
 import signal
+import sys
 import threading
 from typing import Iterator
 
@@ -31,6 +33,14 @@ class Preempted(RuntimeError):
   def __init__(self, stage: str, where: str, resume: str):
     super().__init__(f"{stage} preempted at {where}; progress is saved. Resume with: {resume}")
     self.stage, self.where, self.resume = stage, where, resume
+
+
+def resume_hint() -> str:
+  """How to resume: this process's own command line (committed work is kept)."""
+  argv = list(sys.argv)
+  if argv and argv[0].endswith(("experiments/main.py", "experiments\\main.py")):
+    argv = ["python", "-m", "experiments.main"] + argv[1:]
+  return shlex.join(argv)
 
 
 def request() -> None:

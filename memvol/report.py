@@ -478,14 +478,46 @@ def _curves(e: str, path: str, scores: dict[str, np.ndarray], is_train: np.ndarr
   return ""
 
 
+OUTPUTS = ("report.md", "summary.json")
+
+
+def settings(config, workdir: str) -> dict[str, Any]:
+  """What the report depends on: the report section, the estimators and copy criterion it
+  reads, and digests of its input files (timings.json is left out: it changes on every run
+  and only fills the wall-time table)."""
+  ests = [str(e) for e in config.score.estimators]
+  files = {"scores.csv": os.path.join(workdir, "scores", "scores.csv"),
+           "detect.csv": os.path.join(workdir, "detect", "detect.csv"),
+           "nn.npz": os.path.join(workdir, "detect", "nn.npz"),
+           "samples": detect.samples_path(config, workdir)}
+  files.update({f"curves_{e}.npz": os.path.join(workdir, "scores", f"curves_{e}.npz") for e in ests})
+  return {"report": io.config_to_dict(config.report), "estimators": ests,
+          "detect": {k: io.config_to_dict(config.detect)[k] for k in ("sample_method", "ratio_threshold")},
+          "data": io.config_to_dict(config.data),
+          "inputs": {k: io.file_digest(p) for k, p in sorted(files.items())}}
+
+
+def stale_reason(config, workdir: str) -> str | None:
+  """None when report/ holds a report made with this config from the current inputs;
+  otherwise why not (for --mode=all)."""
+  return io.stale_reason(os.path.join(workdir, "report"), settings(config, workdir), OUTPUTS)
+
+
+def is_complete(config, workdir: str) -> bool:
+  return stale_reason(config, workdir) is None
+
+
 def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
-  """Write report/report.md, report/summary.json and the PNGs; returns the summary.
-  `split` defaults to memvol.data.load_split (needed for the training images)."""
+  """Write report/report.md, report/summary.json and the PNGs, then report/settings.json
+  (what made them; a rerun with other settings or inputs rewrites them); returns the
+  summary. `split` defaults to memvol.data.load_split (needed for the training images)."""
   ests = [str(e) for e in config.score.estimators]
   if not ests:
     raise ValueError("config.score.estimators is empty: nothing to report")
   rc = config.report
   folder = os.path.join(workdir, "report")
+  io.forget_settings(folder)
+  record = settings(config, workdir)
   scores_path = os.path.join(workdir, "scores", "scores.csv")
   detect_path = os.path.join(workdir, "detect", "detect.csv")
   scores = load_scores(scores_path, tuple(ests))
@@ -525,6 +557,9 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
     st = estimator_stats(v, is_train, det, scores["label"], rc)
     st["num_failed_solves"] = int(failed.sum())
     st["num_nonfinite"] = int((~np.isfinite(v) & ~failed).sum())
+    if f"{e}_stderr" in scores:  # NaN = not estimated (subspace, paper, one probe)
+      se = scores[f"{e}_stderr"][~failed]
+      st["median_stderr"] = float(np.nanmedian(se)) if np.isfinite(se).any() else math.nan
     if f"{e}_nfe" in scores:
       st["mean_nfe"] = float(np.nanmean(scores[f"{e}_nfe"])) if np.isfinite(scores[f"{e}_nfe"]).any() else math.nan
     if f"{e}_status" in scores:
@@ -577,18 +612,30 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
       "memorised_gt_not": _claim(per_est[ests[0]]["memorised_vs_not"], ests[0]),
       "duplicates_gt_singletons": _claim(per_est[ests[0]]["duplicates_vs_singletons"], ests[0]),
   }
+  nonfinite = headline_nonfinite(claims)  # on the raw numbers: _clean turns NaN into null
+  if nonfinite:
+    logging.warning("report: headline numbers not finite: %s", ", ".join(nonfinite))
   undefined: list[str] = []
   summary = _clean({**info, "claims": claims, "estimators": per_est, "estimator_agreement": agreement,
                     "timings_s": timings}, "", undefined)
   summary["undefined"] = undefined
+  summary["nonfinite_headline"] = nonfinite
   text = render_markdown(config, info, per_est, agreement, figures, notes, timings, det, scores, is_train)
   io.save_json(os.path.join(folder, "summary.json"), summary)
   with io.atomic_open(os.path.join(folder, "report.md"), "w") as f:
     f.write(text)
   for name in ("summary.json", "report.md"):
     os.chmod(os.path.join(folder, name), 0o644)
+  io.record_settings(folder, record)
   logging.info("report: %s", os.path.join(folder, "report.md"))
   return summary
+
+
+def headline_nonfinite(claims: dict[str, Any]) -> list[str]:
+  """Paths of the numbers of testable claims (p-values, mean difference, AUROC) that are not
+  finite, checked before `_clean` turns NaN into null (CI fails on any)."""
+  return [f"claims.{k}.{f}" for k, c in claims.items() if c["testable"]
+          for f in ("welch_p", "mw_p", "mean_diff", "auroc") if not math.isfinite(float(c[f]))]
 
 
 def _claim(c: dict[str, Any], e: str) -> dict[str, Any]:
@@ -680,6 +727,10 @@ def render_markdown(config, info, per_est, agreement, figures, notes, timings, d
                    "their scores are left out of every statistic.")
     if st["num_nonfinite"]:
       extra.append(f"{st['num_nonfinite']} images have a non-finite score and are left out of every statistic.")
+    if "median_stderr" in st:
+      extra.append("per-image standard error of L: not estimated (NaN) for this estimator."
+                   if not math.isfinite(st["median_stderr"]) else
+                   f"median per-image standard error of L (over probes): {fmt(st['median_stderr'], 3)}.")
     if "mean_nfe" in st:
       extra.append(f"mean network evaluations per image: {fmt(st['mean_nfe'])}.")
     if "status_counts" in st:

@@ -187,14 +187,28 @@ _SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 
 
 def get_sde(name: str, **kwargs) -> SDE:
-  """SDE by name ('vp', 'subvp', 've'); kwargs are its fields (T, eps, beta_min, ...)."""
+  """SDE by name ('vp', 'subvp', 've'); kwargs are its fields (T, eps, beta_min, ...). A
+  kwarg that is not a field of that SDE is a ValueError naming it and the fields."""
   if name not in _SDES:
     raise ValueError(f"unknown sde {name!r}; expected one of {sorted(_SDES)}")
   fields = {f.name for f in dataclasses.fields(_SDES[name])}
-  return _SDES[name](**{k: v for k, v in kwargs.items() if k in fields})
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f"unknown field(s) {unknown} for sde {name!r}; its fields: {sorted(fields)}")
+  return _SDES[name](**kwargs)
 
 
 def from_config(cfg) -> SDE:
-  """SDE from a config block with `name` and optional fields."""
+  """SDE from a config block with `name` and fields. The block may hold the fields of every
+  SDE (the base config has beta_min/beta_max, used by vp and subvp only): those of other
+  SDEs are left aside; a key that is a field of no SDE is a ValueError naming it."""
   d = dict(cfg)
-  return get_sde(d.pop("name"), **d)
+  name = d.pop("name")
+  if name not in _SDES:
+    raise ValueError(f"unknown sde {name!r}; expected one of {sorted(_SDES)}")
+  every = {f.name for cls in _SDES.values() for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - every)
+  if unknown:
+    raise ValueError(f"unknown key(s) {unknown} in the sde config; known: {sorted(every | {'name'})}")
+  own = {f.name for f in dataclasses.fields(_SDES[name])}
+  return get_sde(name, **{k: v for k, v in d.items() if k in own})

@@ -215,8 +215,10 @@ class VolumeResult:
   """Per-image results (numpy, on the host); B images.
 
   log_volume [B]: L in nats (for subspace/paper: the K-direction version);
-  log_volume_stderr [B]: standard error of L over the probes (0 when deterministic, NaN
-    with a single probe); prior_logp [B]: log N(x_T; prior); logp [B]: prior_logp + L, the
+  log_volume_stderr [B]: standard error of L over the probes: 0 for `exact` (deterministic);
+    NaN = not estimated, for hutchinson with a single probe and for `subspace` and `paper`
+    (their L depends on the key through the random initial frame, but one frame per image
+    leaves no spread to estimate the error from; score several keys to measure it); prior_logp [B]: log N(x_T; prior); logp [B]: prior_logp + L, the
     ODE log-likelihood (NaN for subspace/paper, whose L is not a full log-determinant);
   nfe, num_jvps, num_steps, num_rejected, status [B] ints (status: diffrax RESULTS code,
     0 = success; 1 = max_steps reached); x_T [B, *shape];
@@ -423,7 +425,9 @@ def _subspace_solve(eps_fn, x0: Array, k_img: Array, opts: VolumeOptions) -> dic
   log_volume = K * (sde.log_mean_coeff(t1) - sde.log_mean_coeff(t0)) + logr
   nfe = _nfe(opts, acc + rej, reevaluate_first_stage=True, loop="controller")
   status = jnp.where(t < t1, diffrax.RESULTS.max_steps_reached._value, 0).astype(jnp.int32)
-  out = dict(log_volume=log_volume, log_volume_stderr=jnp.zeros((), dtype), x_T=x_T, nfe=nfe,
+  # Not estimated: L depends on the key through the initial frame, and one frame per image
+  # gives no spread to estimate its error from (NaN, never a false 0).
+  out = dict(log_volume=log_volume, log_volume_stderr=jnp.full((), jnp.nan, dtype), x_T=x_T, nfe=nfe,
              num_jvps=nfe * K, num_steps=acc, num_rejected=rej, status=status, full=False)
   if record:
     idx = jnp.arange(max_steps + 1)
@@ -456,7 +460,7 @@ def _paper_solve(eps_fn, x0: Array, k_img: Array, opts: VolumeOptions) -> dict[s
     return (moved[0], radius * trace.sorted_gram_schmidt(diffs)), growth
 
   (x_T, _), growth = jax.lax.scan(step, (x0, edges0), ts)
-  out = dict(log_volume=jnp.sum(growth), log_volume_stderr=jnp.zeros((), dtype), x_T=x_T,
+  out = dict(log_volume=jnp.sum(growth), log_volume_stderr=jnp.full((), jnp.nan, dtype), x_T=x_T,
              nfe=jnp.asarray(N * (K + 1), jnp.int32), num_jvps=jnp.zeros((), jnp.int32),
              num_steps=jnp.asarray(N, jnp.int32), num_rejected=jnp.zeros((), jnp.int32),
              status=jnp.zeros((), jnp.int32), full=False)

@@ -43,7 +43,9 @@ def main(workdir: str) -> int:
     if key not in text:
       print(f"{summary} lacks {key}")
       return 1
+  # NaN is written as null (not a number above): the report lists its headline ones
   bad = [(p, v) for p, v in nums if not math.isfinite(v)]
+  bad += [(p, math.nan) for p in json.load(open(summary)).get("nonfinite_headline", [])]
   pngs = [f for f in os.listdir(os.path.join(workdir, "report")) if f.endswith(".png")]
   print(f"{summary}: {len(nums)} numbers, {len(bad)} not finite; {len(pngs)} PNGs")
   for p, v in bad:

@@ -212,3 +212,26 @@ def test_report_errors(tmp_path):
   with pytest.raises(ValueError, match="different splits"):
     report.run(cfg, wd, split=split)
   assert not os.path.exists(os.path.join(wd, "report", "report.md"))
+
+
+def test_headline_finiteness_is_checked_before_nans_become_nulls(tmp_path):
+  """Identical scores in both groups: Welch's p is NaN. The raw number is caught (summary's
+  nonfinite_headline) and CI's check fails, although summary.json holds only a null."""
+  wd, cfg = str(tmp_path), _config()
+  cfg.score.estimators = ("hutchinson",)
+  split = make_workdir(wd)
+  path = os.path.join(wd, "scores", "scores.csv")
+  rows = io.load_csv(path)
+  for r in rows:
+    r["hutchinson_log_volume"] = "5.0"
+    r["hutchinson_stderr"] = "nan"  # as subspace / paper write it: not estimated
+  io.save_csv(path, rows)
+  detect.run(cfg, wd, split=split)
+  s = report.run(cfg, wd, split=split)
+  assert "claims.trained_gt_heldout.welch_p" in s["nonfinite_headline"]
+  assert s["claims"]["trained_gt_heldout"]["welch_p"] is None  # what the old check saw: no number
+  assert _check_report()(wd) == 1
+  assert "standard error of L: not estimated (NaN)" in open(os.path.join(wd, "report", "report.md")).read()
+  raw = {"a": {"testable": True, "welch_p": math.nan, "mw_p": 0.1, "mean_diff": 1.0, "auroc": math.inf},
+         "b": {"testable": False}}
+  assert report.headline_nonfinite(raw) == ["claims.a.welch_p", "claims.a.auroc"]

@@ -117,7 +117,15 @@ def test_prior_logp_and_sample(x64, name):
 
 def test_get_sde_and_from_config():
   assert isinstance(sde_lib.get_sde("ve", sigma_max=10.0), sde_lib.VESDE)
-  assert sde_lib.get_sde("vp", sigma_max=3.0, beta_max=10.0).beta_max == 10.0  # foreign kw ignored
+  assert sde_lib.get_sde("vp", beta_max=10.0).beta_max == 10.0
+  with pytest.raises(ValueError, match=r"\['beta_maxx'\] for sde 'vp'; its fields: .*beta_max"):
+    sde_lib.get_sde("vp", beta_maxx=10.0)  # a typo is refused, not dropped
+  with pytest.raises(ValueError, match=r"\['sigma_max'\] for sde 'vp'"):
+    sde_lib.get_sde("vp", sigma_max=3.0)
+  with pytest.raises(ValueError, match=r"unknown key\(s\) \['beta_maxx'\] in the sde config"):
+    sde_lib.from_config({"name": "vp", "beta_maxx": 30.0})
+  # a config block holds every SDE's fields; ve leaves the beta ones aside
+  assert sde_lib.from_config({"name": "ve", "beta_min": 0.1, "beta_max": 20.0, "T": 1.0}) == sde_lib.VESDE()
   got = sde_lib.from_config({"name": "subvp", "beta_min": 0.1, "beta_max": 20.0, "T": 1.0, "eps": 1e-3})
   assert got == sde_lib.SubVPSDE()
   hash(got)

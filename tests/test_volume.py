@@ -153,6 +153,7 @@ def test_subspace_on_linear_flows(x64):
   np.testing.assert_allclose(res.log_volume, 5 * per_direction, rtol=1e-6)
   np.testing.assert_allclose(res.x_T, jax.vmap(lambda x: iso.flow(x, t0, t1))(_images(2)), rtol=1e-6, atol=1e-8)
   assert np.all(np.isnan(res.logp)) and np.all(res.num_jvps == 5 * res.nfe)
+  assert np.all(np.isnan(res.log_volume_stderr))  # key-dependent, not estimated: NaN, never 0
   # K = D: the frame spans everything and the sum of log|R_ii| is the full log-determinant.
   g = analytic.random_gaussian_eps(jax.random.PRNGKey(6), SHAPE, sde, std_range=(0.02, 1.5))
   full = volume.log_volume_growth(g, _images(1), sde=sde, estimator="subspace", K=D, save_ts=(t0, 0.3, t1), **TIGHT)
@@ -180,6 +181,7 @@ def test_paper_on_an_isotropic_linear_flow_is_the_product_of_euler_factors(x64):
   np.testing.assert_allclose(res.log_volume, k * factors.sum(), rtol=1e-9)
   np.testing.assert_allclose(res.L_t[:, 0], 0.0, atol=1e-12)
   assert np.all(res.nfe == n * (k + 1)) and np.all(res.num_steps == n) and np.all(np.isnan(res.logp))
+  assert np.all(np.isnan(res.log_volume_stderr))  # not estimated
   # The center follows the same Euler recursion: x_T is the Euler solution.
   x = np.asarray(_images(2)[0], np.float64)
   mu = np.asarray(iso.mu)
