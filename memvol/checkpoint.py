@@ -9,8 +9,13 @@ A checkpoint at step N holds four items:
                                   image_shape and the data/model/sde config it was made with
 
 orbax writes each step to a temporary folder and renames it when complete, so a run killed
-at any moment leaves only whole checkpoints behind. Restoring into a config whose
-data/model/sde sections differ from the recorded ones is refused, naming the fields.
+at any moment leaves only whole checkpoints behind; older ones are deleted (max_to_keep)
+only after their successor is committed. A checkpoint damaged later (a truncated copy, a
+disk error) is found when it is read back: `latest_step` is the newest checkpoint whose
+meta and arrays all read back (as numpy, on any device count), and a damaged newer one is
+moved aside to `{step}.corrupt` with a warning, so training resumes from the previous
+one, never silently from scratch. Restoring into a config whose data/model/sde sections
+differ from the recorded ones is refused, naming the fields.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 from typing import Any, Iterator, Mapping
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -72,14 +78,77 @@ def _reader(workdir: str) -> ocp.CheckpointManager | None:
                                item_names=ITEMS)
 
 
+_DAMAGE: dict[tuple, str | None] = {}  # (step folder, its files' sizes and mtimes) -> damage
+
+
+def _signature(step_dir: str) -> tuple:
+  return (step_dir,) + tuple(sorted(
+      (os.path.relpath(os.path.join(r, f), step_dir), st.st_size, st.st_mtime_ns)
+      for r, _, fs in os.walk(step_dir) for f in fs for st in [os.stat(os.path.join(r, f))]))
+
+
+def damage(step_dir: str) -> str | None:
+  """None when the checkpoint folder `step_dir` reads back whole (meta JSON and every array
+  of every array item, restored as numpy so any device count works); otherwise what
+  failed. Cached within the process while no file in the folder changes."""
+  key = _signature(step_dir)
+  if key not in _DAMAGE:
+    old = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax warns about per-item metadata it never wrote
+    try:
+      with ocp.PyTreeCheckpointer() as c:
+        for item in ARRAY_ITEMS:
+          md = c.metadata(os.path.join(step_dir, item)).item_metadata
+          if md is None:
+            raise ValueError(f"{item}: no array metadata")
+          tree = md.tree
+          args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+          c.restore(os.path.join(step_dir, item), args=ocp.args.PyTreeRestore(restore_args=args))
+      with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as c:
+        meta = c.restore(os.path.join(step_dir, "meta"), args=ocp.args.JsonRestore())
+      if not isinstance(meta, dict) or "step" not in meta:
+        raise ValueError(f"meta holds {type(meta).__name__} without 'step'")
+      _DAMAGE[key] = None
+    except Exception as e:  # noqa: BLE001  (orbax / tensorstore raise many kinds)
+      _DAMAGE[key] = f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+      logging.set_verbosity(old)
+  return _DAMAGE[key]
+
+
+def _newest_readable(mngr: ocp.CheckpointManager, workdir: str) -> int | None:
+  """The newest step that reads back whole; damaged newer ones are moved aside (by process
+  0) with a warning. FileNotFoundError-free: None when there is no checkpoint at all;
+  ValueError when there are checkpoints but none reads back (never a silent fresh start)."""
+  steps = sorted(mngr.all_steps(), reverse=True)
+  bad = []
+  for step in steps:
+    step_dir = os.path.join(checkpoint_dir(workdir), str(step))
+    why = damage(step_dir)
+    if why is None:
+      return int(step)
+    bad.append(step_dir)
+    logging.warning("checkpoint %s is corrupt or partial (%s); falling back to the previous one%s",
+                    step_dir, why, "" if jax.process_index() else f", moved aside to {step_dir}.corrupt")
+    if jax.process_index() == 0:
+      with contextlib.suppress(FileNotFoundError):
+        os.rename(step_dir, f"{step_dir}.corrupt")
+    mngr.reload()
+  if bad:
+    raise ValueError(f"no checkpoint in {checkpoint_dir(workdir)} reads back: {', '.join(bad)} are corrupt "
+                     "(moved aside to *.corrupt). Restore them from a backup, or delete them to train from scratch.")
+  return None
+
+
 @quiet()
 def latest_step(workdir: str) -> int | None:
-  """Step of the newest complete checkpoint in `workdir`, or None."""
+  """Step of the newest complete checkpoint in `workdir` that reads back whole, or None
+  when there is none (a damaged newer one is moved aside with a warning)."""
   mngr = _reader(workdir)
   if mngr is None:
     return None
   try:
-    return mngr.latest_step()
+    return _newest_readable(mngr, workdir)
   finally:
     mngr.close()
 
@@ -111,7 +180,7 @@ def check_config(meta: Mapping[str, Any], config: Any, where: str) -> None:
 
 
 def _require_step(mngr: ocp.CheckpointManager | None, workdir: str, step: int | None) -> int:
-  latest = None if mngr is None else mngr.latest_step()
+  latest = None if mngr is None else _newest_readable(mngr, workdir)
   if latest is None:
     raise FileNotFoundError(
         f"no checkpoint in {checkpoint_dir(workdir)}; train first "
