@@ -18,21 +18,33 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 
+def _write_error(path: str, e: OSError) -> OSError:
+  return OSError(e.errno, f"cannot write {path}: {e.strerror or e} (disk full, or the folder is not "
+                 "writable?); nothing was written there, the previous file (if any) is intact")
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "wb") -> Iterator[Any]:
-  """Open a temporary file beside `path`; on clean exit fsync and rename it to `path`."""
+  """Open a temporary file beside `path`; on clean exit fsync and rename it to `path`. An
+  OSError on the way (disk full, read-only folder) is re-raised naming `path`, and the
+  temporary file is removed."""
   folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  except OSError as e:
+    raise _write_error(path, e) from e
   try:
     with os.fdopen(fd, mode) as f:
       yield f
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
+    if isinstance(e, OSError):
+      raise _write_error(path, e) from e
     raise
 
 
