@@ -128,11 +128,13 @@ def _newest_readable(mngr: ocp.CheckpointManager, workdir: str) -> int | None:
     if why is None:
       return int(step)
     bad.append(step_dir)
+    aside = next(f"{step_dir}.corrupt{'' if k == 0 else f'.{k}'}" for k in range(1 << 20)
+                 if not os.path.exists(f"{step_dir}.corrupt{'' if k == 0 else f'.{k}'}"))
     logging.warning("checkpoint %s is corrupt or partial (%s); falling back to the previous one%s",
-                    step_dir, why, "" if jax.process_index() else f", moved aside to {step_dir}.corrupt")
+                    step_dir, why, "" if jax.process_index() else f"; moved aside to {aside}")
     if jax.process_index() == 0:
       with contextlib.suppress(FileNotFoundError):
-        os.rename(step_dir, f"{step_dir}.corrupt")
+        os.rename(step_dir, aside)
     mngr.reload()
   if bad:
     raise ValueError(f"no checkpoint in {checkpoint_dir(workdir)} reads back: {', '.join(bad)} are corrupt "

@@ -46,8 +46,10 @@ def main_command(workdir: str, *extra: str, **changes) -> list[str]:
 
 
 def env() -> dict[str, str]:
-  """Environment for child processes: this checkout first on the path, one CPU device."""
-  e = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  """Environment for child processes: this checkout (and tests/) first on the path, one CPU
+  device."""
+  tests = os.path.join(ROOT, "tests")
+  e = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, tests, os.environ.get("PYTHONPATH", "")]))
   e["XLA_FLAGS"] = " ".join(f for f in e.get("XLA_FLAGS", "").split() if "device_count" not in f)
   e["JAX_PLATFORMS"] = "cpu"
   return e
