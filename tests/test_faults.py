@@ -138,7 +138,8 @@ def test_kill_9_during_detect_and_report_is_never_taken_as_complete(trained, tmp
   c = tiny_chain.config()
   pipeline.run(c, base, "sample", log=QUIET)
   pipeline.run(c, base, "score", log=QUIET)
-  for k, delay in enumerate((0.0, 0.5, 1.0, 2.0)):
+  interrupted = 0
+  for k, delay in enumerate((0.0, 1.0, 2.5)):
     wd = _copy(base, tmp_path / f"k{k}")
     proc = tiny_chain.popen(wd, "--mode=all")
     for line in proc.stdout:
@@ -147,6 +148,7 @@ def test_kill_9_during_detect_and_report_is_never_taken_as_complete(trained, tmp
     time.sleep(delay)
     proc.kill()
     proc.communicate()
+    interrupted += not pipeline.is_complete(c, wd, "report")
     for stage in ("detect", "report"):
       if pipeline.is_complete(c, wd, stage):
         folder = os.path.join(wd, stage)
@@ -154,8 +156,10 @@ def test_kill_9_during_detect_and_report_is_never_taken_as_complete(trained, tmp
     r = tiny_chain.run_main(wd, timeout=300)
     assert r.returncode == 0 and "taking over the lock" in r.stdout + r.stderr, r.stdout + r.stderr
     assert pipeline.is_complete(c, wd, "report")
-    assert io.load_csv(os.path.join(wd, "detect", "detect.csv")) == io.load_csv(
-        os.path.join(base if k == 0 else str(tmp_path / "k0"), "detect", "detect.csv"))
+    rows = io.load_csv(os.path.join(wd, "detect", "detect.csv"))
+    first = rows if k == 0 else first
+    assert rows == first
+  assert interrupted >= 1  # the kill did land inside the stages
 
 
 # --- training: kill -9 and corrupt checkpoints ---------------------------------------
