@@ -131,7 +131,10 @@ class WorkdirLock:
     os.remove(aside)
 
   def acquire(self) -> "WorkdirLock":
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    try:
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    except OSError as e:
+      raise OSError(e.errno, f"cannot create the workdir {self.workdir}: {e.strerror}") from e
     now = time.time()
     rec = {"host": socket.gethostname(), "pid": os.getpid(), "start_unix": now,
            "start_time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),

@@ -288,7 +288,7 @@ def test_unwritable_workdir_is_a_clear_error_naming_the_path(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a folder")
   wd = str(blocker / "wd")  # cannot be created, even by root
-  with pytest.raises(OSError, match=rf"cannot create the workdir lock {wd}/.memvol.lock|{wd}"):
+  with pytest.raises(OSError, match=rf"cannot create the workdir {wd}: Not a directory"):
     pipeline.run(tiny_chain.config(), wd, "train", log=QUIET, reference=get_base_config())
   with pytest.raises(OSError, match=rf"cannot write {blocker}/x.json"):
     io.save_json(str(blocker / "x.json"), {})
