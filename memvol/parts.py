@@ -146,9 +146,9 @@ def run_batches(folder: str, n: int, batch_size: int, settings: Mapping[str, Any
   done = sum(e - s for s, e in mine) - sum(e - s for s, e in todo)
   with tqdm(total=sum(e - s for s, e in mine), initial=done, desc=desc, unit=unit,
             dynamic_ncols=True, smoothing=0.3) as bar:
-    for k, (s, e) in enumerate(todo):
-      if k and preempt.should_stop(k):
-        raise preempt.Preempted(desc, f"item {s} of {n} ({k} batches committed in this run)",
+    for i, (s, e) in enumerate(todo):
+      if i and preempt.should_stop(i):
+        raise preempt.Preempted(desc, f"item {s} of {n} ({i} batches committed in this run)",
                                 preempt.resume_hint())
       arrays = {k: np.asarray(v) for k, v in compute(s, e).items()}
       bad = [k for k, v in arrays.items() if v.ndim == 0 or v.shape[0] != e - s]

@@ -113,6 +113,7 @@ def run(config, workdir: str, mode: str = "all", force: bool = False,
     raise ValueError(f"unknown mode {mode!r}; expected 'all' or one of {STAGES}")
   if reference is not None:
     check_keys(config, reference)
+  preempt.clear()  # a notice belongs to the run it arrives in
   with lock.hold(workdir, log=log), preempt.handling():
     check_workdir(config, workdir)
     for stage in STAGES if mode == "all" else (mode,):

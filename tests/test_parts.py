@@ -102,3 +102,30 @@ def test_other_processes_parts_are_checked_too(tmp_path, monkeypatch):
     parts.run_batches(folder, 10, 4, {**SETTINGS, "rtol": 1e-3}, compute_fn(log), root=folder, desc="t")
   parts.run_batches(folder, 10, 4, SETTINGS, compute_fn(log), root=folder, desc="t")
   assert log == [(0, 4)]
+
+
+def test_a_preemption_notice_commits_the_batch_in_progress_then_stops(tmp_path):
+  """SIGTERM during batch 2 (a real signal, inside preempt.handling): batch 2 is committed,
+  batch 3 is not started; the rerun computes only batch 3."""
+  import signal
+
+  from memvol import preempt
+
+  folder, log = str(tmp_path / "parts"), []
+  inner = compute_fn(log)
+
+  def compute(s, e):
+    if s == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return inner(s, e)
+
+  preempt.clear()
+  try:
+    with preempt.handling(), pytest.raises(preempt.Preempted, match=r"t preempted at item 8 of 10 \(2 batches"):
+      parts.run_batches(folder, 10, 4, SETTINGS, compute, root=folder, desc="t")
+  finally:
+    preempt.clear()
+  assert log == [(0, 4), (4, 8)]
+  assert sorted(os.listdir(folder)) == ["000000_000004.npz", "000004_000008.npz"]
+  parts.run_batches(folder, 10, 4, SETTINGS, compute_fn(log), root=folder, desc="t")
+  assert log[2:] == [(8, 10)]

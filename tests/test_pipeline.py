@@ -145,3 +145,11 @@ def test_unknown_config_keys_are_refused_naming_the_known_ones(tmp_path):
   pipeline.check_keys(c, ref)
   with pytest.raises(ValueError, match="unknown mode"):
     pipeline.run(tiny_chain.config(), wd, "evaluate")
+
+
+@pytest.mark.parametrize("name", ["mnist", "digits", "cifar10_2to7", "celeba64"])
+def test_experiment_configs_use_only_known_keys(name):
+  import importlib
+  mod = importlib.import_module(f"experiments.configs.{name}")
+  for arg in (None, "quick"):
+    pipeline.check_keys(mod.get_config(arg), get_base_config())
