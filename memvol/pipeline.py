@@ -23,7 +23,9 @@ _MODULES = {"train": "memvol.train", "sample": "memvol.sampling", "score": "memv
 IDENTITY_SECTIONS = ("data", "model", "sde")
 
 
-def _module(stage: str):
+def _module(stage: str, config=None):
+  if stage == "train" and config is not None and config.model.get("pretrained"):
+    return importlib.import_module("memvol.pretrained")  # no training: records weights and split
   return importlib.import_module(_MODULES[stage])
 
 
@@ -46,7 +48,7 @@ def _inputs(config, workdir: str, stage: str) -> list[str]:
 
 def is_complete(config, workdir: str, stage: str) -> bool:
   """Whether `stage` has valid outputs for this config in `workdir`."""
-  mod = _module(stage)
+  mod = _module(stage, config)
   if hasattr(mod, "is_complete"):
     return bool(mod.is_complete(config, workdir))
   outs, ins = _outputs(config, workdir, stage), _inputs(config, workdir, stage)
@@ -61,6 +63,9 @@ def check_workdir(config, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   io.check_config_matches(config, os.path.join(workdir, "config.json"), IDENTITY_SECTIONS,
                           f"workdir {workdir}")
+  if config.model.get("pretrained"):  # record the weights' SHA-256, or refuse other weights
+    from memvol import pretrained
+    pretrained.check_weights(str(config.model.pretrained), workdir)
 
 
 def _record_time(workdir: str, stage: str, seconds: float) -> None:
@@ -76,7 +81,7 @@ def run_stage(config, workdir: str, stage: str, log: Callable[[str], None] = log
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
   log(f"[memvol] stage {stage}: start")
   start = time.perf_counter()
-  _module(stage).run(config, workdir)
+  _module(stage, config).run(config, workdir)
   seconds = time.perf_counter() - start
   _record_time(workdir, stage, seconds)
   log(f"[memvol] stage {stage}: done in {seconds:.1f} s")
