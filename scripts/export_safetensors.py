@@ -2,8 +2,8 @@
 diffusion_pytorch_model.safetensors), loadable by diffusers and by memvol
 (`--config.model.pretrained=OUT`, memvol.pretrained.load_eps_fn).
 
-  # a trained workdir's (EMA) network:
-  python scripts/export_safetensors.py --config=experiments/configs/mnist.py --workdir=runs/mnist OUT
+  # a trained workdir's (EMA) network, built from the config its checkpoint records:
+  python scripts/export_safetensors.py --workdir=runs/mnist OUT
   # a random-init network of the DDPM CIFAR-10 architecture (35,746,307 params, 143 MB), for
   # the end-to-end demo of experiments/configs/pretrained.py, and 32x32 RGB images to score:
   python scripts/export_safetensors.py --random-ddpm-cifar10 OUT --demo-images OUT/images.npz
@@ -15,24 +15,21 @@ crops of scikit-image's bundled colour photographs (no download).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from memvol import io, loading, models, pretrained  # noqa: E402
+from memvol import checkpoint, io, loading, models, pretrained  # noqa: E402
 
 
-def _config(spec: str):
-  path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("memvol_export_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+def _recorded_config(workdir: str, step: int | None) -> ml_collections.ConfigDict:
+  """The data / model / sde config the workdir's checkpoint was trained with."""
+  return ml_collections.ConfigDict(checkpoint.restore_meta(workdir, step)["config"])
 
 
 def random_ddpm_cifar10(path: str, seed: int = 0) -> dict:
@@ -72,8 +69,8 @@ def demo_images(path: str, n: int = 64, side: int = 32, seed: int = 0) -> None:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("out", help="folder to write (config.json + diffusion_pytorch_model.safetensors)")
-  p.add_argument("--config", help="experiment config file[:arg] of the workdir")
-  p.add_argument("--workdir", help="workdir whose latest checkpoint is exported")
+  p.add_argument("--workdir", help="workdir whose checkpoint is exported")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--raw", action="store_true", help="export the raw params instead of the EMA params")
   p.add_argument("--random-ddpm-cifar10", action="store_true", dest="random",
                  help="write a random-init DDPM CIFAR-10 network instead")
@@ -83,10 +80,10 @@ def main() -> None:
     info = random_ddpm_cifar10(args.out)
     print(f"{args.out}: random DDPM CIFAR-10 network, {info['params']:,} params, sha256 {info['sha256']}")
   else:
-    if not (args.config and args.workdir):
-      p.error("give --config and --workdir (or --random-ddpm-cifar10)")
-    config = _config(args.config)
-    model, params, shape = loading.load_model(config, args.workdir, use_ema=not args.raw)
+    if not args.workdir:
+      p.error("give --workdir (or --random-ddpm-cifar10)")
+    config = _recorded_config(args.workdir, args.step)
+    model, params, shape = loading.load_model(config, args.workdir, use_ema=not args.raw, step=args.step)
     cfg = pretrained.export(model, jax.device_get(params), shape, args.out)
     print(f"{args.out}: {models.count_params(params):,} params, blocks {cfg['down_block_types']}, "
           f"sha256 {pretrained.weights_sha256(args.out)}")

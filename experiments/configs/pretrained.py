@@ -19,13 +19,16 @@ stated in memvol/pretrained.py). Sampling 1000 reverse-SDE samples (1000 steps),
 detection among the 1000 training images drawn (copies of the other 49000 go unseen),
 Hutchinson log volume growth (1 Rademacher probe, tsit5 at rtol = atol 1e-3), report.
 
-Expected runtime (the 35.7M-parameter network, 11.7 GFLOPs per forward pass): CPU,
-measured on 2 shared cores with the random-init network of the `:quick` demo: 1.3 s per
-forward pass per image, so the Hutchinson score of 1000 images at ~100 JVP evaluations
-each is ~60 h and the 1000 x 1000-step samples another ~360 h: not a CPU job. GPU:
-not measured here; from the FLOP count, an H100 at 30-50% of its dense bf16/TF32 rate
-needs ~1-2 ms per image and network call, i.e. about 5-10 min for the scores of 1000
-images and 15-30 min for the 1000 samples.
+Expected runtime (the 35.7M-parameter network). CPU, measured on 2 cores shared with other
+jobs (load ~8) with the random-init network: 0.19 s per forward pass and 0.48 s per forward
+pass + JVP, per image (batches of 4). Per 1000 images that is ~13 h for the Hutchinson
+scores at ~100 network evaluations per image (the adaptive count on the real model is not
+measured) and ~53 h for 1000 reverse-SDE samples of 1000 steps: not a CPU job. The
+`:quick` chain below took 1 min 46 s end to end (sample 22 s and score 57 s, both mostly
+compilation; detect 6 s, report 7 s); at its settings (4 Euler steps, 1 probe) scoring
+runs at 1.9 s per image, ~32 min per 1000 images. GPU: not measured here (no GPU in this
+session); from the network's 11.7 GFLOPs per forward pass, an H100 at 30-50% of its
+dense float32/TF32 rate should need minutes, not hours, per 1000 images.
 Expected result: DDPM CIFAR-10 generalises (it reproduces almost none of its 50000
 training images), so report/report.md should show few or no copies and trained and
 held-out scores close together (AUROC near 0.5); any gap is the measure's signal of
