@@ -25,7 +25,8 @@ def _eps(eps_fn, x, t):
   return np.asarray(jax.jit(jax.vmap(eps_fn))(jnp.asarray(x, jnp.float32), jnp.asarray(t, jnp.float32)))
 
 
-def _rel(a, b, axis=None):
+def _rel(a, b):
+  """Per-image relative L2 error of a against b ([B, ...])."""
   return np.linalg.norm((a - b).reshape(len(a), -1), axis=-1) / np.linalg.norm(b.reshape(len(b), -1), axis=-1)
 
 
