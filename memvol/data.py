@@ -458,11 +458,19 @@ def _split_index(data_cfg: Any, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
   return train.astype(np.int64), held.astype(np.int64), dup_counts
 
 
+def _with(data_cfg: Any, **fields: Any) -> Any:
+  """A copy of the data config with `fields` replaced."""
+  sub = data_cfg.copy_and_resolve_references()
+  for k, v in fields.items():
+    sub[k] = v
+  return sub
+
+
 def _heldout_source(data_cfg: Any) -> _Source:
   """The second source data.heldout_name at data.heldout_path (default data.path), with the
   first source's preprocessing settings."""
-  sub = data_cfg.copy_and_resolve_references()
-  sub.name, sub.path = str(data_cfg.heldout_name), str(data_cfg.get("heldout_path") or data_cfg.path)
+  sub = _with(data_cfg, name=str(data_cfg.heldout_name),
+              path=str(data_cfg.get("heldout_path") or data_cfg.path))
   if sub.name not in SOURCES + ("cifar10_test",):
     raise ValueError(f"unknown data.heldout_name {sub.name!r}; expected one of {list(SOURCES) + ['cifar10_test']}")
   if sub.name == "cifar10_test":
@@ -487,13 +495,6 @@ def _two_source_split(data_cfg: Any) -> Split:
     raise ValueError(f"held-out images (data.heldout_name={data_cfg.heldout_name!r}) have shape "
                      f"{ho.shape} but the training images {tr.shape}; set data.resolution / data.channels")
   return Split(tr, ImageSet(ho.images, ho.labels, ho.ids + len(source.labels)), dup)
-
-
-def _with(data_cfg: Any, **fields: Any) -> Any:
-  sub = data_cfg.copy_and_resolve_references()
-  for k, v in fields.items():
-    sub[k] = v
-  return sub
 
 
 def make_split(data_cfg: Any) -> Split:
