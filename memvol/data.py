@@ -22,6 +22,11 @@ Sources (data_cfg.name), none downloaded:
            files inside sub-folders get the sorted sub-folder index as label
   cifar10  data_cfg.path: the `cifar-10-batches-py` folder (data_batch_1..5 pickles)
 
+Held-out images from a second source (data_cfg.heldout_name: any name above, or
+`cifar10_test` for CIFAR-10's test_batch; data_cfg.heldout_path, default data_cfg.path):
+for models trained elsewhere on all of the first source. Their ids are offset by the size
+of the first source's pool, so train and held-out ids stay disjoint.
+
 Synthetic images are clipped to [-1, 1] (with the default std 0.1 a clip needs 5 sigma).
 """
 
@@ -292,12 +297,16 @@ def _npz(cfg: Any) -> tuple[np.ndarray, np.ndarray | None]:
   return x, labels
 
 
-def _cifar10(cfg: Any) -> tuple[np.ndarray, np.ndarray]:
+_CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+def _cifar10(cfg: Any, batches: tuple[str, ...] = _CIFAR10_TRAIN) -> tuple[np.ndarray, np.ndarray]:
   path = _require_path(cfg, "the cifar-10-batches-py folder")
-  files = [os.path.join(path, f"data_batch_{i}") for i in range(1, 6)]
+  files = [os.path.join(path, b) for b in batches]
   files = [f for f in files if os.path.exists(f)]
   if not files:
-    raise FileNotFoundError(f"{path}: no data_batch_1..5 files (is it the cifar-10-batches-py folder?)")
+    names = "data_batch_1..5" if batches == _CIFAR10_TRAIN else "/".join(batches)
+    raise FileNotFoundError(f"{path}: no {names} files (is it the cifar-10-batches-py folder?)")
   xs, ys = [], []
   for f in files:
     try:
@@ -449,10 +458,52 @@ def _split_index(data_cfg: Any, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
   return train.astype(np.int64), held.astype(np.int64), dup_counts
 
 
+def _with(data_cfg: Any, **fields: Any) -> Any:
+  """A copy of the data config with `fields` replaced."""
+  sub = data_cfg.copy_and_resolve_references()
+  for k, v in fields.items():
+    sub[k] = v
+  return sub
+
+
+def _heldout_source(data_cfg: Any) -> _Source:
+  """The second source data.heldout_name at data.heldout_path (default data.path), with the
+  first source's preprocessing settings."""
+  sub = _with(data_cfg, name=str(data_cfg.heldout_name),
+              path=str(data_cfg.get("heldout_path") or data_cfg.path))
+  if sub.name not in SOURCES + ("cifar10_test",):
+    raise ValueError(f"unknown data.heldout_name {sub.name!r}; expected one of {list(SOURCES) + ['cifar10_test']}")
+  if sub.name == "cifar10_test":
+    sub.name = "cifar10"
+    return _array_source(*_cifar10(sub, ("test_batch",)), sub)
+  return _source(sub)
+
+
+def _two_source_split(data_cfg: Any) -> Split:
+  """Training images from data.name, held-out images from data.heldout_name, each drawn
+  (class-balanced when data.balanced) by data.split_seed."""
+  n_held = int(data_cfg.num_heldout)
+  if n_held < 1:
+    raise ValueError(f"data.heldout_name={data_cfg.heldout_name!r} needs data.num_heldout >= 1, got {n_held}")
+  source, held_source = _source(data_cfg), _heldout_source(data_cfg)
+  train, _, dup = _split_index(_with(data_cfg, num_heldout=0), source.labels)
+  held, _, _ = _split_index(_with(data_cfg, num_train=n_held, num_heldout=0, num_duplicated=0),
+                            held_source.labels)
+  tr = _load(source, train, "training images")
+  ho = _load(held_source, held, f"held-out images (data.heldout_name={data_cfg.heldout_name!r})")
+  if ho.shape != tr.shape:
+    raise ValueError(f"held-out images (data.heldout_name={data_cfg.heldout_name!r}) have shape "
+                     f"{ho.shape} but the training images {tr.shape}; set data.resolution / data.channels")
+  return Split(tr, ImageSet(ho.images, ho.labels, ho.ids + len(source.labels)), dup)
+
+
 def make_split(data_cfg: Any) -> Split:
   """Disjoint train / held-out images drawn from the pool by data.split_seed (class-balanced
   when the source has labels and data.balanced), and data.num_duplicated training images
-  planted as duplicates (dup_count = data.duplicate_factor)."""
+  planted as duplicates (dup_count = data.duplicate_factor). With data.heldout_name set, the
+  held-out images come from that second source."""
+  if data_cfg.get("heldout_name"):
+    return _two_source_split(data_cfg)
   source = _source(data_cfg)
   train, held, dup = _split_index(data_cfg, source.labels)
   tr = _load(source, train, "training images")

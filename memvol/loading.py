@@ -6,6 +6,8 @@
 The weights come from the workdir's orbax checkpoints (checkpoint.py), checked against the
 config's data/model/sde sections. Only the requested params item is read: the optimiser state
 is never built or restored here, so loading does not depend on the training settings.
+With `model.pretrained` set, they come from that diffusers folder instead (pretrained.py;
+use_ema and step do not apply), after checking its SHA-256 against the workdir's record.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import jax
 
 from memvol import checkpoint as ckpt_lib
-from memvol import models, parallel
+from memvol import models, parallel, pretrained
 from memvol import sde as sde_lib
 
 
@@ -24,10 +26,19 @@ def _abstract_params(model: Any, image_shape: tuple[int, ...], sharding: Any) ->
   return ckpt_lib.abstract_like(shapes, sharding)
 
 
+def _pretrained(config: Any, workdir: str) -> tuple[Any, Any, tuple[int, ...]]:
+  path = str(config.model.pretrained)
+  pretrained.check_weights(path, workdir)
+  model, params, image_shape = pretrained.load_model(path)
+  return model, jax.device_put(params, parallel.replicated(parallel.local_mesh())), image_shape
+
+
 def load_params(config: Any, workdir: str, use_ema: bool = True, step: int | None = None) -> Any:
   """The (EMA by default) params of the checkpoint at `step` (default: latest), replicated
   over this process's devices. FileNotFoundError saying to train first if there is none;
   ValueError naming the fields if its data/model/sde config differs from `config`."""
+  if config.model.get("pretrained"):
+    return _pretrained(config, workdir)[1]
   meta = ckpt_lib.restore_meta(workdir, step)
   ckpt_lib.check_config(meta, config, f"{ckpt_lib.checkpoint_dir(workdir)}/{meta['step']}")
   image_shape = tuple(meta["image_shape"])
@@ -41,6 +52,8 @@ def load_params(config: Any, workdir: str, use_ema: bool = True, step: int | Non
 def load_model(config: Any, workdir: str, use_ema: bool = True, step: int | None = None
                ) -> tuple[Any, Any, tuple[int, ...]]:
   """(model, params, image_shape) of the checkpoint at `step` (default: latest)."""
+  if config.model.get("pretrained"):
+    return _pretrained(config, workdir)
   meta = ckpt_lib.restore_meta(workdir, step)
   image_shape = tuple(meta["image_shape"])
   params = load_params(config, workdir, use_ema, meta["step"])

@@ -24,7 +24,9 @@ _MODULES = {"train": "memvol.train", "sample": "memvol.sampling", "score": "memv
 IDENTITY_SECTIONS = ("data", "model", "sde")
 
 
-def _module(stage: str):
+def _module(stage: str, config=None):
+  if stage == "train" and config is not None and config.model.get("pretrained"):
+    return importlib.import_module("memvol.pretrained")  # no training: records weights and split
   return importlib.import_module(_MODULES[stage])
 
 
@@ -43,7 +45,7 @@ def status(config, workdir: str, stage: str) -> tuple[bool, str]:
   """(complete, why): whether `stage` has valid outputs for this config in `workdir`, and a
   phrase saying why (for --mode=all's log). Stages that record their settings next to
   their outputs (detect, report) name what changed."""
-  mod = _module(stage)
+  mod = _module(stage, config)
   if hasattr(mod, "stale_reason"):
     why = mod.stale_reason(config, workdir)
     return (why is None, why or "outputs present, made with these settings and inputs")
@@ -77,6 +79,9 @@ def check_workdir(config, workdir: str) -> None:
     raise OSError(e.errno, f"cannot create the workdir {workdir}: {e.strerror}") from e
   io.check_config_matches(config, os.path.join(workdir, "config.json"), IDENTITY_SECTIONS,
                           f"workdir {workdir}")
+  if config.model.get("pretrained"):  # record the weights' SHA-256, or refuse other weights
+    from memvol import pretrained
+    pretrained.check_weights(str(config.model.pretrained), workdir)
 
 
 def _record_time(workdir: str, stage: str, seconds: float) -> None:
@@ -92,7 +97,7 @@ def run_stage(config, workdir: str, stage: str, log: Callable[[str], None] = log
     raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
   log(f"[memvol] stage {stage}: start")
   start = time.perf_counter()
-  _module(stage).run(config, workdir)
+  _module(stage, config).run(config, workdir)
   seconds = time.perf_counter() - start
   _record_time(workdir, stage, seconds)
   log(f"[memvol] stage {stage}: done in {seconds:.1f} s")

@@ -30,6 +30,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.synthetic_std = 0.1       # gaussian / mixture: per-pixel std (images clipped to [-1, 1])
   d.num_components = 4        # mixture: Gaussian components (means uniform in [-0.5, 0.5])
   d.pool_seed = 0             # gaussian / mixture: seed of the generated pool
+  d.heldout_name = ""         # second source of the held-out images (a name above or cifar10_test); "" = same pool
+  d.heldout_path = ""         # its npz / folder / cifar-10-batches-py path ("" = data.path)
 
   # --- model (memvol/models) ---------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
@@ -43,6 +45,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.num_groups = 8            # GroupNorm groups
   m.hidden = 256              # mlp: hidden width
   m.num_layers = 3            # mlp: hidden layers
+  m.pretrained = ""           # diffusers UNet2DModel folder (memvol/pretrained.py): no training, fields above unused
 
   # --- sde (memvol/sde.py) -----------------------------------------------------------
   c.sde = s = ml_collections.ConfigDict()

@@ -27,7 +27,7 @@ Array = jax.Array
 
 # Every model config has these fields (the `model` section of experiments/configs/base.py).
 _FIELDS = ("name", "ch", "ch_mult", "num_res_blocks_down", "num_res_blocks_up",
-           "attn_resolutions", "dropout", "num_groups", "hidden", "num_layers")
+           "attn_resolutions", "dropout", "num_groups", "hidden", "num_layers", "pretrained")
 
 
 def _check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -80,6 +80,9 @@ MODELS: dict[str, Callable[[Any, tuple[int, int, int]], nn.Module]] = {"unet": _
 def get_model(model_cfg: Any, image_shape: Sequence[int]) -> nn.Module:
   """The flax module named by model_cfg.name, for images of `image_shape` (H, W, C)."""
   name = model_cfg.get("name") if hasattr(model_cfg, "get") else None
+  if model_cfg.get("pretrained") if hasattr(model_cfg, "get") else False:
+    raise ValueError(f"model.pretrained={model_cfg.pretrained!r} is set: that network is built from "
+                     "its folder's config.json (memvol.loading / memvol.pretrained), not trained here")
   if name not in MODELS:
     raise ValueError(f"unknown model.name {name!r}; expected one of {sorted(MODELS)}")
   return MODELS[name](model_cfg, _check_image_shape(image_shape))
@@ -138,7 +141,7 @@ def make_eps_fn(model: nn.Module, params: Any, sde: sde_lib.SDE) -> EpsFn:
 
 def _config(**kw: Any) -> ml_collections.ConfigDict:
   base = dict(name="unet", ch=24, ch_mult=(1, 2), num_res_blocks_down=1, num_res_blocks_up=2,
-              attn_resolutions=(), dropout=0.0, num_groups=8, hidden=256, num_layers=3)
+              attn_resolutions=(), dropout=0.0, num_groups=8, hidden=256, num_layers=3, pretrained="")
   base.update(kw)
   assert set(base) == set(_FIELDS)
   return ml_collections.ConfigDict(base)

@@ -13,6 +13,12 @@ then every ResBlock); up blocks take them last-in first-out, so DDPM's num_res_b
 = num_res_blocks_down + 1 uses each exactly once; extra up blocks take none. Odd sides
 (14 -> 7 -> 4) work: Downsample is a stride-2 SAME conv (ceil(H / 2)) and Upsample
 repeats each pixel twice and crops to the matching skip's side.
+
+The defaults are memvol's own network. The fields after `num_groups` cover diffusers'
+`UNet2DModel` (memvol.pretrained maps its weights here): GroupNorm epsilon, attention
+heads of `attn_head_dim` channels, the downsample's padding and the time embedding's
+`flip_sin_to_cos` / `freq_shift`; their defaults leave memvol's parameters and outputs as
+they were.
 """
 
 from __future__ import annotations
@@ -27,15 +33,20 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def timestep_embedding(t_net: Array, dim: int, max_period: float = 10000.0) -> Array:
+def timestep_embedding(t_net: Array, dim: int, max_period: float = 10000.0,
+                       flip_sin_to_cos: bool = False, freq_shift: float = 1.0) -> Array:
   """Sinusoidal embedding [B, dim] of network times t_net [B] (999 t), DDPM's form:
-  sin(t w_k) then cos(t w_k), w_k = max_period^(-k / (dim/2 - 1))."""
+  sin(t w_k) then cos(t w_k) (cos first when flip_sin_to_cos),
+  w_k = max_period^(-k / (dim/2 - freq_shift)), k = 0 .. dim/2 - 1."""
   if dim < 4 or dim % 2:
     raise ValueError(f"time embedding dim must be even and >= 4, got {dim}")
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  if half - freq_shift <= 0:
+    raise ValueError(f"time embedding freq_shift={freq_shift} must be < dim / 2 = {half}")
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
   args = t_net.astype(jnp.result_type(t_net.dtype, jnp.float32))[:, None] * freqs[None, :]
-  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+  return jnp.concatenate(parts, axis=-1)
 
 
 def _zeros_init():
@@ -49,13 +60,14 @@ class ResBlock(nn.Module):
   out_ch: int
   num_groups: int
   dropout: float
+  eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, train: bool) -> Array:
-    h = nn.swish(nn.GroupNorm(num_groups=self.num_groups, name="norm1")(x))
+    h = nn.swish(nn.GroupNorm(num_groups=self.num_groups, epsilon=self.eps, name="norm1")(x))
     h = nn.Conv(self.out_ch, (3, 3), name="conv1")(h)
     h = h + nn.Dense(self.out_ch, name="temb_proj")(nn.swish(temb))[:, None, None, :]
-    h = nn.swish(nn.GroupNorm(num_groups=self.num_groups, name="norm2")(h))
+    h = nn.swish(nn.GroupNorm(num_groups=self.num_groups, epsilon=self.eps, name="norm2")(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Conv(self.out_ch, (3, 3), kernel_init=_zeros_init(), name="conv2")(h)
     if x.shape[-1] != self.out_ch:
@@ -64,29 +76,40 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Single-head self-attention over the H W positions, residual, zero-initialised output."""
+  """Self-attention over the H W positions, residual, zero-initialised output; heads of
+  `head_dim` channels (0: one head over all channels)."""
 
   num_groups: int
+  eps: float = 1e-6
+  head_dim: int = 0
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, hh, ww, c = x.shape
-    h = nn.GroupNorm(num_groups=self.num_groups, name="norm")(x).reshape(b, hh * ww, c)
-    q, k, v = (nn.Dense(c, name=n)(h) for n in ("q", "k", "v"))
-    w = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) / math.sqrt(c), axis=-1)
-    h = jnp.einsum("bij,bjc->bic", w, v)
+    d = self.head_dim or c
+    if c % d:
+      raise ValueError(f"attention head dim {d} does not divide the channel count {c}")
+    h = nn.GroupNorm(num_groups=self.num_groups, epsilon=self.eps, name="norm")(x).reshape(b, hh * ww, c)
+    q, k, v = (nn.Dense(c, name=n)(h).reshape(b, hh * ww, c // d, d) for n in ("q", "k", "v"))
+    w = jax.nn.softmax(jnp.einsum("bind,bjnd->bnij", q, k) / math.sqrt(d), axis=-1)
+    h = jnp.einsum("bnij,bjnd->bind", w, v).reshape(b, hh * ww, c)
     h = nn.Dense(c, kernel_init=_zeros_init(), name="proj_out")(h)
     return x + h.reshape(b, hh, ww, c)
 
 
 class Downsample(nn.Module):
-  """3x3 conv with stride 2: side H -> ceil(H / 2)."""
+  """3x3 conv with stride 2. padding -1: SAME, side H -> ceil(H / 2); p >= 0: diffusers'
+  `downsample_padding`, p zeros on every side, except that 0 pads one row and column at
+  the bottom and right (= SAME for even sides)."""
 
   ch: int
+  padding: int = -1
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    return nn.Conv(self.ch, (3, 3), strides=(2, 2), padding="SAME", name="conv")(x)
+    p = self.padding
+    pad = "SAME" if p < 0 else ((0, 1), (0, 1)) if p == 0 else ((p, p), (p, p))
+    return nn.Conv(self.ch, (3, 3), strides=(2, 2), padding=pad, name="conv")(x)
 
 
 class Upsample(nn.Module):
@@ -110,46 +133,54 @@ class UNet(nn.Module):
   attn_resolutions: Sequence[int] = (16,)
   dropout: float = 0.1
   num_groups: int = 32
+  norm_eps: float = 1e-6          # GroupNorm epsilon
+  attn_head_dim: int = 0          # channels per attention head (0: one head)
+  downsample_padding: int = -1    # -1: SAME; p >= 0: diffusers' downsample_padding
+  flip_sin_to_cos: bool = False   # time embedding: cos before sin
+  freq_shift: float = 1.0         # time embedding: w_k = 10000^(-k / (ch/2 - freq_shift))
 
   @nn.compact
   def __call__(self, x: Array, t_net: Array, train: bool = False) -> Array:
     if x.ndim != 4:
       raise ValueError(f"UNet takes x [B, H, W, C], got shape {x.shape}")
     t_net = jnp.broadcast_to(jnp.asarray(t_net), (x.shape[0],))
-    temb = timestep_embedding(t_net, self.ch)
+    temb = timestep_embedding(t_net, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
+                              freq_shift=self.freq_shift)
     temb = nn.Dense(4 * self.ch, name="temb_dense0")(temb)
     temb = nn.Dense(4 * self.ch, name="temb_dense1")(nn.swish(temb))
     attn = set(int(r) for r in self.attn_resolutions)
-    g, p = self.num_groups, self.dropout
+    g, p, e = self.num_groups, self.dropout, self.norm_eps
+    res = lambda c, name: ResBlock(c, g, p, e, name=name)
+    att = lambda name: AttnBlock(g, e, self.attn_head_dim, name=name)
     levels = len(self.ch_mult)
 
     h = nn.Conv(self.ch, (3, 3), name="conv_in")(x)
     skips = [[h]]
     for i, mult in enumerate(self.ch_mult):
       for j in range(self.num_res_blocks_down):
-        h = ResBlock(self.ch * mult, g, p, name=f"down{i}_res{j}")(h, temb, train)
+        h = res(self.ch * mult, f"down{i}_res{j}")(h, temb, train)
         if h.shape[1] in attn:
-          h = AttnBlock(g, name=f"down{i}_attn{j}")(h)
+          h = att(f"down{i}_attn{j}")(h)
         skips[i].append(h)
       if i != levels - 1:
-        h = Downsample(h.shape[-1], name=f"down{i}_downsample")(h)
+        h = Downsample(h.shape[-1], self.downsample_padding, name=f"down{i}_downsample")(h)
         skips.append([h])
 
-    h = ResBlock(h.shape[-1], g, p, name="mid_res0")(h, temb, train)
-    h = AttnBlock(g, name="mid_attn")(h)
-    h = ResBlock(h.shape[-1], g, p, name="mid_res1")(h, temb, train)
+    h = res(h.shape[-1], "mid_res0")(h, temb, train)
+    h = att("mid_attn")(h)
+    h = res(h.shape[-1], "mid_res1")(h, temb, train)
 
     for i in reversed(range(levels)):
       level_skips = skips[i]
       for j in range(self.num_res_blocks_up):
         if level_skips:
           h = jnp.concatenate([h, level_skips.pop()], axis=-1)
-        h = ResBlock(self.ch * self.ch_mult[i], g, p, name=f"up{i}_res{j}")(h, temb, train)
+        h = res(self.ch * self.ch_mult[i], f"up{i}_res{j}")(h, temb, train)
         if h.shape[1] in attn:
-          h = AttnBlock(g, name=f"up{i}_attn{j}")(h)
+          h = att(f"up{i}_attn{j}")(h)
       if i != 0:
         size = skips[i - 1][-1].shape[1:3]
         h = Upsample(h.shape[-1], name=f"up{i}_upsample")(h, size)
 
-    h = nn.swish(nn.GroupNorm(num_groups=g, name="norm_out")(h))
+    h = nn.swish(nn.GroupNorm(num_groups=g, epsilon=e, name="norm_out")(h))
     return nn.Conv(x.shape[-1], (3, 3), kernel_init=_zeros_init(), name="conv_out")(h)

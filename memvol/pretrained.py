@@ -1,0 +1,408 @@
+"""Networks trained elsewhere: diffusers `UNet2DModel` folders in, and memvol UNets out.
+
+    eps_fn, image_shape = load_eps_fn(folder, sde)       # eps_fn(x [H, W, C] in [-1, 1], t)
+    model, params, image_shape = load_model(folder)      # the Flax UNet and its float32 params
+    export(model, params, image_shape, out_folder)       # a memvol UNet as a diffusers folder
+
+A folder holds `config.json` (UNet2DModel's constructor arguments) and
+`diffusion_pytorch_model.safetensors`, read with safetensors' numpy API: no torch, and no
+pickle is ever opened (`.pt` / `.pth` / `.ckpt` / `.bin` files are refused; convert them
+with scripts/convert_torch_checkpoint.py, which needs torch). Weights map one to one onto
+memvol's UNet (memvol/models/unet.py): torch convolutions OIHW -> HWIO, linear weights
+transposed, GroupNorm weight -> scale, attention to_q / to_k / to_v / to_out.0 (or the
+older query / key / value / proj_attn) -> q / k / v / proj_out; dropout is ignored.
+Config values memvol's UNet cannot express are refused, naming the field.
+
+Time. diffusers' DDPM (linear betas 1e-4 .. 0.02 over N = 1000 steps) discretises the VP-SDE
+with beta_min 0.1, beta_max 20 (sde.VPSDE): beta_i = beta(i / 999) / N. The network was
+trained on the integer timestep i and memvol feeds it 999 t (sde.time_input, the paper's
+and score_sde's convention), so t = i / 999 is the time map of the network input. The
+noise levels match best one step later: alphas_cumprod[i] = prod_{j <= i} (1 - beta_j)
+against a(t)^2 = exp(-int_0^t beta) at t = (i + 1) / N is off by a relative 1e-5 at i = 0
+(0.99990 vs 0.99989) and 7.0% at i = 999 (4.036e-5 vs 4.319e-5: log(1 - beta) = -beta -
+beta^2 / 2, and the beta^2 / 2 terms add up to 0.068 in log), beyond 1% from i = 566 on;
+at t = i / 999 the gap is 1e-4 at i = 0 (a(0)^2 = 1, sigma 0 vs DDPM's 0.01) and the same
+7.0% at i = 999. So memvol evaluates the network at most one DDPM step (999 t vs 1000 t - 1)
+from the step whose noise level equals sigma(t), and the marginals differ by a few percent
+in a^2 near t = 1, where sigma(t) = 1 - 2e-5 either way. tests/test_pretrained.py pins
+these numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from memvol import io, models
+from memvol import sde as sde_lib
+from memvol.models.unet import UNet
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+CONVERT_HINT = ("convert it first (needs torch): python scripts/convert_torch_checkpoint.py "
+                "CHECKPOINT OUT_FOLDER --config=config.json; memvol never opens pickles")
+
+# UNet2DModel's constructor defaults (diffusers 0.42), used for fields a config.json omits.
+DIFFUSERS_DEFAULTS: dict[str, Any] = {
+    "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
+    "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0,
+    "flip_sin_to_cos": True,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
+    "mid_block_type": "UNetMidBlock2D",
+    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [224, 448, 672, 896], "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "downsample_padding": 1, "downsample_type": "conv", "upsample_type": "conv", "dropout": 0.0,
+    "act_fn": "silu", "attention_head_dim": 8, "norm_num_groups": 32, "attn_norm_num_groups": None,
+    "norm_eps": 1e-5, "resnet_time_scale_shift": "default", "add_attention": True,
+    "class_embed_type": None, "num_class_embeds": None, "num_train_timesteps": None,
+}
+
+# google/ddpm-cifar10-32's config.json (Ho et al.'s CIFAR-10 network, 35,746,307 params).
+DDPM_CIFAR10_CONFIG: dict[str, Any] = {
+    "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32,
+    "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}
+
+# Fields that must keep one value (memvol's UNet has no other).
+_FIXED = {"center_input_sample": False, "time_embedding_type": "positional",
+          "mid_block_type": "UNetMidBlock2D", "mid_block_scale_factor": 1, "downsample_type": "conv",
+          "upsample_type": "conv", "resnet_time_scale_shift": "default", "add_attention": True,
+          "class_embed_type": None, "num_class_embeds": None}
+_IGNORED = ("dropout", "num_train_timesteps")  # training-time only / unused by positional embeddings
+_DOWN, _UP = ("DownBlock2D", "AttnDownBlock2D"), ("UpBlock2D", "AttnUpBlock2D")
+_LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+# --- config <-> UNet -------------------------------------------------------------------
+
+
+def _refuse(field: str, value: Any, why: str) -> ValueError:
+  return ValueError(f"unsupported UNet2DModel config: {field}={value!r} ({why})")
+
+
+def unet_from_config(config: Mapping[str, Any]) -> tuple[UNet, tuple[int, int, int]]:
+  """(memvol UNet, image_shape (H, W, C)) of a diffusers UNet2DModel config (a config.json
+  dict; omitted fields take UNet2DModel's defaults). ValueError naming the first field
+  memvol cannot express."""
+  if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+    raise _refuse("_class_name", config["_class_name"], "only UNet2DModel folders load")
+  unknown = sorted(k for k in config if not k.startswith("_") and k not in DIFFUSERS_DEFAULTS)
+  if unknown:
+    raise _refuse(unknown[0], config[unknown[0]], "not a UNet2DModel field memvol knows")
+  c = {**DIFFUSERS_DEFAULTS, **config}
+  for field, value in _FIXED.items():
+    if c[field] != value:
+      raise _refuse(field, c[field], f"memvol's UNet supports only {value!r}")
+  if c["act_fn"] not in ("silu", "swish"):
+    raise _refuse("act_fn", c["act_fn"], "memvol's UNet uses silu")
+  chans = [int(x) for x in c["block_out_channels"]]
+  ch, levels = chans[0], len(chans)
+  down, up = list(c["down_block_types"]), list(c["up_block_types"])
+  if len(down) != levels or len(up) != levels:
+    raise _refuse("down_block_types", down, f"need one down and one up block per entry of "
+                  f"block_out_channels {chans}")
+  for field, types, allowed in (("down_block_types", down, _DOWN), ("up_block_types", up, _UP)):
+    bad = [b for b in types if b not in allowed]
+    if bad:
+      raise _refuse(field, bad[0], f"supported block types: {allowed}")
+  attn_levels = [i for i, b in enumerate(down) if b == "AttnDownBlock2D"]
+  if [levels - 1 - i for i, b in enumerate(up) if b == "AttnUpBlock2D"][::-1] != attn_levels:
+    raise _refuse("up_block_types", up, f"attention must sit at the same resolutions on the way "
+                  f"up as down_block_types {down}")
+  if any(x % ch for x in chans):
+    raise _refuse("block_out_channels", chans, "each must be a multiple of the first")
+  if c["time_embedding_dim"] not in (None, 4 * ch):
+    raise _refuse("time_embedding_dim", c["time_embedding_dim"], f"memvol's is 4 x {ch}")
+  groups = int(c["norm_num_groups"] or 0)
+  if groups < 1 or any(x % groups for x in chans):
+    raise _refuse("norm_num_groups", c["norm_num_groups"], f"must divide every channel count {chans}")
+  if c["attn_norm_num_groups"] not in (None, groups):
+    raise _refuse("attn_norm_num_groups", c["attn_norm_num_groups"], "must equal norm_num_groups")
+  head_dim = c["attention_head_dim"]
+  head_dim = 0 if head_dim is None else int(head_dim)
+  if head_dim and any(chans[i] % head_dim for i in attn_levels + [levels - 1]):
+    raise _refuse("attention_head_dim", head_dim, "must divide the channels of every attention block")
+  if c["downsample_padding"] not in (0, 1):
+    raise _refuse("downsample_padding", c["downsample_padding"], "supported: 0 and 1")
+  if int(c["in_channels"]) != int(c["out_channels"]):
+    raise _refuse("out_channels", c["out_channels"], f"must equal in_channels={c['in_channels']}")
+  size = c["sample_size"]
+  if size is None:
+    raise _refuse("sample_size", size, "the image side must be given")
+  hw = (int(size), int(size)) if np.ndim(size) == 0 else tuple(int(s) for s in size)
+  if len(hw) != 2 or any(s < 1 or s % 2 ** (levels - 1) for s in hw):
+    raise _refuse("sample_size", size, f"sides must divide by 2^{levels - 1} (one halving per "
+                  "down block but the last)")
+  layers = int(c["layers_per_block"])
+  if layers < 1:
+    raise _refuse("layers_per_block", layers, "must be >= 1")
+  unet = UNet(ch=ch, ch_mult=tuple(x // ch for x in chans), num_res_blocks_down=layers,
+              num_res_blocks_up=layers + 1,
+              attn_resolutions=tuple(hw[0] // 2 ** i for i in attn_levels), dropout=0.0,
+              num_groups=groups, norm_eps=float(c["norm_eps"]), attn_head_dim=head_dim,
+              downsample_padding=int(c["downsample_padding"]),
+              flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=float(c["freq_shift"]))
+  return unet, (hw[0], hw[1], int(c["in_channels"]))
+
+
+def config_from_unet(model: Any, image_shape: tuple[int, ...]) -> dict[str, Any]:
+  """The UNet2DModel config.json of a memvol UNet for images (H, W, C). ValueError when
+  diffusers cannot express it (an MLP, extra up blocks, odd sides, ...)."""
+  if not isinstance(model, UNet):
+    raise ValueError(f"only memvol UNets export to diffusers, got {type(model).__name__}")
+  h, w, c = (int(s) for s in image_shape)
+  levels = len(model.ch_mult)
+  if h % 2 ** (levels - 1) or w % 2 ** (levels - 1):
+    raise ValueError(f"image sides {h}x{w} must divide by 2^{levels - 1}: diffusers' UNet2DModel "
+                     "only halves and doubles")
+  if model.num_res_blocks_up != model.num_res_blocks_down + 1:
+    raise ValueError(f"model.num_res_blocks_up={model.num_res_blocks_up} must be num_res_blocks_down "
+                     f"+ 1 = {model.num_res_blocks_down + 1}: UNet2DModel's up blocks take one skip each")
+  attn = {int(r) for r in model.attn_resolutions}
+  is_attn = [h // 2 ** i in attn for i in range(levels)]
+  return {
+      "_class_name": "UNet2DModel", "sample_size": [h, w] if h != w else h, "in_channels": c,
+      "out_channels": c, "block_out_channels": [model.ch * m for m in model.ch_mult],
+      "down_block_types": [_DOWN[a] for a in is_attn], "up_block_types": [_UP[a] for a in is_attn[::-1]],
+      "layers_per_block": model.num_res_blocks_down, "norm_num_groups": model.num_groups,
+      "norm_eps": model.norm_eps, "attention_head_dim": model.attn_head_dim or None,
+      "downsample_padding": max(model.downsample_padding, 0),  # SAME = 0 for even sides
+      "flip_sin_to_cos": model.flip_sin_to_cos, "freq_shift": model.freq_shift,
+      "act_fn": "silu", "center_input_sample": False, "time_embedding_type": "positional",
+      "mid_block_scale_factor": 1, "dropout": float(model.dropout),
+  }
+
+
+# --- weights <-> params ----------------------------------------------------------------
+
+
+def _module_key(name: str, levels: int) -> str:
+  """The diffusers state-dict prefix of one top-level memvol UNet module."""
+  fixed = {"conv_in": "conv_in", "temb_dense0": "time_embedding.linear_1",
+           "temb_dense1": "time_embedding.linear_2", "mid_res0": "mid_block.resnets.0",
+           "mid_attn": "mid_block.attentions.0", "mid_res1": "mid_block.resnets.1",
+           "norm_out": "conv_norm_out", "conv_out": "conv_out"}
+  if name in fixed:
+    return fixed[name]
+  m = re.fullmatch(r"(down|up)(\d+)_(res|attn|downsample|upsample)(\d*)", name)
+  if m is None:
+    raise ValueError(f"no diffusers name for memvol UNet module {name!r}")
+  side, i, kind, j = m.groups()
+  block = f"down_blocks.{i}" if side == "down" else f"up_blocks.{levels - 1 - int(i)}"
+  sub = {"res": f"resnets.{j}", "attn": f"attentions.{j}", "downsample": "downsamplers.0.conv",
+         "upsample": "upsamplers.0.conv"}[kind]
+  return f"{block}.{sub}"
+
+
+_SUBMODULE = {"temb_proj": "time_emb_proj", "shortcut": "conv_shortcut", "norm": "group_norm",
+              "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0", "conv": None}
+
+
+def _torch_key(path: tuple[str, ...], levels: int) -> str:
+  """diffusers key of the memvol param at `path` (module, [submodule,] kernel|bias|scale)."""
+  parts = [_module_key(path[0], levels)]
+  for sub in path[1:-1]:
+    mapped = _SUBMODULE.get(sub, sub)
+    if mapped is not None:
+      parts.append(mapped)
+  parts.append({"kernel": "weight", "scale": "weight", "bias": "bias"}[path[-1]])
+  return ".".join(parts)
+
+
+def _to_flax(w: np.ndarray) -> np.ndarray:
+  return w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T if w.ndim == 2 else w
+
+
+def _to_torch(w: np.ndarray) -> np.ndarray:
+  return w.transpose(3, 2, 0, 1) if w.ndim == 4 else w.T if w.ndim == 2 else w
+
+
+def _normalise_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Older diffusers attention names (query / key / value / proj_attn, possibly 1x1 convs)
+  as the current to_q / to_k / to_v / to_out.0 linears."""
+  out = {}
+  for k, v in state.items():
+    head, _, leaf = k.rpartition(".")
+    mod, _, last = head.rpartition(".")
+    if ".attentions." in k and last in _LEGACY_ATTN:
+      k = f"{mod}.{_LEGACY_ATTN[last]}.{leaf}"
+      v = v.reshape(v.shape[:2]) if v.ndim == 4 else v
+    out[k] = v
+  return out
+
+
+def params_from_state_dict(state: Mapping[str, np.ndarray], model: UNet,
+                           image_shape: tuple[int, int, int]) -> Any:
+  """memvol params (float32) of a diffusers state dict for `model`. ValueError listing
+  missing, unexpected or misshapen weights."""
+  state = _normalise_keys(state)
+  shapes = jax.eval_shape(lambda k: models.init_params(model, k, image_shape), jax.random.PRNGKey(0))
+  levels = len(model.ch_mult)
+  used, problems = set(), []
+
+  def take(path, leaf):
+    names = tuple(getattr(p, "key", p) for p in path)
+    key = _torch_key(names, levels)
+    if key not in state:
+      problems.append(f"missing {key}")
+      return np.zeros(leaf.shape, np.float32)
+    used.add(key)
+    w = _to_flax(np.asarray(state[key], np.float32))
+    if w.shape != leaf.shape:
+      problems.append(f"{key}: shape {_to_torch(w).shape}, expected {_to_torch(np.zeros(leaf.shape)).shape}")
+      return np.zeros(leaf.shape, np.float32)
+    return w
+
+  params = jax.tree_util.tree_map_with_path(take, shapes)
+  problems += [f"unexpected {k}" for k in sorted(set(state) - used)]
+  if problems:
+    raise ValueError(f"the weights do not fit the config's UNet ({len(problems)} problem(s)): "
+                     + "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else ""))
+  return params
+
+
+def state_dict_from_params(params: Any, model: UNet) -> dict[str, np.ndarray]:
+  """The diffusers state dict (float32 numpy, torch layouts) of memvol UNet params."""
+  levels = len(model.ch_mult)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {_torch_key(tuple(getattr(p, "key", p) for p in path), levels):
+          np.ascontiguousarray(_to_torch(np.asarray(leaf, np.float32))) for path, leaf in flat}
+
+
+# --- folders ---------------------------------------------------------------------------
+
+
+def _check_folder(path: str) -> tuple[str, str]:
+  """(config.json, weights) paths of a diffusers folder; clear errors otherwise."""
+  path = str(path)
+  if path.lower().endswith(PICKLE_SUFFIXES):
+    raise ValueError(f"{path} is a torch pickle; {CONVERT_HINT}")
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"pretrained model folder {path!r} does not exist (expected a diffusers "
+                            f"UNet2DModel folder with {CONFIG_FILE} and {WEIGHTS_FILE})")
+  cfg, weights = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+  if not os.path.exists(weights):
+    pickles = sorted(f for f in os.listdir(path) if f.lower().endswith(PICKLE_SUFFIXES))
+    if pickles:
+      raise ValueError(f"{path} holds {pickles[0]}, a torch pickle, and no {WEIGHTS_FILE}; {CONVERT_HINT}")
+    raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE}")
+  if not os.path.exists(cfg):
+    raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (UNet2DModel's config)")
+  return cfg, weights
+
+
+def read_config(path: str) -> dict[str, Any]:
+  """The folder's config.json as a dict."""
+  cfg, _ = _check_folder(path)
+  try:
+    with open(cfg) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{cfg} is not valid JSON ({e})") from e
+
+
+def load_model(path: str) -> tuple[UNet, Any, tuple[int, int, int]]:
+  """(model, float32 params, image_shape) of a diffusers UNet2DModel folder."""
+  from safetensors.numpy import load_file
+  _, weights = _check_folder(path)
+  model, image_shape = unet_from_config(read_config(path))
+  params = params_from_state_dict(load_file(weights), model, image_shape)
+  return model, jax.device_put(params), image_shape
+
+
+def load_eps_fn(path: str, sde: sde_lib.SDE | None = None) -> tuple[models.EpsFn, tuple[int, int, int]]:
+  """(eps_fn(x [H, W, C] in [-1, 1], t) -> [H, W, C], image_shape) of a diffusers folder,
+  under `sde` (default: the VP-SDE beta 0.1 .. 20 that DDPM's linear betas discretise;
+  the network sees 999 t)."""
+  model, params, image_shape = load_model(path)
+  sde = sde_lib.VPSDE(beta_min=0.1, beta_max=20.0) if sde is None else sde
+  return models.make_eps_fn(model, params, sde), image_shape
+
+
+def save_folder(path: str, config: Mapping[str, Any], state: Mapping[str, np.ndarray]) -> None:
+  """Write config.json + diffusion_pytorch_model.safetensors to `path`, both atomically."""
+  from safetensors.numpy import save_file
+  os.makedirs(path, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path, prefix=".weights.", suffix=".tmp")
+  os.close(fd)
+  try:
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp, metadata={"format": "pt"})
+    shutil.move(tmp, os.path.join(path, WEIGHTS_FILE))
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  io.save_json(os.path.join(path, CONFIG_FILE), dict(config))
+
+
+def export(model: UNet, params: Any, image_shape: tuple[int, ...], path: str) -> dict[str, Any]:
+  """Write a memvol UNet as a diffusers UNet2DModel folder at `path`; returns its config.
+  The export loads back (load_model) to the same network."""
+  config = config_from_unet(model, image_shape)
+  save_folder(path, config, state_dict_from_params(params, model))
+  return config
+
+
+# --- the workdir's record of the weights -------------------------------------------------
+
+
+def weights_sha256(path: str) -> str:
+  """SHA-256 (hex) of the folder's safetensors file."""
+  _, weights = _check_folder(path)
+  h = hashlib.sha256()
+  with open(weights, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def record_path(workdir: str) -> str:
+  return os.path.join(workdir, "pretrained.json")
+
+
+def check_weights(path: str, workdir: str) -> str:
+  """Record the SHA-256 of the weights at `path` in workdir/pretrained.json the first time;
+  afterwards refuse (ValueError) weights whose SHA-256 differs. Returns the hash."""
+  digest = weights_sha256(path)
+  record = record_path(workdir)
+  if not os.path.exists(record):
+    io.save_json(record, {"path": os.path.abspath(path), "sha256": digest, "config": read_config(path)})
+    return digest
+  old = io.load_json(record)
+  if old.get("sha256") != digest:
+    raise ValueError(f"{path}/{WEIGHTS_FILE} has SHA-256 {digest[:16]}..., but workdir {workdir} "
+                     f"was made with weights {str(old.get('sha256'))[:16]}... ({old.get('path')}); "
+                     "use a new --workdir for other weights")
+  return digest
+
+
+def run(config: Any, workdir: str) -> None:
+  """The `train` stage of a pretrained config: nothing to train; records the weights'
+  SHA-256 and the train / held-out split (data.prepare) that later stages read."""
+  from memvol import data
+  path = str(config.model.pretrained)
+  digest = check_weights(path, workdir)
+  _, image_shape = unet_from_config(read_config(path))
+  split = data.prepare(config, workdir)
+  if tuple(split.train.shape) != tuple(image_shape):
+    raise ValueError(f"the data's images have shape {split.train.shape} but {path} takes "
+                     f"{tuple(image_shape)}; set data.resolution (and data.channels)")
+  print(f"[memvol] pretrained {path} (sha256 {digest[:12]}): no training; {data.describe(split)}")
+
+
+def is_complete(config: Any, workdir: str) -> bool:
+  """Never: the pretrained `train` stage only verifies (cheap), so it always runs."""
+  return False
