@@ -121,12 +121,21 @@ def config_to_dict(config: Any) -> dict[str, Any]:
   return json.loads(json.dumps(d, default=_json_default))
 
 
+# Identity fields (data / model / sde) added after workdirs and checkpoints were first
+# recorded, each with the value that means "as before": a record that lacks the field was
+# made with that value, so old workdirs stay usable.
+ADDED_FIELDS = {
+    "data.heldout_name": "", "data.heldout_path": "", "model.pretrained": "",
+}
+
+
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-  """Dotted paths where two nested config dicts differ, each as 'path: old -> new'."""
+  """Dotted paths where two nested config dicts differ, each as 'path: old -> new'. A field
+  of ADDED_FIELDS missing from `old` counts as its as-before value."""
   out = []
   for k in sorted(set(old) | set(new)):
     path = f"{prefix}{k}"
-    a, b = old.get(k, "<missing>"), new.get(k, "<missing>")
+    a, b = old.get(k, ADDED_FIELDS.get(path, "<missing>")), new.get(k, "<missing>")
     if isinstance(a, Mapping) and isinstance(b, Mapping):
       out.extend(config_diff(a, b, path + "."))
     elif a != b:
