@@ -39,6 +39,7 @@ def tiny_config(num_steps: int = 12):
   t.ckpt_every = 3
   t.keep_checkpoints = 2
   t.sample_every = 0
+  t.steps_per_call = 4
   return c
 
 
@@ -89,16 +90,28 @@ def test_denoising_loss_vanishes_for_the_oracle():
   assert 0.8 < float(zero) < 1.2  # E z^2 = 1
 
 
-def test_data_order_is_epochwise_permutation_and_split_invariant():
-  order = train.DataOrder(10, jax.random.PRNGKey(3))
-  whole = order.indices(0, 35)
+def test_stream_indices_are_epochwise_permutations_and_split_invariant():
+  key = jax.random.PRNGKey(3)
+  perms = [np.asarray(jax.random.permutation(jax.random.fold_in(key, e), 10)) for e in range(5)]
+  whole = np.concatenate(perms)  # example k of the run is perms[k // 10][k % 10]
   for e in range(3):
     assert sorted(whole[10 * e:10 * e + 10]) == list(range(10))
   assert not np.array_equal(whole[:10], whole[10:20])
-  pieces = np.concatenate([order.indices(0, 7), order.indices(7, 13), order.indices(20, 15)])
-  np.testing.assert_array_equal(pieces, whole)
-  again = train.DataOrder(10, jax.random.PRNGKey(3))
-  np.testing.assert_array_equal(again.indices(21, 4), whole[21:25])
+  # windows inside one epoch, across an epoch boundary, longer than an epoch; traced start
+  for start, count in ((0, 7), (7, 13), (20, 15), (21, 4), (3, 27)):
+    np.testing.assert_array_equal(train.stream_indices(key, start, count, 10), whole[start:start + count])
+  jitted = jax.jit(train.stream_indices, static_argnums=(2, 3))
+  np.testing.assert_array_equal(jitted(key, jnp.int32(17), 8, 10), whole[17:25])
+
+
+def test_call_length_stops_at_named_steps():
+  c = tiny_config(20)
+  c.train.steps_per_call, c.train.log_every, c.train.ckpt_every, c.train.sample_every = 4, 7, 5, 0
+  done, calls = 0, []
+  while done < 20:
+    calls.append(train.call_length(c.train, done))
+    done += calls[-1]
+  assert calls == [4, 1, 2, 3, 4, 1, 4, 1]  # ends at 4 5 7 10 14 15 19 20 (log 7, 14; ckpt 5, 10, 15)
 
 
 def test_check_finite_names_the_first_bad_step():
