@@ -12,6 +12,7 @@ import os
 import time
 from typing import Callable
 
+import jax
 from absl import logging
 
 from memvol import io
@@ -90,6 +91,8 @@ def run(config, workdir: str, mode: str = "all", force: bool = False,
   if mode != "all" and mode not in STAGES:
     raise ValueError(f"unknown mode {mode!r}; expected 'all' or one of {STAGES}")
   check_workdir(config, workdir)
+  if config.get("compilation_cache_dir", ""):  # JAX's persistent cache: later runs skip compiling
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(config.compilation_cache_dir))
   for stage in STAGES if mode == "all" else (mode,):
     if mode == "all" and not force and is_complete(config, workdir, stage):
       log(f"[memvol] stage {stage}: already complete in {workdir}, skipped")
