@@ -17,12 +17,13 @@ permutation of fold_in(PRNGKey(seed) -> 2, e), and the global example counter
 batches and noise and, on CPU, ends with bitwise the same parameters as an uninterrupted
 one.
 
-Throughput: the training stream lives on the device (replicated); one compiled call runs up
-to train.steps_per_call updates in a `lax.fori_loop`, each drawing its batch indices on the
-device from the data-order key (`stream_indices`). The loop length is a traced argument, so
-one program serves every call length: calls stop short at the steps the config names for a
-log row, checkpoint or sample grid, and the result does not depend on how the steps are
-split into calls. Checkpoints are saved asynchronously (orbax, atomic as before) from a
+Throughput: the training stream lives on the device (replicated) and every update draws its
+batch indices there from the data-order key (`stream_indices`). On accelerators one
+compiled call runs up to train.steps_per_call updates in a `lax.fori_loop` whose length is
+a traced argument, so one program serves every call length; on CPU (train.fused_steps)
+the updates of a call are dispatched one by one. Calls stop short at the steps the config
+names for a log row, checkpoint or sample grid, and the result does not depend on how the
+steps are split into calls. Checkpoints are saved asynchronously (orbax, atomic as before) from a
 device copy of the state, so the next call starts while the previous save is written. A
 SIGTERM (memvol.preempt) stops the run after the call in flight: a checkpoint is saved at
 that step and `preempt.Preempted` is raised; rerunning resumes bitwise.
@@ -57,6 +58,7 @@ from memvol import sde as sde_lib
 Array = jax.Array
 LOG_COLUMNS = ("step", "loss", "grad_norm", "lr", "steps_per_s", "elapsed_s")
 _INIT, _STEP, _ORDER, _PREVIEW = 0, 1, 2, 3  # fold_in tags of PRNGKey(seed)
+_FUSED = ("auto", "true", "false")  # train.fused_steps
 
 
 @flax.struct.dataclass
@@ -172,37 +174,76 @@ def _train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, 
 
 def make_train_loop(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation,
                     train_cfg: Any, mesh: Mesh, random_flip: bool = False) -> Callable[..., Any]:
-  """The jitted multi-step update
-  `loop(state, images [N, H, W, C], seen, n, step_key, order_key) -> (state, {loss, grad_norm})`:
-  n (int32 scalar, 1 <= n <= train.steps_per_call) updates of `make_train_step`'s kind, update
-  j on the batch of train.batch_size stream examples seen + j B, ... (`stream_indices` of
-  order_key), each device keeping its rows. Metrics are [steps_per_call] float32, the first n
-  valid. Everything replicated, state donated; one compilation for every n."""
+  """The multi-step update
+  `loop(state, images [N, H, W, C], seen: int, n: int, step_key, order_key) -> (state, {loss, grad_norm})`:
+  n (1 <= n <= train.steps_per_call) updates of `make_train_step`'s kind, update j on the
+  batch of train.batch_size stream examples seen + j B, ... (`stream_indices` of order_key),
+  each device keeping its rows; images, keys and state replicated, state donated. Metrics
+  are float32 vectors whose first n entries are the updates' values.
+
+  Fused (`fused_steps(train_cfg, mesh)`): one dispatch of one compiled `lax.fori_loop`
+  whose trip count n is traced, so one program serves every n. Unfused (the CPU default):
+  n dispatches of one compiled update that still draws and gathers its batch on the device
+  (XLA:CPU runs convolution gradients inside a loop body ~20x slower than outside one)."""
+  fused = fused_steps(train_cfg, mesh)
   return _train_loop(model, sde, tx, float(train_cfg.ema_decay), _precision(train_cfg), mesh,
-                     bool(random_flip), int(train_cfg.batch_size), int(train_cfg.steps_per_call))
+                     bool(random_flip), int(train_cfg.batch_size),
+                     int(train_cfg.steps_per_call) if fused else 0, fused)
+
+
+def fused_steps(train_cfg: Any, mesh: Mesh) -> bool:
+  """Whether calls run as one compiled loop: train.fused_steps "true" | "false" | "auto"
+  (auto: yes unless the mesh is on CPU)."""
+  value = str(train_cfg.get("fused_steps", "auto")).lower()
+  if value not in _FUSED:
+    raise ValueError(f"train.fused_steps must be one of {_FUSED}; got {value!r}")
+  if value == "auto":
+    return mesh.devices.flat[0].platform != "cpu"
+  return value == "true"
 
 
 @functools.lru_cache(maxsize=8)
 def _train_loop(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, ema_decay: float,
                 precision: str, mesh: Mesh, random_flip: bool, batch_size: int,
-                steps_per_call: int) -> Callable[..., Any]:
+                steps_per_call: int, fused: bool) -> Callable[..., Any]:
   rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
   step = _step_fn(model, sde, tx, ema_decay, precision, random_flip)
+
+  def update(state: TrainState, images: Array, seen: Array, step_key: Array,
+             order_key: Array) -> tuple[TrainState, dict[str, Array]]:
+    idx = stream_indices(order_key, seen, batch_size, images.shape[0])
+    return step(state, jax.lax.with_sharding_constraint(images[idx], shard), step_key)
+
+  def scalar(v: int) -> Array:
+    return jax.device_put(np.int32(v), rep)
+
+  if not fused:
+    one = jax.jit(update, in_shardings=(rep,) * 5, out_shardings=(rep, rep), donate_argnums=0)
+
+    def stepwise(state, images, seen, n, step_key, order_key):
+      metrics = []
+      for j in range(int(n)):
+        state, m = one(state, images, scalar(seen + j * batch_size), step_key, order_key)
+        metrics.append(m)
+      return state, {k: jnp.stack([m[k] for m in metrics]) for k in ("loss", "grad_norm")}
+    return stepwise
 
   def loop(state: TrainState, images: Array, seen: Array, n: Array, step_key: Array,
            order_key: Array) -> tuple[TrainState, dict[str, Array]]:
     def body(j, carry):
       state, losses, gnorms = carry
-      idx = stream_indices(order_key, seen + j * batch_size, batch_size, images.shape[0])
-      x0 = jax.lax.with_sharding_constraint(images[idx], shard)
-      state, m = step(state, x0, step_key)
+      state, m = update(state, images, seen + j * batch_size, step_key, order_key)
       return state, losses.at[j].set(m["loss"]), gnorms.at[j].set(m["grad_norm"])
 
     zeros = jnp.zeros((steps_per_call,), jnp.float32)
     state, losses, gnorms = jax.lax.fori_loop(0, n, body, (state, zeros, zeros))
     return state, {"loss": losses, "grad_norm": gnorms}
 
-  return jax.jit(loop, in_shardings=(rep,) * 6, out_shardings=(rep, rep), donate_argnums=0)
+  jitted = jax.jit(loop, in_shardings=(rep,) * 6, out_shardings=(rep, rep), donate_argnums=0)
+
+  def fused_call(state, images, seen, n, step_key, order_key):
+    return jitted(state, images, scalar(seen), scalar(n), step_key, order_key)
+  return fused_call
 
 
 def init_state(model: Any, tx: optax.GradientTransformation, key: Array,
@@ -279,6 +320,8 @@ def _check_train_config(tc: Any, num_devices: int) -> None:
   if not 0.0 <= float(tc.ema_decay) < 1.0:
     raise ValueError(f"train.ema_decay must be in [0, 1), got {tc.ema_decay}")
   _precision(tc)
+  if str(tc.get("fused_steps", "auto")).lower() not in _FUSED:
+    raise ValueError(f"train.fused_steps must be one of {_FUSED}; got {tc.fused_steps!r}")
   if int(tc.batch_size) % num_devices:
     raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by the {num_devices} "
                      f"devices of the data mesh; use a multiple of {num_devices}")
@@ -439,8 +482,7 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
     with preempt.handling():
       while done < num_steps:
         n = call_length(tc, done)
-        state, metrics = train_loop(state, stream, jax.device_put(np.int32(examples_seen), rep),
-                                    jax.device_put(np.int32(n), rep), step_key, order_key)
+        state, metrics = train_loop(state, stream, examples_seen, n, step_key, order_key)
         examples_seen += n * batch_size
         pending.append((metrics, n))
         bar.update(n)

@@ -87,21 +87,20 @@ def test_lowered_sampler_carries_the_precision(method):
 
 
 @pytest.mark.parametrize("precision", ["highest", "default"])
-def test_lowered_train_loop_carries_the_precision(precision):
+def test_lowered_train_step_carries_the_precision(precision):
   c = get_base_config()
   c.model.name, c.model.hidden, c.model.num_layers = "mlp", 16, 1
-  c.train.batch_size, c.train.steps_per_call, c.train.precision = 4, 2, precision
+  c.train.batch_size, c.train.precision = 4, precision
   shape = (4, 4, 1)
   model = models.get_model(c.model, shape)
   tx = train.make_optimizer(c.train)
   mesh = parallel.data_mesh(jax.devices()[:1])
   state = jax.eval_shape(lambda k: train.init_state(model, tx, k, shape, parallel.replicated(mesh)),
                          jax.random.PRNGKey(0))
-  loop = train.make_train_loop(model, SDE, tx, c.train, mesh)
-  i32 = jax.ShapeDtypeStruct((), jnp.int32)
+  step = train.make_train_step(model, SDE, tx, c.train, mesh)
   key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
   with jax.default_matmul_precision(OTHER[precision]):
-    text = loop.lower(state, jax.ShapeDtypeStruct((6,) + shape, jnp.float32), i32, i32, key, key).as_text()
+    text = step.lower(state, jax.ShapeDtypeStruct((4,) + shape, jnp.float32), key).as_text()
   _expect(text, precision, ops=("dot_general",))
 
 

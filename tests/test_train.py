@@ -229,12 +229,14 @@ def test_killed_run_resumes_bitwise(reference, tmp_path, monkeypatch):
   assert steps == sorted(set(steps)) and steps[-1] == 12 and 8 not in steps
 
 
-def test_resume_is_bitwise_when_calls_split_the_steps_differently(tmp_path):
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_resume_is_bitwise_when_calls_split_the_steps_differently(tmp_path, fused):
   """steps_per_call 4, logs every 7, checkpoints every 5: the uninterrupted run's calls end at
-  4 5 7 10 14 15 17; stopped at 9 and resumed they end at 4 5 7 9 | 10 14 15 17."""
+  4 5 7 10 14 15 17; stopped at 9 and resumed they end at 4 5 7 9 | 10 14 15 17. Fused: each
+  call one compiled loop (the accelerator default); unfused: updates dispatched one by one."""
   def config(num_steps):
     c = tiny_config(num_steps)
-    c.train.log_every, c.train.ckpt_every = 7, 5
+    c.train.log_every, c.train.ckpt_every, c.train.fused_steps = 7, 5, fused
     return c
   ref = train.run(config(17), str(tmp_path / "ref"))
   wd = str(tmp_path / "split")
