@@ -12,7 +12,6 @@ import os
 import time
 from typing import Callable
 
-import jax
 from absl import logging
 
 from memvol import io
@@ -84,6 +83,14 @@ def run_stage(config, workdir: str, stage: str, log: Callable[[str], None] = log
   return seconds
 
 
+def enable_compilation_cache(path: str) -> None:
+  """Keep compiled programs in JAX's persistent cache at `path`, so later runs skip compiling
+  them. The reset makes it take effect even after this process has compiled something."""
+  from jax.experimental.compilation_cache import compilation_cache
+  compilation_cache.set_cache_dir(os.path.abspath(path))
+  compilation_cache.reset_cache()
+
+
 def run(config, workdir: str, mode: str = "all", force: bool = False,
         log: Callable[[str], None] = logging.info) -> None:
   """Run `mode` (one stage, or 'all' = every stage in order, skipping completed ones unless
@@ -91,8 +98,8 @@ def run(config, workdir: str, mode: str = "all", force: bool = False,
   if mode != "all" and mode not in STAGES:
     raise ValueError(f"unknown mode {mode!r}; expected 'all' or one of {STAGES}")
   check_workdir(config, workdir)
-  if config.get("compilation_cache_dir", ""):  # JAX's persistent cache: later runs skip compiling
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(config.compilation_cache_dir))
+  if config.get("compilation_cache_dir", ""):
+    enable_compilation_cache(config.compilation_cache_dir)
   for stage in STAGES if mode == "all" else (mode,):
     if mode == "all" and not force and is_complete(config, workdir, stage):
       log(f"[memvol] stage {stage}: already complete in {workdir}, skipped")

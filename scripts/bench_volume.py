@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import time
 
 import jax
@@ -203,8 +202,7 @@ def cost_table(args) -> None:
   base = max(r4 - 4 * per_jvp, 0.0)
   rhs = lambda n: base + n * per_jvp  # noqa: E731
   k, nfe = min(args.K, d), args.cost_nfe
-  print(f"
-{name}: {nparams / 1e6:.1f}M params, images {shape}, D = {d}; devices {jax.devices()}")
+  print(f"\n{name}: {nparams / 1e6:.1f}M params, images {shape}, D = {d}; devices {jax.devices()}")
   print(f"unit costs per image: forward {fwd:.3f} s (batch of {x.shape[0]}), RHS with 4 JVPs {r4:.3f} s, "
         f"with 12 JVPs {r12:.3f} s -> {base:.3f} s + {per_jvp:.3f} s per JVP")
   rows = [("hutchinson", f"{args.num_probes} probes, tsit5", nfe, nfe * args.num_probes, nfe * rhs(args.num_probes)),
@@ -214,8 +212,7 @@ def cost_table(args) -> None:
           ("exact", f"D = {d} JVPs per evaluation", nfe, nfe * d, nfe * rhs(d)),
           ("paper", f"K {k}, {args.paper_steps} Euler steps", (k + 1) * args.paper_steps, 0,
            (k + 1) * args.paper_steps * fwd)]
-  print(f"
-| estimator | settings | NFE / image | JVPs / image | s / image (extrapolated) | h / image |")
+  print(f"\n| estimator | settings | NFE / image | JVPs / image | s / image (extrapolated) | h / image |")
   print("|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r[0]} | {r[1]} | {r[2]:,} | {r[3]:,} | {r[4]:.3g} | {r[4] / 3600:.2f} |")
@@ -227,9 +224,9 @@ def first_batch(args) -> None:
   settings, --first_batch images) on the trained --workdir, with JAX's persistent
   compilation cache at --cache_dir when given."""
   import importlib.util
-  from memvol import data, loading, parallel, scoring
+  from memvol import data, loading, parallel, pipeline, scoring
   if args.cache_dir:
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(args.cache_dir))
+    pipeline.enable_compilation_cache(args.cache_dir)
   spec = importlib.util.spec_from_file_location("cfg", args.config)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)

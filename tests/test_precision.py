@@ -1,9 +1,11 @@
 """Precision as a setting: the lowered programs of scoring, sampling and training carry the
 requested precision on every dot_general and convolution (whatever the process-wide flag
-says), the CPU gives the same numbers at every setting, and the records name it."""
+says), the CPU gives the same numbers at every setting, and the records name it. Also the
+persistent compilation cache that keeps those programs (config.compilation_cache_dir)."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from experiments.configs.base import get_base_config
-from memvol import models, numerics, parallel, sampling, scoring, train, volume
+from memvol import models, numerics, parallel, pipeline, sampling, scoring, train, volume
 from memvol import sde as sde_lib
 from test_volume import _images, _tiny_net
 
@@ -137,3 +139,18 @@ def test_precision_is_recorded_and_checked():
   c.train.precision = "fast"
   with pytest.raises(ValueError, match="train.precision"):
     train._check_train_config(c.train, 1)
+
+
+def test_compilation_cache_takes_effect_after_earlier_compiles(tmp_path):
+  jax.jit(lambda x: x + 1)(1.0)  # this process has compiled before the cache is switched on
+  from jax.experimental.compilation_cache import compilation_cache
+  old = jax.config.jax_persistent_cache_min_compile_time_secs
+  try:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    pipeline.enable_compilation_cache(str(tmp_path / "cache"))
+    jax.jit(lambda x: jnp.sin(x) * 3.25)(jnp.arange(5.0)).block_until_ready()
+    assert any("jit__lambda" in f for f in os.listdir(tmp_path / "cache"))
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old)
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
