@@ -11,7 +11,7 @@ import ml_collections
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.compilation_cache_dir = ""  # JAX persistent compilation cache folder ("" = off)
+  c.compilation_cache_dir = ""  # JAX persistent compilation cache folder ("" = off; diffrax solves need EQX_ON_ERROR=nan, BUILD.md)
 
   # --- data (memvol/data.py) ---------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
@@ -72,7 +72,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.sample_num = 36           # images in each training sample grid
   t.sample_steps = 250        # reverse-SDE steps for the training sample grids
   t.steps_per_call = 50       # updates per compiled call (lax loop on the device); calls stop at log/ckpt/sample steps
-  t.fused_steps = "auto"      # a call as one compiled loop: auto (not on CPU, where XLA runs conv gradients in loops ~20x slower) | true | false
+  t.fused_steps = "auto"      # a call as one compiled loop: auto (not on CPU, where XLA runs conv gradients in loops 20x+ slower) | true | false
   t.precision = "default"     # matmul/conv precision of the updates: highest | high | default (TF32 on GPUs)
 
   # --- sample (memvol/sampling.py) ---------------------------------------------------
