@@ -104,6 +104,14 @@ def run_stage(config, workdir: str, stage: str, log: Callable[[str], None] = log
   return seconds
 
 
+def enable_compilation_cache(path: str) -> None:
+  """Keep compiled programs in JAX's persistent cache at `path`, so later runs skip compiling
+  them. The reset makes it take effect even after this process has compiled something."""
+  from jax.experimental.compilation_cache import compilation_cache
+  compilation_cache.set_cache_dir(os.path.abspath(path))
+  compilation_cache.reset_cache()
+
+
 def run(config, workdir: str, mode: str = "all", force: bool = False,
         log: Callable[[str], None] = logging.info, reference=None) -> None:
   """Run `mode` (one stage, or 'all' = every stage in order, skipping completed ones unless
@@ -121,6 +129,8 @@ def run(config, workdir: str, mode: str = "all", force: bool = False,
   preempt.clear()  # a notice belongs to the run it arrives in
   with lock.hold(workdir, log=log), preempt.handling():
     check_workdir(config, workdir)
+    if config.get("compilation_cache_dir", ""):
+      enable_compilation_cache(config.compilation_cache_dir)
     for stage in STAGES if mode == "all" else (mode,):
       if preempt.requested():
         raise preempt.Preempted("the chain", f"the start of stage {stage}", preempt.resume_hint())

@@ -656,6 +656,7 @@ def render_markdown(config, info, per_est, agreement, figures, notes, timings, d
              f"estimators: {', '.join(f'`{e}`' for e in info['estimators_list'])} (primary: `{e0}`). "
              "Score = log volume growth L of the probability-flow ODE map from the image to the latent "
              "(larger = more latent volume flows onto the image = easier to reproduce).")
+  out += ["", f"Matmul / convolution precision: scores `{config.score.get('precision', 'highest')}`, samples `{config.sample.get('precision', 'highest')}` (`highest` = float32, as on CPU; `high` / `default` = TF32 on GPUs, bfloat16 passes on TPUs)."]
   out += ["", "## Findings", ""]
   out.append("- " + _claim_sentence(st0["trained_vs_heldout"], "trained images", "held-out images",
                                     "Claim 1, trained vs held-out"))

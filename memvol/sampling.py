@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from memvol import io, parallel, parts, plotting
+from memvol import io, numerics, parallel, parts, plotting
 from memvol import sde as sde_lib
 
 Array = jax.Array
@@ -76,15 +76,17 @@ def _reverse_sde_one(eps_fn: Any, sde: sde_lib.SDE, key: Array, shape: tuple[int
 
 
 def _reverse_sde_batch(rep: tuple, indices: Array) -> Samples:
-  eps_fn, sde, key, shape, num_steps, denoise = rep
+  eps_fn, sde, key, shape, num_steps, denoise, precision = rep
   one = lambda i: _reverse_sde_one(eps_fn, sde, jax.random.fold_in(key, i), shape, num_steps, denoise)
-  images = jax.vmap(one)(indices)
+  with numerics.precision(precision):
+    images = jax.vmap(one)(indices)
   return Samples(images, jnp.full(indices.shape, num_steps, jnp.int32))
 
 
 def reverse_sde_sample(eps_fn: Any, sde: sde_lib.SDE, key: Array, num: int, shape: Sequence[int],
                        num_steps: int = 1000, *, denoise: bool = True, start: int = 0,
-                       mesh: Mesh | None = None, pad_to: int = 0) -> Samples:
+                       mesh: Mesh | None = None, pad_to: int = 0, precision: str = "highest"
+                       ) -> Samples:
   """`num` samples [num, *shape] of the reverse SDE by Euler-Maruyama, as the paper's code:
   `num_steps` steps at t = linspace(T, eps, num_steps) with dt = T / num_steps,
   x <- x - [f(x, t) - g^2 s(x, t)] dt + g sqrt(dt) z.
@@ -94,13 +96,14 @@ def reverse_sde_sample(eps_fn: Any, sde: sde_lib.SDE, key: Array, num: int, shap
   sqrt(beta(eps) dt), 0.01 for VP): pass denoise=False for that. Sample i (i = start ..
   start + num - 1) uses only `fold_in(key, i)`. nfe = num_steps per sample. Sharded over
   `mesh` (default: this process's devices); `pad_to` fixes the padded batch size.
+  `precision`: the network's matmul / convolution precision (numerics.PRECISIONS).
   """
   shape = _check(num, shape, start)
   if int(num_steps) < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
   mesh = parallel.local_mesh() if mesh is None else mesh
   mapped = parallel.shard_map_batch(_reverse_sde_batch, mesh)
-  rep = (eps_fn, sde, key, shape, int(num_steps), bool(denoise))
+  rep = (eps_fn, sde, key, shape, int(num_steps), bool(denoise), numerics.check_precision(precision))
   return mapped(rep, _indices(num, start), pad_to=pad_to)
 
 
@@ -149,20 +152,21 @@ def _pf_ode_one(eps_fn: Any, sde: sde_lib.SDE, key: Array, shape: tuple[int, ...
 
 
 def _pf_ode_batch(rep: tuple, indices: Array) -> tuple[Samples, Array]:
-  eps_fn, sde, key, shape, solver_name, rtol, atol, num_steps, max_steps = rep
+  eps_fn, sde, key, shape, solver_name, rtol, atol, num_steps, max_steps, precision = rep
 
   def one(i: Array) -> tuple[Array, Array, Array]:
     return _pf_ode_one(eps_fn, sde, jax.random.fold_in(key, i), shape, solver_name, rtol, atol,
                        num_steps, max_steps)
 
-  images, nfe, status = jax.vmap(one)(indices)
+  with numerics.precision(precision):
+    images, nfe, status = jax.vmap(one)(indices)
   return Samples(images, nfe), status
 
 
 def pf_ode_sample(eps_fn: Any, sde: sde_lib.SDE, key: Array, num: int, shape: Sequence[int],
                   solver: str = "tsit5", rtol: float = 1e-4, atol: float = 1e-4, *,
                   num_steps: int | None = None, max_steps: int = 4096, start: int = 0,
-                  mesh: Mesh | None = None, pad_to: int = 0) -> Samples:
+                  mesh: Mesh | None = None, pad_to: int = 0, precision: str = "highest") -> Samples:
   """`num` samples [num, *shape] by the probability-flow ODE, each its own diffrax solve
   from x_T ~ prior at t = T down to t = eps.
 
@@ -171,6 +175,7 @@ def pf_ode_sample(eps_fn: Any, sde: sde_lib.SDE, key: Array, num: int, shape: Se
   `fold_in(key, i)`. nfe counts network calls per sample (accepted and rejected steps).
   A sample whose solve fails (e.g. `max_steps` reached) raises a ValueError naming it.
   Sharded over `mesh` (default: this process's devices); `pad_to` fixes the padded size.
+  `precision`: the network's matmul / convolution precision (numerics.PRECISIONS).
   """
   shape = _check(num, shape, start)
   ode_solver(solver)
@@ -181,7 +186,8 @@ def pf_ode_sample(eps_fn: Any, sde: sde_lib.SDE, key: Array, num: int, shape: Se
   mesh = parallel.local_mesh() if mesh is None else mesh
   mapped = parallel.shard_map_batch(_pf_ode_batch, mesh)
   rep = (eps_fn, sde, key, shape, solver, float(rtol), float(atol),
-         None if num_steps is None else int(num_steps), int(max_steps))
+         None if num_steps is None else int(num_steps), int(max_steps),
+         numerics.check_precision(precision))
   samples, status = mapped(rep, _indices(num, start), pad_to=pad_to)
   bad = np.flatnonzero(np.asarray(status) != 0)
   if bad.size:
@@ -206,7 +212,8 @@ def _settings(config: Any, method: str, eps_fn: Any, shape: tuple[int, ...]) -> 
   """Everything a sample depends on (not the batch size or the device count)."""
   sp = config.sample
   s = {"method": method, "seed": int(config.seed), "sde": dict(config.sde), "shape": list(shape),
-       "use_ema": bool(sp.use_ema), "params": parts.tree_digest(eps_fn)}
+       "use_ema": bool(sp.use_ema), "params": parts.tree_digest(eps_fn),
+       "precision": numerics.check_precision(sp.get("precision", "highest"), "config.sample.precision")}
   if method == "sde":
     s.update(sde_steps=int(sp.sde_steps), denoise=bool(sp.denoise))
   else:
@@ -227,6 +234,7 @@ def _check_config(config: Any) -> tuple[str, ...]:
     raise ValueError(f"config.sample.num_samples must be >= 1, got {sp.num_samples}")
   if int(sp.batch_size) < 1:
     raise ValueError(f"config.sample.batch_size must be >= 1, got {sp.batch_size}")
+  numerics.check_precision(sp.get("precision", "highest"), "config.sample.precision")
   return methods
 
 
@@ -240,11 +248,12 @@ def _generate(config: Any, method: str, eps_fn: Any, shape: tuple[int, ...], mes
   key, num, pad = sample_key(config), end - start, int(sp.batch_size)
   if method == "sde":
     out = reverse_sde_sample(eps_fn, sde, key, num, shape, int(sp.sde_steps),
-                             denoise=bool(sp.denoise), start=start, mesh=mesh, pad_to=pad)
+                             denoise=bool(sp.denoise), start=start, mesh=mesh, pad_to=pad,
+                             precision=sp.precision)
   else:
     out = pf_ode_sample(eps_fn, sde, key, num, shape, sp.ode_solver, float(sp.ode_rtol),
                         float(sp.ode_atol), max_steps=int(sp.ode_max_steps), start=start,
-                        mesh=mesh, pad_to=pad)
+                        mesh=mesh, pad_to=pad, precision=sp.precision)
   return {"images": np.asarray(out.images, np.float32), "nfe": np.asarray(out.nfe)}
 
 

@@ -17,9 +17,20 @@ permutation of fold_in(PRNGKey(seed) -> 2, e), and the global example counter
 batches and noise and, on CPU, ends with bitwise the same parameters as an uninterrupted
 one.
 
+Throughput: the training stream lives on the device (replicated) and every update draws its
+batch indices there from the data-order key (`stream_indices`). On accelerators one
+compiled call runs up to train.steps_per_call updates in a `lax.fori_loop` whose length is
+a traced argument, so one program serves every call length; on CPU (train.fused_steps)
+the updates of a call are dispatched one by one. Calls stop short at the steps the config
+names for a log row, checkpoint or sample grid, and the result does not depend on how the
+steps are split into calls. Checkpoints are saved asynchronously (orbax, atomic as before) from a
+device copy of the state, so the next call starts while the previous save is written. A
+SIGTERM (memvol.preempt) stops the run after the call in flight: a checkpoint is saved at
+that step and `preempt.Preempted` is raised; rerunning resumes bitwise.
+
 Scale-out: the batch is split over the `data` axis of a mesh of all devices (params
-replicated, XLA inserts the gradient all-reduce); with several processes each process
-builds only its rows of the global batch (`jax.make_array_from_process_local_data`).
+replicated, XLA inserts the gradient all-reduce); each device keeps only its rows of the
+batch gathered from the replicated stream (a sharding constraint, no communication).
 """
 
 from __future__ import annotations
@@ -41,12 +52,13 @@ from tqdm import tqdm
 
 from memvol import checkpoint as ckpt_lib
 from memvol import data as data_lib
-from memvol import io, models, parallel, plotting, sampling
+from memvol import io, models, numerics, parallel, plotting, preempt, sampling
 from memvol import sde as sde_lib
 
 Array = jax.Array
 LOG_COLUMNS = ("step", "loss", "grad_norm", "lr", "steps_per_s", "elapsed_s")
 _INIT, _STEP, _ORDER, _PREVIEW = 0, 1, 2, 3  # fold_in tags of PRNGKey(seed)
+_FUSED = ("auto", "true", "false")  # train.fused_steps
 
 
 @flax.struct.dataclass
@@ -118,22 +130,29 @@ def make_train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformati
                     ) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict[str, Array]]]:
   """The jitted update `step(state, batch [B, H, W, C], key) -> (state, {loss, grad_norm})`:
   batch sharded over `data`, state and key replicated, state donated. Update k uses
-  fold_in(key, k). Built once per (model, sde, tx, ema_decay, mesh, random_flip)."""
-  return _train_step(model, sde, tx, float(train_cfg.ema_decay), mesh, bool(random_flip))
+  fold_in(key, k); matmuls and convolutions run at train.precision. Built once per
+  (model, sde, tx, ema_decay, precision, mesh, random_flip)."""
+  return _train_step(model, sde, tx, float(train_cfg.ema_decay), _precision(train_cfg), mesh,
+                     bool(random_flip))
 
 
-@functools.lru_cache(maxsize=8)
-def _train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, ema_decay: float,
-                mesh: Mesh, random_flip: bool) -> Callable[..., Any]:
+def _precision(train_cfg: Any) -> str:
+  return numerics.check_precision(train_cfg.get("precision", "default"), "train.precision")
+
+
+def _step_fn(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, ema_decay: float,
+             precision: str, random_flip: bool
+             ) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict[str, Array]]]:
+  """The pure update of `make_train_step` (not jitted)."""
   apply = _apply_fn(model, train=True)
-  rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
   def step(state: TrainState, x0: Array, key: Array) -> tuple[TrainState, dict[str, Array]]:
     key = jax.random.fold_in(key, state.step)
     k_loss, k_flip = jax.random.split(key)
     if random_flip:
       x0 = data_lib.random_flip(k_flip, x0)
-    loss, grads = jax.value_and_grad(lambda p: denoising_loss(apply, p, sde, x0, k_loss))(state.params)
+    with numerics.precision(precision):
+      loss, grads = jax.value_and_grad(lambda p: denoising_loss(apply, p, sde, x0, k_loss))(state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -142,7 +161,89 @@ def _train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, 
     new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
     return new, {"loss": loss, "grad_norm": grad_norm}
 
+  return step
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, ema_decay: float,
+                precision: str, mesh: Mesh, random_flip: bool) -> Callable[..., Any]:
+  rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  step = _step_fn(model, sde, tx, ema_decay, precision, random_flip)
   return jax.jit(step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep), donate_argnums=0)
+
+
+def make_train_loop(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation,
+                    train_cfg: Any, mesh: Mesh, random_flip: bool = False) -> Callable[..., Any]:
+  """The multi-step update
+  `loop(state, images [N, H, W, C], seen: int, n: int, step_key, order_key) -> (state, {loss, grad_norm})`:
+  n (1 <= n <= train.steps_per_call) updates of `make_train_step`'s kind, update j on the
+  batch of train.batch_size stream examples seen + j B, ... (`stream_indices` of order_key),
+  each device keeping its rows; images, keys and state replicated, state donated. Metrics
+  are float32 vectors whose first n entries are the updates' values.
+
+  Fused (`fused_steps(train_cfg, mesh)`): one dispatch of one compiled `lax.fori_loop`
+  whose trip count n is traced, so one program serves every n. Unfused (the CPU default):
+  n dispatches of one compiled update that still draws and gathers its batch on the device
+  (XLA:CPU runs convolution gradients inside a loop body 20-70x slower than outside one)."""
+  fused = fused_steps(train_cfg, mesh)
+  return _train_loop(model, sde, tx, float(train_cfg.ema_decay), _precision(train_cfg), mesh,
+                     bool(random_flip), int(train_cfg.batch_size),
+                     int(train_cfg.steps_per_call) if fused else 0, fused)
+
+
+def fused_steps(train_cfg: Any, mesh: Mesh) -> bool:
+  """Whether calls run as one compiled loop: train.fused_steps "true" | "false" | "auto"
+  (auto: yes unless the mesh is on CPU)."""
+  value = str(train_cfg.get("fused_steps", "auto")).lower()
+  if value not in _FUSED:
+    raise ValueError(f"train.fused_steps must be one of {_FUSED}; got {value!r}")
+  if value == "auto":
+    return mesh.devices.flat[0].platform != "cpu"
+  return value == "true"
+
+
+@functools.lru_cache(maxsize=8)
+def _train_loop(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, ema_decay: float,
+                precision: str, mesh: Mesh, random_flip: bool, batch_size: int,
+                steps_per_call: int, fused: bool) -> Callable[..., Any]:
+  rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  step = _step_fn(model, sde, tx, ema_decay, precision, random_flip)
+
+  def update(state: TrainState, images: Array, seen: Array, step_key: Array,
+             order_key: Array) -> tuple[TrainState, dict[str, Array]]:
+    idx = stream_indices(order_key, seen, batch_size, images.shape[0])
+    return step(state, jax.lax.with_sharding_constraint(images[idx], shard), step_key)
+
+  def scalar(v: int) -> Array:
+    return jax.device_put(np.int32(v), rep)
+
+  if not fused:
+    one = jax.jit(update, in_shardings=(rep,) * 5, out_shardings=(rep, rep), donate_argnums=0)
+
+    def stepwise(state, images, seen, n, step_key, order_key):
+      metrics = []
+      for j in range(int(n)):
+        state, m = one(state, images, scalar(seen + j * batch_size), step_key, order_key)
+        metrics.append(m)
+      return state, {k: jnp.stack([m[k] for m in metrics]) for k in ("loss", "grad_norm")}
+    return stepwise
+
+  def loop(state: TrainState, images: Array, seen: Array, n: Array, step_key: Array,
+           order_key: Array) -> tuple[TrainState, dict[str, Array]]:
+    def body(j, carry):
+      state, losses, gnorms = carry
+      state, m = update(state, images, seen + j * batch_size, step_key, order_key)
+      return state, losses.at[j].set(m["loss"]), gnorms.at[j].set(m["grad_norm"])
+
+    zeros = jnp.zeros((steps_per_call,), jnp.float32)
+    state, losses, gnorms = jax.lax.fori_loop(0, n, body, (state, zeros, zeros))
+    return state, {"loss": losses, "grad_norm": gnorms}
+
+  jitted = jax.jit(loop, in_shardings=(rep,) * 6, out_shardings=(rep, rep), donate_argnums=0)
+
+  def fused_call(state, images, seen, n, step_key, order_key):
+    return jitted(state, images, scalar(seen), scalar(n), step_key, order_key)
+  return fused_call
 
 
 def init_state(model: Any, tx: optax.GradientTransformation, key: Array,
@@ -172,53 +273,22 @@ def _init_fn(model: Any, tx: optax.GradientTransformation, image_shape: Sequence
 # --- data order ----------------------------------------------------------------------
 
 
-class DataOrder:
-  """Example k of the run (k = 0, 1, ...) is stream item perm_e[k mod N] of epoch
-  e = k // N, perm_e = jax.random.permutation(fold_in(key, e), N) (computed on the host
-  CPU, so every process and backend agrees)."""
-
-  def __init__(self, size: int, key: Array):
-    if size < 1:
-      raise ValueError("the training stream is empty")
-    self.size = int(size)
-    self._key = key
-    self._perms: dict[int, np.ndarray] = {}
-
-  def permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._perms:
-      cpu = jax.local_devices(backend="cpu")[0]
-      with jax.default_device(cpu):
-        perm = jax.random.permutation(jax.random.fold_in(self._key, epoch), self.size)
-      self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-      self._perms[epoch] = np.asarray(perm)
-    return self._perms[epoch]
-
-  def indices(self, start: int, count: int) -> np.ndarray:
-    """Stream indices of examples start .. start + count - 1."""
-    k = np.arange(start, start + count, dtype=np.int64)
-    epochs, pos = k // self.size, k % self.size
-    out = np.empty(count, np.int64)
-    for e in np.unique(epochs):
-      sel = epochs == e
-      out[sel] = self.permutation(int(e))[pos[sel]]
-    return out
+def stream_indices(order_key: Array, start: Array | int, count: int, size: int) -> Array:
+  """Stream indices [count] int32 of the run's examples start .. start + count - 1: example
+  k is perm_e[k mod size] of epoch e = k // size, perm_e = jax.random.permutation(
+  fold_in(order_key, e), size). Traceable (start may be a traced int32 scalar); computes
+  the permutations of the (count - 1) // size + 2 epochs a window can touch. Integer
+  sorts only, so every backend and process gets the same indices."""
+  k = jnp.asarray(start, jnp.int32) + jnp.arange(count, dtype=jnp.int32)
+  first = k[0] // size
+  epochs = first + jnp.arange((count - 1) // size + 2, dtype=jnp.int32)
+  perms = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(order_key, e), size))(epochs)
+  return perms[k // size - first, k % size].astype(jnp.int32)
 
 
 def stream_fingerprint(ids: np.ndarray) -> str:
   """sha1 of the training stream's image ids in stream order."""
   return hashlib.sha1(np.ascontiguousarray(np.asarray(ids, np.int64)).tobytes()).hexdigest()
-
-
-def _local_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> slice:
-  """The contiguous rows of a batch-sharded global array held by this process."""
-  idx = sharding.addressable_devices_indices_map(global_shape).values()
-  starts = sorted({(i[0].start or 0, i[0].stop if i[0].stop is not None else global_shape[0])
-                   for i in idx})
-  lo, hi = starts[0][0], starts[-1][1]
-  if sum(b - a for a, b in starts) != hi - lo:
-    raise ValueError("this process's devices do not hold contiguous rows of the batch; "
-                     "order the mesh devices by process")
-  return slice(lo, hi)
 
 
 # --- checks and logs -----------------------------------------------------------------
@@ -239,7 +309,7 @@ def check_finite(losses: np.ndarray, grad_norms: np.ndarray, first_step: int) ->
 def _check_train_config(tc: Any, num_devices: int) -> None:
   ints = {"num_steps": 1, "batch_size": 1, "warmup_steps": 0, "log_every": 1, "ckpt_every": 1,
           "keep_checkpoints": 1, "keep_every": 0, "sample_every": 0, "sample_num": 1,
-          "sample_steps": 1}
+          "sample_steps": 1, "steps_per_call": 1}
   for name, low in ints.items():
     if int(tc[name]) < low:
       raise ValueError(f"train.{name} must be >= {low}, got {tc[name]}")
@@ -249,6 +319,9 @@ def _check_train_config(tc: Any, num_devices: int) -> None:
     raise ValueError(f"train.grad_clip must be >= 0 (0 = no clipping), got {tc.grad_clip}")
   if not 0.0 <= float(tc.ema_decay) < 1.0:
     raise ValueError(f"train.ema_decay must be in [0, 1), got {tc.ema_decay}")
+  _precision(tc)
+  if str(tc.get("fused_steps", "auto")).lower() not in _FUSED:
+    raise ValueError(f"train.fused_steps must be one of {_FUSED}; got {tc.fused_steps!r}")
   if int(tc.batch_size) % num_devices:
     raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by the {num_devices} "
                      f"devices of the data mesh; use a multiple of {num_devices}")
@@ -378,13 +451,12 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
   start = latest or 0
   root = jax.random.PRNGKey(seed)
   step_key = jax.device_put(jax.random.fold_in(root, _STEP), rep)
-  order = DataOrder(len(ids), jax.random.fold_in(root, _ORDER))
-  train_step = make_train_step(model, sde, tx, tc, mesh, bool(config.data.random_flip))
+  order_key = jax.device_put(jax.random.fold_in(root, _ORDER), rep)
+  stream = jax.make_array_from_process_local_data(rep, images, images.shape)
+  train_loop = make_train_loop(model, sde, tx, tc, mesh, bool(config.data.random_flip))
   schedule = lr_schedule(tc)
 
-  batch_size = int(tc.batch_size)
-  global_shape = (batch_size,) + image_shape
-  rows_local = _local_rows(shard, global_shape)
+  batch_size, num_steps = int(tc.batch_size), int(tc.num_steps)
   is_main = parallel.is_main_process()
   log_rows = [r for r in read_log(workdir) if r["step"] <= start]
   elapsed0 = log_rows[-1]["elapsed_s"] if log_rows else 0.0
@@ -396,55 +468,78 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
             "num_params": models.count_params(state.params)}
 
   logging.info("train: %d stream images %s (%d distinct), %d params, steps %d -> %d, batch %d "
-               "over %d device(s)", len(ids), image_shape, len(np.unique(ids)),
-               models.count_params(state.params), start, int(tc.num_steps), batch_size, mesh.size)
-  mngr = ckpt_lib.open_manager(workdir, int(tc.keep_checkpoints), int(tc.keep_every) or None)
-  bar = tqdm(total=int(tc.num_steps), initial=start, desc="train", unit="step",
+               "over %d device(s), up to %d steps per call", len(ids), image_shape,
+               len(np.unique(ids)), models.count_params(state.params), start, num_steps, batch_size,
+               mesh.size, int(tc.steps_per_call))
+  mngr = ckpt_lib.open_manager(workdir, int(tc.keep_checkpoints), int(tc.keep_every) or None,
+                               async_save=True)
+  bar = tqdm(total=num_steps, initial=start, desc="train", unit="step",
              dynamic_ncols=True, mininterval=1.0, disable=not is_main)
-  pending: list[dict[str, Array]] = []
+  pending: list[tuple[dict[str, Array], int]] = []  # (metrics of a call, its number of steps)
   t_run0 = t_last = time.perf_counter()
-  step_last = start
+  done = step_last = start
   try:
-    for step in range(start, int(tc.num_steps)):
-      idx = order.indices(examples_seen, batch_size)[rows_local]
-      batch = jax.make_array_from_process_local_data(shard, images[idx], global_shape)
-      state, metrics = train_step(state, batch, step_key)
-      examples_seen += batch_size
-      pending.append(metrics)
-      bar.update(1)
-      done = step + 1
-      final = done == int(tc.num_steps)
-      do_ckpt = final or done % int(tc.ckpt_every) == 0
-      do_sample = int(tc.sample_every) > 0 and done % int(tc.sample_every) == 0
-      if not (final or do_ckpt or do_sample or done % int(tc.log_every) == 0):
-        continue
-      fetched = jax.device_get(pending)
-      losses = np.array([m["loss"] for m in fetched], np.float64)
-      gnorms = np.array([m["grad_norm"] for m in fetched], np.float64)
-      check_finite(losses, gnorms, done - len(fetched) + 1)
-      pending = []
-      now = time.perf_counter()
-      log_rows.append({"step": done, "loss": float(losses.mean()), "grad_norm": float(gnorms.mean()),
-                       "lr": float(schedule(done - 1)),
-                       "steps_per_s": (done - step_last) / max(now - t_last, 1e-9),
-                       "elapsed_s": elapsed0 + now - t_run0})
-      t_last, step_last = now, done
-      bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}", refresh=False)
-      if is_main:
-        io.save_csv(_log_path(workdir), log_rows, LOG_COLUMNS)
-      if do_ckpt:
-        ckpt_lib.save(mngr, done, state.params, state.ema_params, state.opt_state, meta_at(done))
-      if do_sample and is_main:
-        save_sample_grid(config, model, sde, state.ema_params, image_shape,
-                         os.path.join(workdir, "train", f"samples_step{done}.png"))
+    with preempt.handling():
+      while done < num_steps:
+        n = call_length(tc, done)
+        state, metrics = train_loop(state, stream, examples_seen, n, step_key, order_key)
+        examples_seen += n * batch_size
+        pending.append((metrics, n))
+        bar.update(n)
+        done += n
+        stop = preempt.should_stop(done)
+        final = done == num_steps
+        do_ckpt = final or stop or done % int(tc.ckpt_every) == 0
+        do_sample = int(tc.sample_every) > 0 and done % int(tc.sample_every) == 0
+        if not (do_ckpt or do_sample or done % int(tc.log_every) == 0):
+          continue
+        fetched = jax.device_get(pending)
+        losses = np.concatenate([np.asarray(m["loss"][:k], np.float64) for m, k in fetched])
+        gnorms = np.concatenate([np.asarray(m["grad_norm"][:k], np.float64) for m, k in fetched])
+        check_finite(losses, gnorms, done - len(losses) + 1)
+        pending = []
+        now = time.perf_counter()
+        log_rows.append({"step": done, "loss": float(losses.mean()), "grad_norm": float(gnorms.mean()),
+                         "lr": float(schedule(done - 1)),
+                         "steps_per_s": (done - step_last) / max(now - t_last, 1e-9),
+                         "elapsed_s": elapsed0 + now - t_run0})
+        t_last, step_last = now, done
+        bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}", refresh=False)
+        if is_main:
+          io.save_csv(_log_path(workdir), log_rows, LOG_COLUMNS)
+        if do_ckpt:  # from a copy, so the next call may donate the state while it is written
+          with ckpt_lib.quiet():
+            mngr.wait_until_finished()
+          snapshot = jax.tree.map(jnp.copy, (state.params, state.ema_params, state.opt_state))
+          ckpt_lib.save(mngr, done, *snapshot, meta_at(done))
+        if do_sample and is_main:
+          save_sample_grid(config, model, sde, state.ema_params, image_shape,
+                           os.path.join(workdir, "train", f"samples_step{done}.png"))
+        if stop and not final:
+          with ckpt_lib.quiet():
+            mngr.wait_until_finished()
+          raise preempt.Preempted("train", f"step {done}",
+                                  f"the same command with --workdir={workdir} (checkpoint {done} saved)")
     with ckpt_lib.quiet():
       mngr.wait_until_finished()
   finally:
     bar.close()
     with ckpt_lib.quiet():
+      mngr.wait_until_finished()
       mngr.close()
   if is_main and log_rows:
     save_loss_curve(log_rows, os.path.join(workdir, "train", "loss.png"))
-  logging.info("train: %d steps done, final loss %.4f", int(tc.num_steps),
+  logging.info("train: %d steps done, final loss %.4f", num_steps,
                log_rows[-1]["loss"] if log_rows else float("nan"))
   return state
+
+
+def call_length(train_cfg: Any, done: int) -> int:
+  """Updates of the next compiled call after `done` updates: up to train.steps_per_call,
+  stopping at the next step named for a log row, checkpoint, sample grid or the end."""
+  tc = train_cfg
+  stops = [int(tc.num_steps), done + int(tc.steps_per_call)]
+  for every in (int(tc.log_every), int(tc.ckpt_every), int(tc.sample_every)):
+    if every > 0:
+      stops.append((done // every + 1) * every)
+  return min(stops) - done

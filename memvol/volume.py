@@ -60,8 +60,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memvol import numerics, trace
 from memvol import sde as sde_lib
-from memvol import trace
 
 Array = jax.Array
 
@@ -94,6 +94,8 @@ class VolumeOptions:
   chunk_size: vectors vmapped together per image (basis / probes / frame / paper points);
     None = all at once, except `exact`, which then uses 64.
   save_ts: times at which the cumulative L(t) is also returned. max_steps: solver budget.
+  precision: highest | high | default, the matmul / convolution precision the compiled
+    solve runs at (numerics.py; "highest" = float32, what a CPU computes).
   """
 
   sde: sde_lib.SDE = sde_lib.VPSDE()
@@ -114,9 +116,11 @@ class VolumeOptions:
   chunk_size: int | None = None
   save_ts: tuple[float, ...] | None = None
   max_steps: int = 4096
+  precision: str = "highest"
 
   def __post_init__(self):
     setf = functools.partial(object.__setattr__, self)
+    setf("precision", numerics.check_precision(self.precision))
     if not isinstance(self.sde, sde_lib.SDE):
       raise ValueError(f"sde must be a memvol.sde.SDE; got {type(self.sde).__name__}")
     if self.estimator not in ESTIMATORS:
@@ -199,7 +203,8 @@ class VolumeOptions:
               num_probes=get("num_probes", 1), probe=get("probe", "rademacher"),
               variance_reduction=get("variance_reduction", None), K=get("K", 100),
               radius=get("radius", 0.05), paper_steps=get("paper_steps", 1000),
-              chunk_size=get("chunk_size", None), max_steps=get("max_steps", 4096))
+              chunk_size=get("chunk_size", None), max_steps=get("max_steps", 4096),
+              precision=get("precision", "highest"))
     kw.update(overrides)
     if "save_ts" not in overrides:
       n = int(get("num_save_times", 0) or 0)
@@ -479,7 +484,8 @@ def batch_log_volume(eps_fn, x0: Array, image_ids: Array, key: Array,
                      opts: VolumeOptions) -> dict[str, Array]:
   """The volume of every image of x0 [B, *shape], image_ids [B] ints: a dict of [B] arrays
   (the fields of VolumeResult, but L_t only when opts.save_ts). Pure and traceable: no
-  validation and no host work, so it can be wrapped in jit / shard_map."""
+  validation and no host work, so it can be wrapped in jit / shard_map. Its matmuls and
+  convolutions are traced at opts.precision."""
 
   def one(x, image_id):
     out = _SOLVE[opts.estimator](eps_fn, x, jax.random.fold_in(key, image_id), opts)
@@ -490,7 +496,8 @@ def batch_log_volume(eps_fn, x0: Array, image_ids: Array, key: Array,
     out["num_jvps"] = jnp.asarray(out["num_jvps"], jnp.int32)
     return out
 
-  return jax.vmap(one)(x0, image_ids)
+  with numerics.precision(opts.precision):
+    return jax.vmap(one)(x0, image_ids)
 
 
 _batch_log_volume_jit = eqx.filter_jit(batch_log_volume)
@@ -555,7 +562,7 @@ def log_volume_growth(eps_fn, x0, *, sde: sde_lib.SDE, key: Array | None = None,
                       probe: str = "rademacher", variance_reduction: str | None = None,
                       K: int = 100, radius: float = 0.05, paper_steps: int = 1000,
                       chunk_size: int | None = None, save_ts=None, image_ids=None,
-                      max_steps: int = 4096) -> VolumeResult:
+                      max_steps: int = 4096, precision: str = "highest") -> VolumeResult:
   """Log volume growth L of the PF ODE map from t0 to t1 for every image of x0.
 
   eps_fn(x, t): ONE image [*shape] and SDE time t -> [*shape] (a plain function, or a
@@ -570,7 +577,7 @@ def log_volume_growth(eps_fn, x0, *, sde: sde_lib.SDE, key: Array | None = None,
                        probe=probe, variance_reduction=variance_reduction, K=K, radius=radius,
                        paper_steps=paper_steps, chunk_size=chunk_size,
                        save_ts=None if save_ts is None else tuple(np.atleast_1d(save_ts).tolist()),
-                       max_steps=max_steps)
+                       max_steps=max_steps, precision=precision)
   return run(eps_fn, x0, opts, key=key, image_ids=image_ids)
 
 

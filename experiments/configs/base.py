@@ -11,6 +11,7 @@ import ml_collections
 def get_base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.compilation_cache_dir = ""  # JAX persistent compilation cache folder ("" = off; diffrax solves need EQX_ON_ERROR=nan, BUILD.md)
 
   # --- data (memvol/data.py) ---------------------------------------------------------
   c.data = d = ml_collections.ConfigDict()
@@ -73,6 +74,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   t.sample_every = 2000       # PNG grid of EMA samples every N steps (0 = never)
   t.sample_num = 36           # images in each training sample grid
   t.sample_steps = 250        # reverse-SDE steps for the training sample grids
+  t.steps_per_call = 50       # updates per compiled call (lax loop on the device); calls stop at log/ckpt/sample steps
+  t.fused_steps = "auto"      # a call as one compiled loop: auto (not on CPU, where XLA runs conv gradients in loops 20x+ slower) | true | false
+  t.precision = "default"     # matmul/conv precision of the updates: highest | high | default (TF32 on GPUs)
 
   # --- sample (memvol/sampling.py) ---------------------------------------------------
   c.sample = sp = ml_collections.ConfigDict()
@@ -86,6 +90,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   sp.ode_max_steps = 4096     # ode: a solve needing more steps is an error
   sp.batch_size = 256         # samples per device call (and per committed part file)
   sp.use_ema = True
+  sp.precision = "highest"    # matmul/conv precision of the network: highest | high | default (BUILD.md)
 
   # --- score (memvol/scoring.py, memvol/volume.py) -----------------------------------
   c.score = sc = ml_collections.ConfigDict()
@@ -106,6 +111,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   sc.chunk_size = 64          # vectors per vmapped JVP chunk (exact basis, probes, frame, paper points)
   sc.max_steps = 4096         # solver step budget per image (status 1 when exhausted)
   sc.use_ema = True
+  sc.precision = "highest"    # matmul/conv precision of every estimator: highest | high | default (BUILD.md)
 
   # --- detect (memvol/detect.py) -----------------------------------------------------
   c.detect = dt = ml_collections.ConfigDict()
