@@ -25,7 +25,8 @@ estimator_agreement.{"A|B"}.{rho, p, n}; timings_s; undefined (paths of null val
   peers.costs.{name}                {nfe_per_image (network passes: forward + JVPs),
                                      seconds_per_image, includes_compile}
   peers.comparisons.{comparison}.{name}   stats.compare dict + available, supported | reason
-  peers.best.{comparison}           {auroc, tpr_at_fpr, welch_p}: the best score's name per column
+  peers.best.{comparison}           {auroc, tpr_at_fpr, welch_p}: names of the best scores per
+                                     column (ties all listed; [] when every score ties)
   peers.spearman                    {names: [..], rho: [[..]]} over all images
   agreement                         {n, primary, ids, estimators.{E}.{rho, p, n (vs the primary),
                                      nfe_per_image, seconds_per_image, includes_compile, mean_log_volume}}
@@ -810,8 +811,8 @@ def peers_section(config, workdir: str, scores_path: str, values: dict[str, np.n
            f"Every volume estimator ({', '.join(f'`{e}`' for e in values)}) beside the peer scores "
            f"({', '.join(f'`{n}`' for n in peers)}; memvol/peers.py), each sign-normalised so that higher = "
            "member / memorised, on the same checkpoint, images and labels. Network passes count forward "
-           "evaluations plus JVPs; seconds per image leave out batches that compiled (marked * where every "
-           "batch compiled). Best per column in bold (Welch p: smallest among scores whose difference goes "
+           "evaluations plus JVPs; seconds per image (wall time on this machine, shared or not) leave out "
+           "batches that compiled (marked * where every batch compiled). Best per column in bold (Welch p: smallest among scores whose difference goes "
            "the claimed way).", ""]
     for key in PEER_COMPARISONS:
       pos, neg = next((p, q) for k, p, q in COMPARISONS if k == key)
@@ -833,10 +834,17 @@ def comparison_groups_all(scorers: dict[str, np.ndarray], is_train: np.ndarray, 
   return {name: comparison_groups(v, is_train, det)[key] for name, v in scorers.items()}
 
 
-def _best(comp: dict[str, dict[str, Any]]) -> dict[str, str | None]:
+def _best(comp: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+  """Per column, the names of the best scores (ties all count; none when every score ties)."""
   ok = {n: c for n, c in comp.items() if c["available"]}
-  pick = lambda key, sign, cand: max(  # noqa: E731
-      (n for n in cand if math.isfinite(cand[n][key])), key=lambda n: sign * cand[n][key], default=None)
+
+  def pick(key: str, sign: float, cand: dict[str, dict[str, Any]]) -> list[str]:
+    vals = {n: sign * c[key] for n, c in cand.items() if math.isfinite(c[key])}
+    if not vals or (len(set(vals.values())) == 1 and len(vals) > 1):
+      return []
+    top = max(vals.values())
+    return [n for n, v in vals.items() if v == top]
+
   right_way = {n: c for n, c in ok.items() if c["mean_diff"] > 0}
   return {"auroc": pick("auroc", 1, ok), "tpr_at_fpr": pick("tpr_at_fpr", 1, ok),
           "welch_p": pick("welch_p", -1, right_way)}
@@ -859,9 +867,9 @@ def _peer_table(comp: dict[str, dict[str, Any]], costs: dict[str, dict[str, Any]
       rows.append([f"`{name}`", f"n/a: {c['reason']}", "-", "-"] + cost)
       continue
     rows.append([f"`{name}`",
-                 bold(f"{c['auroc']:.3f} [{c['auroc_lo']:.3f}, {c['auroc_hi']:.3f}]", best["auroc"] == name),
-                 bold(fmt(c["tpr_at_fpr"], 3), best["tpr_at_fpr"] == name),
-                 bold(fmt_p(c["welch_p"]), best["welch_p"] == name)
+                 bold(f"{c['auroc']:.3f} [{c['auroc_lo']:.3f}, {c['auroc_hi']:.3f}]", name in best["auroc"]),
+                 bold(fmt(c["tpr_at_fpr"], 3), name in best["tpr_at_fpr"]),
+                 bold(fmt_p(c["welch_p"]), name in best["welch_p"])
                  + ("" if c["mean_diff"] > 0 else " (wrong way)")] + cost)
   return _table(["score", "AUROC [95% CI]", f"TPR@{fpr:.0%}FPR", "Welch p", "network passes / image",
                  "seconds / image"], rows)
