@@ -360,7 +360,8 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> None:
     log(f"[memvol] agreement {est} (K={aopts.K}): {len(sub.ids)} training images")
 
     def agree_compute(start: int, end: int, aopts: volume.VolumeOptions = aopts) -> dict[str, np.ndarray]:
-      out = score_images(eps_fn, sub.images[start:end], sub.ids[start:end], key, aopts, mesh, pad_to=bs)
+      out = score_images(eps_fn, sub.images[start:end], sub.ids[start:end], key, aopts, mesh,
+                         pad_to=min(bs, len(sub.ids)))  # a subset smaller than a batch is not padded to one
       out.pop("L_t", None)
       out["ids"] = sub.ids[start:end]
       return out

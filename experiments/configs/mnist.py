@@ -49,9 +49,10 @@ def get_config(arg: str | None = None):
   # Peers (base config) are on. Agreement: at D = 196 on 2 shared CPU cores `paper` (K = 100)
   # costs 101 passes per step, ~0.37 s per image-step (10 steps for 32 images: 120 s), i.e.
   # hours for 32 images x 1000 steps; `exact` costs ~197 passes per solver evaluation (~40x
-  # hutchinson's 5 at ~440 evaluations per image) and `subspace` (K = 100) had not finished 8
-  # images after 20 min. To keep the job near 30 min: paper only (K = 100), 8 images, 100 Euler
-  # steps (the authors': 1000).
+  # hutchinson's 5 at ~440 evaluations per image) and `subspace` (K = 100) 101 per evaluation
+  # (not measured unpadded in time: a run that padded the 8 images to a 64-image batch had not
+  # finished after 20 min). To keep the job near 30 min: paper only (K = 100), 8 images, 100
+  # Euler steps (the authors': 1000).
   c.score.agreement_subset = 8
   c.score.agreement_estimators = ("paper",)
   c.score.agreement_paper_steps = 100
@@ -77,7 +78,7 @@ def get_config(arg: str | None = None):
     c.score.batch_size = 32
     c.score.num_probes = 2
     shrink_downstream(c)
-    c.score.agreement_subset = 0     # peers stay on; agreement off (compiling paper alone took ~5 of 11 min, shared cores)
+    c.score.agreement_subset = 0     # peers stay on; agreement off to stay a few minutes (tests cover it)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; expected '' or 'quick'")
   return c
