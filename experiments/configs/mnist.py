@@ -18,6 +18,10 @@ score ~5 min).
 Expected result (report/report.md), as measured: trained digits 830.8 vs held-out 654.7
 (Welch p 1e-33, AUROC 0.92); 13 digits copied (all 8 planted duplicates + 5 singletons),
 copied vs other training digits 928.1 vs 815.5 (Welch p 6e-05).
+Peers (report.md "Peers on the same checkpoint"; scoring 192 digits with all six took ~5 min on
+heavily shared cores, FLIPD's 197 passes per image most of it), as measured: trained vs held-out
+AUROC PIA 1.000, SimA 1.000, loss 0.996, hutchinson 0.924; memorised vs not loss 0.905,
+logp 0.893, hutchinson 0.892; memorised vs not among singletons no score at p < 0.01.
 
 `:quick` (--config=experiments/configs/mnist.py:quick) runs the same chain in a few
 minutes with a tiny model and few steps; its numbers only need to exist and be finite.
