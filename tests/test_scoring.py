@@ -208,7 +208,11 @@ PEER_CONFIG = dict(estimators=("hutchinson",), peers=scoring.PEER_NAMES, agreeme
 def test_peers_and_agreement(tmp_path, model, monkeypatch):
   d = str(tmp_path / "a")
   c = config(**PEER_CONFIG)
+  real_score, pads = scoring.score_images, []
+  monkeypatch.setattr(scoring, "score_images",
+                      lambda *a, **k: pads.append((len(a[2]), k["pad_to"])) or real_score(*a, **k))
   scoring.run(c, d, log=quiet)
+  assert (3, 3) in pads  # the 3-image agreement subset is not padded to the batch of 4
   rows = io.load_csv(os.path.join(d, "scores", "scores.csv"))
   cols = list(rows[0])
   assert cols[-2 * len(scoring.PEER_NAMES):] == [f"peer_{p}{s}" for p in scoring.PEER_NAMES for s in ("", "_nfe")]
