@@ -9,6 +9,28 @@ detect/detect.csv, the samples, the split, timings.json) and writes
                         training images beside their closest sample, L(t) curves,
                         agreement between estimators
 
+Peers (when scores.csv has peer_{name} columns for config.score.peers): section "Peers on the
+same checkpoint" with one table per comparison in PEER_COMPARISONS (rows = every volume
+estimator and peer; AUROC [bootstrap CI], TPR@FPR, Welch p, network passes per image, seconds
+per image; best per column in bold), peers_roc_{comparison}.png (ROC curves of every score
+overlaid), peers_spearman.png (Spearman matrix between scores, all images); and, from
+scores/agreement.csv, the estimator agreement on the training subset (agreement.png).
+
+summary.json keys: primary_estimator, estimators_list, sample_method, num_*, ratio_threshold,
+alpha, alternative, fpr; claims.{trained_gt_heldout, memorised_gt_not, duplicates_gt_singletons};
+estimators.{E}.{comparison key: stats.compare dict + available, supported | reason},
+spearman_*, per_class, num_failed_solves, num_nonfinite, mean_nfe, status_counts;
+estimator_agreement.{"A|B"}.{rho, p, n}; timings_s; undefined (paths of null values); and
+  peers.scores                      [names]: estimators then peers (row order of the tables)
+  peers.costs.{name}                {nfe_per_image (network passes: forward + JVPs),
+                                     seconds_per_image, includes_compile}
+  peers.comparisons.{comparison}.{name}   stats.compare dict + available, supported | reason
+  peers.best.{comparison}           {auroc, tpr_at_fpr, welch_p}: names of the best scores per
+                                     column (ties all listed; [] when every score ties)
+  peers.spearman                    {names: [..], rho: [[..]]} over all images
+  agreement                         {n, primary, ids, estimators.{E}.{rho, p, n (vs the primary),
+                                     nfe_per_image, seconds_per_image, includes_compile, mean_log_volume}}
+
 Claims tested, per estimator E (score = E_log_volume, larger = easier to reproduce):
   1. trained vs held-out images;
   2. memorised (copied by >= 1 sample under the ratio criterion) vs the other training
@@ -41,6 +63,8 @@ COMPARISONS = (  # key, positive group, negative group
     ("carlini_vs_not", "copied (Carlini)", "not copied (Carlini, train)"),
     ("memorised_vs_not_singletons", "memorised singletons", "not memorised singletons"),
 )
+PEER_COMPARISONS = ("trained_vs_heldout", "memorised_vs_not", "duplicates_vs_singletons",
+                    "memorised_vs_not_singletons")  # the comparisons of the peers tables
 STAGE_ORDER = ("train", "sample", "score", "detect", "report")
 COLORS = {"trained": "#d62728", "held-out": "#1f77b4", "memorised": "#9467bd", "duplicates": "#ff7f0e"}
 
@@ -133,27 +157,35 @@ def _compare_or_reason(pos: np.ndarray, neg: np.ndarray, names: tuple[str, str],
   return out
 
 
-def estimator_stats(v: np.ndarray, is_train: np.ndarray, det: dict[str, np.ndarray],
-                    labels: np.ndarray, rc) -> dict[str, Any]:
-  """All comparisons for one estimator. v, is_train, labels: per scored image; det: detect
-  columns aligned to the training rows (v[is_train])."""
+def comparison_groups(v: np.ndarray, is_train: np.ndarray, det: dict[str, np.ndarray]
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """(positive, negative) score groups of every comparison in COMPARISONS. v: per scored
+  image; det: detect columns aligned to the training rows (v[is_train])."""
   vt, vh = v[is_train], v[~is_train]
   mem = det["copies_ratio"] > 0
   car = det["copies_carlini"] > 0
   dup = det["dup_count"] > 1
-  groups = {
+  return {
       "trained_vs_heldout": (vt, vh),
       "memorised_vs_not": (vt[mem], vt[~mem]),
       "duplicates_vs_singletons": (vt[dup], vt[~dup]),
       "carlini_vs_not": (vt[car], vt[~car]),
       "memorised_vs_not_singletons": (vt[mem & ~dup], vt[~mem & ~dup]),
   }
+
+
+def estimator_stats(v: np.ndarray, is_train: np.ndarray, det: dict[str, np.ndarray],
+                    labels: np.ndarray, rc) -> dict[str, Any]:
+  """All comparisons for one estimator. v, is_train, labels: per scored image; det: detect
+  columns aligned to the training rows (v[is_train])."""
+  vt = v[is_train]
+  groups = comparison_groups(v, is_train, det)
   out: dict[str, Any] = {k: _compare_or_reason(*groups[k], (p, n), rc) for k, p, n in COMPARISONS}
   for key, x in (("spearman_copies_ratio", det["copies_ratio"]), ("spearman_copies_carlini", det["copies_carlini"]),
                  ("spearman_dup_count", det["dup_count"]), ("spearman_min_distance", det["min_distance"])):
     rho, p, n = stats.spearman(vt, x.astype(np.float64))
     out[key] = {"rho": rho, "p": p, "n": n}
-  out["per_class"] = per_class_stats(v, is_train, labels, mem, rc)
+  out["per_class"] = per_class_stats(v, is_train, labels, det["copies_ratio"] > 0, rc)
   return out
 
 
@@ -596,6 +628,7 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
   if agreement:
     agreement_figure(ests, values, is_train, agreement, os.path.join(folder, "agreement.png"))
 
+  peer_summary, peer_md = peers_section(config, workdir, scores_path, values, is_train, det, folder)
   mem = det["copies_ratio"] > 0
   info = {
       "primary_estimator": ests[0], "estimators_list": ests,
@@ -617,10 +650,11 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
     logging.warning("report: headline numbers not finite: %s", ", ".join(nonfinite))
   undefined: list[str] = []
   summary = _clean({**info, "claims": claims, "estimators": per_est, "estimator_agreement": agreement,
-                    "timings_s": timings}, "", undefined)
+                    "timings_s": timings, **peer_summary}, "", undefined)
   summary["undefined"] = undefined
   summary["nonfinite_headline"] = nonfinite
-  text = render_markdown(config, info, per_est, agreement, figures, notes, timings, det, scores, is_train)
+  text = render_markdown(config, info, per_est, agreement, figures, notes, timings, det, scores, is_train,
+                         extra_sections=peer_md)
   io.save_json(os.path.join(folder, "summary.json"), summary)
   with io.atomic_open(os.path.join(folder, "report.md"), "w") as f:
     f.write(text)
@@ -645,7 +679,8 @@ def _claim(c: dict[str, Any], e: str) -> dict[str, Any]:
           "mw_p": c["mw_p"], "mean_diff": c["mean_diff"], "auroc": c["auroc"]}
 
 
-def render_markdown(config, info, per_est, agreement, figures, notes, timings, det, scores, is_train) -> str:
+def render_markdown(config, info, per_est, agreement, figures, notes, timings, det, scores, is_train,
+                    extra_sections: str = "") -> str:
   e0 = info["primary_estimator"]
   st0 = per_est[e0]
   thr = info["ratio_threshold"]
@@ -748,6 +783,9 @@ def render_markdown(config, info, per_est, agreement, figures, notes, timings, d
                       [[k.replace("|", " vs "), fmt(v["rho"], 3), fmt_p(v["p"]), str(v["n"])] for k, v in agreement.items()]))
     out += ["", "![Agreement between estimators](agreement.png)"]
 
+  if extra_sections:
+    out += ["", extra_sections.rstrip("\n")]
+
   out += ["", "## Copies found", ""]
   out.append(f"Samples (top) above their nearest training image (bottom): [../detect/copies.png](../detect/copies.png)")
   out += ["", "![copies](../detect/copies.png)"]
@@ -761,3 +799,200 @@ def render_markdown(config, info, per_est, agreement, figures, notes, timings, d
     out.append("No timings.json in the workdir (stages were not run through the entry point).")
   out.append("")
   return "\n".join(out)
+
+
+# --- peers on the same checkpoint ---------------------------------------------------
+
+
+def _peer_columns(path: str, names: list[str]) -> dict[str, np.ndarray]:
+  """peer_{name} and peer_{name}_nfe of scores.csv as floats (names without columns are skipped)."""
+  rows = io.load_csv(path)
+  out = {}
+  for n in names:
+    for col in (f"peer_{n}", f"peer_{n}_nfe"):
+      if col in rows[0]:
+        try:
+          out[col] = np.array([_float(r[col]) for r in rows], np.float64)
+        except (TypeError, ValueError) as e:
+          raise ValueError(f"{path} column {col} is corrupt ({e}); rerun --mode=score") from e
+  return out
+
+
+def _cost(nfe: np.ndarray | None, timing: dict[str, Any] | None) -> dict[str, Any]:
+  t = timing or {}
+  return {"nfe_per_image": float(np.nanmean(nfe)) if nfe is not None and np.isfinite(nfe).any() else math.nan,
+          "seconds_per_image": t.get("seconds_per_image", math.nan) if t.get("seconds_per_image") is not None
+          else math.nan, "includes_compile": t.get("includes_compile")}
+
+
+def peers_section(config, workdir: str, scores_path: str, values: dict[str, np.ndarray], is_train: np.ndarray,
+                  det: dict[str, np.ndarray], folder: str) -> tuple[dict[str, Any], str]:
+  """The peers comparison (tables, ROC overlays, Spearman matrix) and the estimator agreement:
+  ({'peers': ..., 'agreement': ...} for summary.json, markdown). Empty when scores.csv has no
+  peer columns."""
+  names = [str(p) for p in config.score.get("peers", ())]
+  cols = _peer_columns(scores_path, names)
+  peers = [n for n in names if f"peer_{n}" in cols]
+  manifest_path = os.path.join(workdir, "scores", "manifest.json")
+  manifest = io.load_json(manifest_path) if os.path.exists(manifest_path) else {}
+  timing = manifest.get("seconds_per_image", {})
+  rows = io.load_csv(scores_path)
+  summary: dict[str, Any] = {}
+  md: list[str] = []
+  if peers:
+    scorers = {e: values[e] for e in values}
+    costs = {}
+    for e in values:
+      nfe = np.array([_float(r.get(f"{e}_nfe", "")) + _float(r.get(f"{e}_jvps", "0")) for r in rows])
+      costs[e] = _cost(nfe, timing.get(e))
+    for n in peers:
+      scorers[n] = cols[f"peer_{n}"]
+      costs[n] = _cost(cols.get(f"peer_{n}_nfe"), timing.get(f"peer_{n}"))
+    rc = config.report
+    comps: dict[str, dict[str, Any]] = {}
+    for key in PEER_COMPARISONS:
+      pos, neg = next((p, q) for k, p, q in COMPARISONS if k == key)
+      comps[key] = {name: _compare_or_reason(*comparison_groups(v, is_train, det)[key], (pos, neg), rc)
+                    for name, v in scorers.items()}
+    names_all = list(scorers)
+    rho = [[stats.spearman(scorers[a], scorers[b])[0] for b in names_all] for a in names_all]
+    best = {k: _best(comps[k]) for k in comps}
+    summary["peers"] = {"scores": names_all, "costs": costs, "comparisons": comps, "best": best,
+                        "spearman": {"names": names_all, "rho": rho}}
+    md += ["## Peers on the same checkpoint", "",
+           f"Every volume estimator ({', '.join(f'`{e}`' for e in values)}) beside the peer scores "
+           f"({', '.join(f'`{n}`' for n in peers)}; memvol/peers.py), each sign-normalised so that higher = "
+           "member / memorised, on the same checkpoint, images and labels. Network passes count forward "
+           "evaluations plus JVPs; seconds per image (wall time on this machine, shared or not) leave out "
+           "batches that compiled (marked * where every batch compiled). Best per column in bold (Welch p: smallest among scores whose difference goes "
+           "the claimed way).", ""]
+    for key in PEER_COMPARISONS:
+      pos, neg = next((p, q) for k, p, q in COMPARISONS if k == key)
+      md += [f"**{pos} vs {neg}**", "", _peer_table(comps[key], costs, best[key], float(rc.fpr)), ""]
+      p = os.path.join(folder, f"peers_roc_{key}.png")
+      if roc_overlay_figure(f"{pos} vs {neg}", comparison_groups_all(scorers, is_train, det, key), float(rc.fpr), p):
+        md += [f"![ROC, {pos} vs {neg}]({os.path.basename(p)})", ""]
+    spearman_matrix_figure(names_all, np.asarray(rho, np.float64), os.path.join(folder, "peers_spearman.png"))
+    md += ["Spearman correlation between scores over all images:", "", "![Spearman matrix](peers_spearman.png)", ""]
+  ag_summary, ag_md = agreement_section(workdir, timing, folder)
+  if ag_summary:
+    summary["agreement"] = ag_summary
+    md += ag_md
+  return summary, "\n".join(md)
+
+
+def comparison_groups_all(scorers: dict[str, np.ndarray], is_train: np.ndarray, det: dict[str, np.ndarray],
+                          key: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  return {name: comparison_groups(v, is_train, det)[key] for name, v in scorers.items()}
+
+
+def _best(comp: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+  """Per column, the names of the best scores (ties all count; none when every score ties)."""
+  ok = {n: c for n, c in comp.items() if c["available"]}
+
+  def pick(key: str, sign: float, cand: dict[str, dict[str, Any]]) -> list[str]:
+    vals = {n: sign * c[key] for n, c in cand.items() if math.isfinite(c[key])}
+    if not vals or (len(set(vals.values())) == 1 and len(vals) > 1):
+      return []
+    top = max(vals.values())
+    return [n for n, v in vals.items() if v == top]
+
+  right_way = {n: c for n, c in ok.items() if c["mean_diff"] > 0}
+  return {"auroc": pick("auroc", 1, ok), "tpr_at_fpr": pick("tpr_at_fpr", 1, ok),
+          "welch_p": pick("welch_p", -1, right_way)}
+
+
+def _peer_table(comp: dict[str, dict[str, Any]], costs: dict[str, dict[str, Any]], best: dict[str, Any],
+                fpr: float) -> str:
+  fin = lambda x: x is not None and math.isfinite(x)  # noqa: E731
+  nfe_best = min((c["nfe_per_image"] for c in costs.values() if fin(c["nfe_per_image"])), default=None)
+  sec_best = min((c["seconds_per_image"] for c in costs.values() if fin(c["seconds_per_image"])), default=None)
+  bold = lambda text, on: f"**{text}**" if on else text  # noqa: E731
+  rows = []
+  for name, c in comp.items():
+    k = costs[name]
+    nfe = k["nfe_per_image"]
+    sec = k["seconds_per_image"]
+    cost = [bold(fmt(nfe, 4), fin(nfe) and nfe == nfe_best),
+            bold(f"{sec:.3g}" + ("*" if k["includes_compile"] else ""), sec == sec_best) if fin(sec) else "n/a"]
+    if not c["available"]:
+      rows.append([f"`{name}`", f"n/a: {c['reason']}", "-", "-"] + cost)
+      continue
+    rows.append([f"`{name}`",
+                 bold(f"{c['auroc']:.3f} [{c['auroc_lo']:.3f}, {c['auroc_hi']:.3f}]", name in best["auroc"]),
+                 bold(fmt(c["tpr_at_fpr"], 3), name in best["tpr_at_fpr"]),
+                 bold(fmt_p(c["welch_p"]), name in best["welch_p"])
+                 + ("" if c["mean_diff"] > 0 else " (wrong way)")] + cost)
+  return _table(["score", "AUROC [95% CI]", f"TPR@{fpr:.0%}FPR", "Welch p", "network passes / image",
+                 "seconds / image"], rows)
+
+
+def roc_overlay_figure(title: str, groups: dict[str, tuple[np.ndarray, np.ndarray]], fpr: float, path: str) -> bool:
+  """ROC curves of every score for one comparison on one axis; False (no file) when a group is empty."""
+  if not any(np.isfinite(p).any() and np.isfinite(n).any() for p, n in groups.values()):
+    return False
+  plt = plotting.pyplot()
+  fig, ax = plt.subplots(figsize=(5.6, 5.0))
+  cmap = plt.get_cmap("tab10")
+  _roc(ax, [(name, p, n, cmap(i % 10)) for i, (name, (p, n)) in enumerate(groups.items())], fpr)
+  ax.set_title(title, fontsize=10)
+  plotting.save_figure(fig, path)
+  return True
+
+
+def spearman_matrix_figure(names: list[str], rho: np.ndarray, path: str) -> None:
+  plt = plotting.pyplot()
+  k = len(names)
+  fig, ax = plt.subplots(figsize=(0.55 * k + 2.5, 0.5 * k + 2.0))
+  im = ax.imshow(np.where(np.isfinite(rho), rho, 0.0), cmap="RdBu_r", vmin=-1, vmax=1)
+  for i in range(k):
+    for j in range(k):
+      ax.text(j, i, "n/a" if not np.isfinite(rho[i, j]) else f"{rho[i, j]:.2f}", ha="center", va="center", fontsize=7)
+  ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
+  ax.set_yticks(range(k), names, fontsize=8)
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="Spearman rho")
+  ax.set_title("Spearman correlation between scores (all images)", fontsize=10)
+  plotting.save_figure(fig, path)
+
+
+def agreement_section(workdir: str, timing: dict[str, Any], folder: str) -> tuple[dict[str, Any], list[str]]:
+  """Spearman of each agreement estimator with the primary on the training subset of
+  scores/agreement.csv, and its network passes / seconds per image ({} and [] without the file)."""
+  path = os.path.join(workdir, "scores", "agreement.csv")
+  if not os.path.exists(path):
+    return {}, []
+  rows = io.load_csv(path)
+  ests = [c[: -len("_log_volume")] for c in rows[0] if c.endswith("_log_volume") and c != "primary_log_volume"]
+  try:
+    prim = np.array([_float(r["primary_log_volume"]) for r in rows])
+    vals = {e: np.array([_float(r[f"{e}_log_volume"]) for r in rows]) for e in ests}
+    nfe = {e: np.array([_float(r[f"{e}_nfe"]) + _float(r[f"{e}_jvps"]) for r in rows]) for e in ests}
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{path} is corrupt ({e}); delete it and rerun --mode=score") from e
+  out = {"n": len(rows), "ids": [int(r["id"]) for r in rows], "estimators": {}}
+  table = []
+  for e in ests:
+    rho, p, n = stats.spearman(prim, vals[e])
+    c = _cost(nfe[e], timing.get(f"agreement_{e}"))
+    out["estimators"][e] = {"rho": rho, "p": p, "n": n, **c, "mean_log_volume": float(np.nanmean(vals[e]))}
+    sec = c["seconds_per_image"]
+    table.append([f"`{e}`", fmt(rho, 3), fmt_p(p), str(n), fmt(c["nfe_per_image"]),
+                  "n/a" if not math.isfinite(sec) else f"{sec:.3g}" + ("*" if c["includes_compile"] else ""),
+                  fmt(float(np.nanmean(vals[e])))])
+  md = ["## Estimator agreement on a training subset", "",
+        f"The first {len(rows)} training images scored again with {', '.join(f'`{e}`' for e in ests)}; Spearman "
+        "correlation of each with the primary estimator's score (scores.csv) and its cost. Does the full-trace "
+        "Hutchinson score rank images like the authors' K = 100 metric?", "",
+        _table(["estimator", "Spearman rho vs primary", "p", "n", "network passes / image", "seconds / image",
+                "mean L"], table), ""]
+  plt = plotting.pyplot()
+  fig, axes = plt.subplots(1, len(ests), figsize=(3.8 * len(ests), 3.5), squeeze=False)
+  for ax, e in zip(axes[0], ests):
+    ax.scatter(prim, vals[e], s=12, color=COLORS["trained"], lw=0)
+    ax.set_xlabel("primary estimator (scores.csv)")
+    ax.set_ylabel(e)
+    ax.set_title(f"Spearman rho = {fmt(out['estimators'][e]['rho'], 3)}", fontsize=10)
+  fig.tight_layout()
+  plotting.save_figure(fig, os.path.join(folder, "agreement_subset.png"))
+  md += ["![Agreement on the training subset](agreement_subset.png)", ""]
+  return out, md

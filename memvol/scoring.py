@@ -10,16 +10,37 @@ settings. Image i's randomness is fold_in(key, id_i), so scores do not depend on
 batch size or the device count. Process 0 merges everything into
 
   scores/scores.csv     id, split, label, dup_count, then per estimator E:
-                        E_log_volume, E_stderr, E_prior_logp, E_logp, E_nfe, E_status
+                        E_log_volume, E_stderr, E_prior_logp, E_logp, E_nfe, E_jvps,
+                        E_status
   scores/curves_E.npz   ids [N], split [N], ts [S], L_t [N, S] (cumulative L(t); S = 0
                         when config.score.num_save_times is 0)
-  scores/manifest.json  the settings of every estimator (what is_complete checks).
+  scores/manifest.json  the settings of every estimator, peer and agreement run (what
+                        is_complete checks) and seconds_per_image of each.
+
+Peers (config.score.peers, memvol/peers.py) run through the same machinery, one part folder
+each (scores/parts/peer_{name}), keyed fold_in(PRNGKey(seed), 2), and add to scores.csv the
+columns peer_{name} (higher = member / memorised) and peer_{name}_nfe (network passes:
+forward evaluations + JVPs). `logp` is copied from the first full-trace
+estimator (exact / hutchinson): peer_logp = E_logp, peer_logp_nfe = E_nfe + E_jvps.
+Estimator agreement: the first config.score.agreement_subset training images are also scored
+with config.score.agreement_estimators (K = score.K capped at D, paper with
+agreement_paper_steps), parts in scores/parts/agreement_{E}, merged into
+
+  scores/agreement.csv  id, split, label, dup_count, primary_log_volume, then per estimator E:
+                        E_log_volume, E_nfe, E_jvps, E_status
+
+Every part records per image `seconds` (its batch's wall time / batch size) and `compiled`
+(whether that batch was the first of its kind in the process, so its time includes
+compilation); manifest.json's seconds_per_image (per estimator E, peer_{name} and
+agreement_{E}) averages them, leaving compiling batches out when others exist. Timings stay
+out of the CSVs, so the same parts give byte-identical CSVs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Any, Callable, NamedTuple
 
 import equinox as eqx
@@ -27,13 +48,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memvol import io, parallel, parts, volume
+from memvol import io, parallel, parts, peers, volume
 from memvol import sde as sde_lib
 
 _SCORE_STREAM = 1  # fold_in(PRNGKey(config.seed), _SCORE_STREAM): the scoring key
+_PEER_STREAM = 2   # fold_in(PRNGKey(config.seed), _PEER_STREAM): the peers' key
+PEER_NAMES = peers.PEERS + ("logp",)
+FULL_TRACE = ("exact", "hutchinson")  # estimators whose L is a full log-determinant (a likelihood)
 # per-estimator CSV columns: (column suffix, record key)
 COLUMNS = (("log_volume", "log_volume"), ("stderr", "log_volume_stderr"),
-           ("prior_logp", "prior_logp"), ("logp", "logp"), ("nfe", "nfe"), ("status", "status"))
+           ("prior_logp", "prior_logp"), ("logp", "logp"), ("nfe", "nfe"), ("jvps", "num_jvps"),
+           ("status", "status"))
 
 
 class ImageTable(NamedTuple):
@@ -158,22 +183,149 @@ def _fmt(v: Any) -> str:
   return str(v.item()) if v.dtype == np.float64 else str(np.float32(v))
 
 
+def peer_key(config: Any) -> jax.Array:
+  return jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), _PEER_STREAM)
+
+
+def logp_source(ests: tuple[str, ...]) -> str | None:
+  """The first full-trace estimator (its E_logp is the `logp` peer), or None."""
+  return next((e for e in ests if e in FULL_TRACE), None)
+
+
+def peers_of(config: Any, ests: tuple[str, ...]) -> tuple[str, ...]:
+  """config.score.peers, checked: names from PEER_NAMES, each once; `logp` needs a
+  full-trace estimator."""
+  names = tuple(config.score.get("peers", ()) or ())
+  unknown = [p for p in names if p not in PEER_NAMES]
+  if unknown or len(set(names)) != len(names):
+    raise ValueError(f"config.score.peers {list(names)}: each must be one of {PEER_NAMES}, named once")
+  if "logp" in names and logp_source(ests) is None:
+    raise ValueError(f"peer 'logp' is the ODE likelihood of a full-trace estimator ({FULL_TRACE}), "
+                     f"but config.score.estimators = {list(ests)}; add one or drop 'logp'")
+  return names
+
+
+def peer_options(config: Any, name: str) -> peers.PeerOptions:
+  return peers.PeerOptions.from_config(config, name)
+
+
+def agreement_plan(config: Any, table: ImageTable) -> tuple[ImageTable | None, tuple[str, ...]]:
+  """(the agreement subset: the first config.score.agreement_subset training images, or None
+  when 0; the estimators scored on it)."""
+  n = config.score.get("agreement_subset", 0)
+  if int(n) != n or n < 0:
+    raise ValueError(f"config.score.agreement_subset must be an integer >= 0, got {n}")
+  agree = tuple(config.score.get("agreement_estimators", ()) or ())
+  bad = [e for e in agree if e not in volume.ESTIMATORS]
+  if bad or len(set(agree)) != len(agree):
+    raise ValueError(f"config.score.agreement_estimators {list(agree)}: each must be one of "
+                     f"{volume.ESTIMATORS}, named once")
+  rows = np.flatnonzero(table.split == "train")[:int(n)]
+  if not agree or rows.size == 0:
+    return None, ()
+  return ImageTable(*(np.asarray(a)[rows] for a in table)), agree
+
+
+def agreement_options(config: Any, estimator: str, dim: int) -> volume.VolumeOptions:
+  """The estimator's options on the agreement subset: K = score.K capped at D, paper with
+  score.agreement_paper_steps Euler steps, no L(t) curve."""
+  return volume.VolumeOptions.from_config(
+      config, estimator, K=min(int(config.score.K), dim), save_ts=None,
+      paper_steps=int(config.score.get("agreement_paper_steps", config.score.paper_steps)))
+
+
+class Plan(NamedTuple):
+  """What the score stage computes for a config, with the settings record of each part folder."""
+
+  ests: tuple[str, ...]
+  settings: dict[str, Any]        # estimator -> settings
+  peers: tuple[str, ...]
+  peer_settings: dict[str, Any]   # peer (not logp) -> settings
+  subset: ImageTable | None       # the agreement subset
+  agreement_settings: dict[str, Any]  # agreement estimator -> settings
+
+  def manifest_extra(self) -> dict[str, Any]:
+    return {"peers": list(self.peers), "peer_settings": self.peer_settings,
+            "agreement_settings": self.agreement_settings}
+
+
+def plan(config: Any, eps_fn: Any, table: ImageTable) -> Plan:
+  ests = estimators_of(config)
+  names = peers_of(config, ests)
+  sub, agree = agreement_plan(config, table)
+  dim = int(np.prod(table.images.shape[1:]))
+  return Plan(
+      ests=ests, settings={e: settings(config, options(config, e), eps_fn, table) for e in ests},
+      peers=names,
+      peer_settings={p: settings(config, peer_options(config, p), eps_fn, table) for p in names if p != "logp"},
+      subset=sub,
+      agreement_settings={e: settings(config, agreement_options(config, e, dim), eps_fn, sub) for e in agree})
+
+
+def peer_folder(workdir: str, name: str) -> str:
+  return os.path.join(workdir, "scores", "parts", f"peer_{name}")
+
+
+def agreement_folder(workdir: str, estimator: str) -> str:
+  return os.path.join(workdir, "scores", "parts", f"agreement_{estimator}")
+
+
+def _peer_batch(rep: tuple, x0: jax.Array, ids: jax.Array) -> dict[str, jax.Array]:
+  eps_fn, key, opts = rep
+  return peers.batch_scores(eps_fn, x0, ids, key, opts)
+
+
+def peer_images(eps_fn: Any, images: np.ndarray, ids: np.ndarray, key: jax.Array, opts: peers.PeerOptions,
+                mesh: jax.sharding.Mesh, pad_to: int = 0) -> dict[str, np.ndarray]:
+  """peers.batch_scores of images [b, *shape] with ids [b], sharded over `mesh` (padded to
+  >= pad_to, padding dropped): numpy score [b], nfe [b]."""
+  mapped = parallel.shard_map_batch(_peer_batch, mesh)
+  out = mapped((eps_fn, key, opts), jnp.asarray(images), jnp.asarray(ids, jnp.int32), pad_to=pad_to)
+  return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+
+
+def _timed(compute: Callable[[int, int], dict[str, np.ndarray]]) -> Callable[[int, int], dict[str, np.ndarray]]:
+  """compute with per-image `seconds` (batch wall time / batch size) and `compiled` (True for
+  the first batch this process computes, whose time includes compilation)."""
+  first = [True]
+
+  def timed(start: int, end: int) -> dict[str, np.ndarray]:
+    t0 = time.perf_counter()
+    out = compute(start, end)
+    n = end - start
+    out["seconds"] = np.full(n, (time.perf_counter() - t0) / n)
+    out["compiled"] = np.full(n, first[0])
+    first[0] = False
+    return out
+
+  return timed
+
+
+def seconds_per_image(rec: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Mean wall seconds per image of merged parts, leaving out batches that compiled when
+  any others exist: {'seconds_per_image', 'includes_compile'} (NaN / None without timings)."""
+  if "seconds" not in rec:
+    return {"seconds_per_image": float("nan"), "includes_compile": None}
+  sec, comp = np.asarray(rec["seconds"], np.float64), np.asarray(rec["compiled"], bool)
+  keep = ~comp if (~comp).any() else np.ones_like(comp)
+  return {"seconds_per_image": float(sec[keep].mean()), "includes_compile": bool(comp[keep].any())}
+
+
 def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> None:
   """The `score` stage (see the module docstring)."""
-  ests = estimators_of(config)
+  peers_of(config, estimators_of(config))  # bad settings fail before the model is loaded
   eps_fn, table = _load(config, workdir)
   shape = tuple(table.images.shape[1:])
   _check_model(eps_fn, shape)
+  pl = plan(config, eps_fn, table)
+  ests, all_settings = pl.ests, pl.settings
   mesh, key, bs = parallel.local_mesh(), score_key(config), int(config.score.batch_size)
   n = len(table.ids)
   paths = _paths(workdir)
-  all_settings = {}
   for est in ests:
-    opts = options(config, est)
-    volume.validate_inputs(table.images, opts)
-    all_settings[est] = s = settings(config, opts, eps_fn, table)
-    _refuse_overwrite(paths["manifest"], est, s, paths["root"])
-  if _merged(workdir, ests, all_settings):
+    volume.validate_inputs(table.images, options(config, est))
+    _refuse_overwrite(paths["manifest"], est, all_settings[est], paths["root"])
+  if _merged(workdir, ests, all_settings, pl):
     log(f"[memvol] scores: already complete in {paths['csv']}, nothing to do")
     return
   for est in ests:
@@ -187,35 +339,61 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> None:
       out["ids"] = table.ids[start:end]
       return out
 
-    parts.run_batches(parts_folder(workdir, est), n, bs, all_settings[est], compute,
+    parts.run_batches(parts_folder(workdir, est), n, bs, all_settings[est], _timed(compute),
                       root=paths["root"], desc=f"score {est}", unit="img",
                       postfix=lambda a: {"nfe": f"{np.mean(a['nfe']):.0f}"}, log=log)
+  pkey = peer_key(config)
+  for name in pl.peer_settings:
+    popts = peer_options(config, name)
+    log(f"[memvol] peer {name}: {n} images, {popts.nfe(int(np.prod(shape)))} network passes each")
+
+    def peer_compute(start: int, end: int, popts: peers.PeerOptions = popts) -> dict[str, np.ndarray]:
+      out = peer_images(eps_fn, table.images[start:end], table.ids[start:end], pkey, popts, mesh, pad_to=bs)
+      out["ids"] = table.ids[start:end]
+      return out
+
+    parts.run_batches(peer_folder(workdir, name), n, bs, pl.peer_settings[name], _timed(peer_compute),
+                      root=paths["root"], desc=f"peer {name}", unit="img", log=log)
+  sub = pl.subset
+  for est in pl.agreement_settings:
+    aopts = agreement_options(config, est, int(np.prod(shape)))
+    log(f"[memvol] agreement {est} (K={aopts.K}): {len(sub.ids)} training images")
+
+    def agree_compute(start: int, end: int, aopts: volume.VolumeOptions = aopts) -> dict[str, np.ndarray]:
+      out = score_images(eps_fn, sub.images[start:end], sub.ids[start:end], key, aopts, mesh,
+                         pad_to=min(bs, len(sub.ids)))  # a subset smaller than a batch is not padded to one
+      out.pop("L_t", None)
+      out["ids"] = sub.ids[start:end]
+      return out
+
+    parts.run_batches(agreement_folder(workdir, est), len(sub.ids), bs, pl.agreement_settings[est],
+                      _timed(agree_compute), root=paths["root"], desc=f"agreement {est}", unit="img",
+                      postfix=lambda a: {"nfe": f"{np.mean(a['nfe']):.0f}"}, log=log)
   if parallel.is_main_process():
-    merge(workdir, table, ests, all_settings, bs, log)
+    merge(workdir, table, ests, all_settings, bs, log, plan=pl)
   parallel.sync_processes("memvol-scores-merged")
 
 
 def merge(workdir: str, table: ImageTable, ests: tuple[str, ...], all_settings: dict[str, Any],
-          batch_size: int, log: Callable[[str], None] = print) -> None:
-  """Write scores.csv, curves_E.npz and manifest.json from the part files (deterministic:
-  the same parts give byte-identical files)."""
+          batch_size: int, log: Callable[[str], None] = print, *, plan: Plan | None = None) -> None:
+  """Write scores.csv, curves_E.npz, agreement.csv and manifest.json from the part files
+  (deterministic: the same parts give byte-identical CSV and npz files)."""
   paths = _paths(workdir)
   n = len(table.ids)
   rows = [{"id": str(int(table.ids[i])), "split": str(table.split[i]),
            "label": str(int(table.labels[i])), "dup_count": str(int(table.dup_counts[i]))}
           for i in range(n)]
   columns = ["id", "split", "label", "dup_count"]
+  timing: dict[str, Any] = {}
+  merged: dict[str, dict[str, np.ndarray]] = {}
   for est in ests:
-    rec = parts.merge_parts(parts_folder(workdir, est), n, batch_size, all_settings[est],
-                            root=paths["root"])
+    rec = merged[est] = parts.merge_parts(parts_folder(workdir, est), n, batch_size, all_settings[est],
+                                          root=paths["root"])
     if not np.array_equal(rec["ids"], table.ids):
       raise ValueError(f"{parts_folder(workdir, est)} holds other image ids than the split; "
                        f"delete {paths['root']} and rerun")
-    for suffix, key in COLUMNS:
-      col = f"{est}_{suffix}"
-      columns.append(col)
-      for i in range(n):
-        rows[i][col] = _fmt(rec[key][i])
+    _add_columns(rows, columns, rec, [(f"{est}_{suffix}", key) for suffix, key in COLUMNS])
+    timing[est] = seconds_per_image(rec)
     ts = np.asarray(all_settings[est]["options"]["save_ts"] or [], np.float64)
     L_t = rec["L_t"] if "L_t" in rec else np.zeros((n, 0), np.float32)
     io.save_npz(curves_path(workdir, est), ids=table.ids, split=table.split.astype("U7"), ts=ts, L_t=L_t)
@@ -226,10 +404,58 @@ def merge(workdir: str, table: ImageTable, ests: tuple[str, ...], all_settings: 
     log(f"[memvol] score {est}: mean log volume train {np.mean(rec['log_volume'][table.split == 'train']):.2f}, "
         f"heldout {np.mean(rec['log_volume'][table.split == 'heldout']) if np.any(table.split == 'heldout') else float('nan'):.2f}, "
         f"mean nfe {np.mean(rec['nfe']):.1f}")
+  extra: dict[str, Any] = {}
+  if plan is not None:
+    extra = plan.manifest_extra()
+    for name in plan.peers:
+      if name == "logp":
+        src = merged[logp_source(ests)]
+        rec = {"score": src["logp"], "nfe": src["nfe"] + src["num_jvps"], **(
+            {"seconds": src["seconds"], "compiled": src["compiled"]} if "seconds" in src else {})}
+      else:
+        rec = parts.merge_parts(peer_folder(workdir, name), n, batch_size, plan.peer_settings[name],
+                                root=paths["root"])
+        if not np.array_equal(rec["ids"], table.ids):
+          raise ValueError(f"{peer_folder(workdir, name)} holds other image ids than the split; "
+                           f"delete {paths['root']} and rerun")
+      _add_columns(rows, columns, rec, [(f"peer_{name}", "score"), (f"peer_{name}_nfe", "nfe")])
+      timing[f"peer_{name}"] = seconds_per_image(rec)
+    if plan.subset is not None:
+      _merge_agreement(workdir, table, plan, merged[ests[0]], batch_size, timing)
   io.save_csv(paths["csv"], rows, columns)
   io.save_json(paths["manifest"], {"estimators": list(ests), "batch_size": batch_size,
-                                   "settings": all_settings})
+                                   "settings": all_settings, **extra, "seconds_per_image": timing})
   log(f"[memvol] scores written to {paths['csv']}")
+
+
+def _add_columns(rows: list[dict[str, str]], columns: list[str], rec: dict[str, np.ndarray],
+                 cols: list[tuple[str, str]]) -> None:
+  """Append columns (name, record key) of `rec` to the CSV rows."""
+  for col, key in cols:
+    columns.append(col)
+    for i, row in enumerate(rows):
+      row[col] = _fmt(rec[key][i])
+
+
+def _merge_agreement(workdir: str, table: ImageTable, pl: Plan, primary: dict[str, np.ndarray],
+                     batch_size: int, timing: dict[str, Any]) -> None:
+  sub = pl.subset
+  pos = {int(i): k for k, i in enumerate(table.ids)}
+  rows = [{"id": str(int(i)), "split": str(s), "label": str(int(lab)), "dup_count": str(int(d)),
+           "primary_log_volume": _fmt(primary["log_volume"][pos[int(i)]])}
+          for i, s, lab, d in zip(sub.ids, sub.split, sub.labels, sub.dup_counts)]
+  columns = ["id", "split", "label", "dup_count", "primary_log_volume"]
+  root = _paths(workdir)["root"]
+  for est, s in pl.agreement_settings.items():
+    rec = parts.merge_parts(agreement_folder(workdir, est), len(sub.ids), batch_size, s, root=root)
+    _add_columns(rows, columns, rec, [(f"{est}_log_volume", "log_volume"), (f"{est}_nfe", "nfe"),
+                                      (f"{est}_jvps", "num_jvps"), (f"{est}_status", "status")])
+    timing[f"agreement_{est}"] = seconds_per_image(rec)
+  io.save_csv(agreement_path(workdir), rows, columns)
+
+
+def agreement_path(workdir: str) -> str:
+  return os.path.join(workdir, "scores", "agreement.csv")
 
 
 def _refuse_overwrite(manifest: str, est: str, s: dict[str, Any], root: str) -> None:
@@ -244,27 +470,33 @@ def _refuse_overwrite(manifest: str, est: str, s: dict[str, Any], root: str) -> 
         f"Use a new --workdir, or delete {root} to rescore.")
 
 
-def _merged(workdir: str, ests: tuple[str, ...], all_settings: dict[str, Any]) -> bool:
-  """Whether the merged files exist and were made for exactly these estimators/settings."""
+def _merged(workdir: str, ests: tuple[str, ...], all_settings: dict[str, Any], pl: Plan | None = None) -> bool:
+  """Whether the merged files exist and were made for exactly these estimators, peers,
+  agreement runs and settings."""
   paths = _paths(workdir)
   if not (os.path.exists(paths["csv"]) and os.path.exists(paths["manifest"])
           and all(os.path.exists(curves_path(workdir, e)) for e in ests)):
+    return False
+  if pl is not None and pl.subset is not None and not os.path.exists(agreement_path(workdir)):
     return False
   try:
     manifest = io.load_json(paths["manifest"])
   except ValueError:
     return False
-  return manifest.get("estimators") == list(ests) and manifest.get("settings") == all_settings
+  extra = {} if pl is None else pl.manifest_extra()
+  return (manifest.get("estimators") == list(ests) and manifest.get("settings") == all_settings
+          and all(manifest.get(k, [] if k == "peers" else {}) == v for k, v in extra.items()))
 
 
 def is_complete(config: Any, workdir: str) -> bool:
-  """Whether scores.csv holds every configured estimator for these settings, this model
-  and this split."""
+  """Whether scores.csv holds every configured estimator and peer (and agreement.csv every
+  agreement run) for these settings, this model and this split."""
   try:
     ests = estimators_of(config)
     if not os.path.exists(_paths(workdir)["manifest"]):
       return False
     eps_fn, table = _load(config, workdir)
-    return _merged(workdir, ests, {e: settings(config, options(config, e), eps_fn, table) for e in ests})
+    pl = plan(config, eps_fn, table)
+    return _merged(workdir, ests, pl.settings, pl)
   except (FileNotFoundError, ValueError):
     return False

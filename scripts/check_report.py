@@ -2,7 +2,8 @@
 
   python scripts/check_report.py runs/quick
 
-Exits non-zero, naming what is missing or not finite. Values are not judged.
+Exits non-zero, naming what is missing or not finite (and, when scores.csv has peer_
+columns, the peers comparison tables). Values are not judged.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ import json
 import math
 import os
 import sys
+
+PEER_COMPARISONS = ("trained_vs_heldout", "memorised_vs_not", "duplicates_vs_singletons",
+                    "memorised_vs_not_singletons")  # = memvol.report.PEER_COMPARISONS
 
 
 def _numbers(obj, path=""):
@@ -38,14 +42,24 @@ def main(workdir: str) -> int:
     print(f"{summary} holds no numbers")
     return 1
   required = ("trained_vs_heldout",)
-  text = json.dumps(json.load(open(summary)))
+  with open(summary) as f:
+    data = json.load(f)
+  text = json.dumps(data)
   for key in required:
     if key not in text:
       print(f"{summary} lacks {key}")
       return 1
+  with open(os.path.join(workdir, "scores", "scores.csv")) as f:
+    header = f.readline().strip().split(",")
+  if any(c.startswith("peer_") for c in header):  # scored with peers: their tables must be there
+    comps = data.get("peers", {}).get("comparisons", {})
+    missing = [k for k in PEER_COMPARISONS if k not in comps]
+    if missing:
+      print(f"{summary} lacks the peers comparisons {missing}")
+      return 1
   # NaN is written as null (not a number above): the report lists its headline ones
   bad = [(p, v) for p, v in nums if not math.isfinite(v)]
-  bad += [(p, math.nan) for p in json.load(open(summary)).get("nonfinite_headline", [])]
+  bad += [(p, math.nan) for p in data.get("nonfinite_headline", [])]
   pngs = [f for f in os.listdir(os.path.join(workdir, "report")) if f.endswith(".png")]
   print(f"{summary}: {len(nums)} numbers, {len(bad)} not finite; {len(pngs)} PNGs")
   for p, v in bad:

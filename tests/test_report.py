@@ -235,3 +235,63 @@ def test_headline_finiteness_is_checked_before_nans_become_nulls(tmp_path):
   raw = {"a": {"testable": True, "welch_p": math.nan, "mw_p": 0.1, "mean_diff": 1.0, "auroc": math.inf},
          "b": {"testable": False}}
   assert report.headline_nonfinite(raw) == ["claims.a.welch_p", "claims.a.auroc"]
+
+
+def _add_peers(wd: str, seed: int = 3) -> dict[str, np.ndarray]:
+  """Peer columns in scores.csv (loss tracks membership, sima is noise), timings in the
+  manifest and an agreement.csv over the first 8 training images."""
+  rng = np.random.default_rng(seed)
+  path = os.path.join(wd, "scores", "scores.csv")
+  rows = io.load_csv(path)
+  h = np.array([float(r["hutchinson_log_volume"]) for r in rows])
+  cols = {"loss": h + 0.5 * rng.normal(size=h.size), "sima": rng.normal(size=h.size)}
+  for i, r in enumerate(rows):
+    for n, v in cols.items():
+      r[f"peer_{n}"], r[f"peer_{n}_nfe"] = str(v[i]), "4" if n == "loss" else "1"
+    r["peer_logp"], r["peer_logp_nfe"] = r["hutchinson_logp"], "600"
+  io.save_csv(path, rows)
+  timing = {e: {"seconds_per_image": 0.5, "includes_compile": False} for e in ESTS}
+  timing.update({"peer_loss": {"seconds_per_image": 0.01, "includes_compile": False},
+                 "peer_sima": {"seconds_per_image": 0.002, "includes_compile": True},
+                 "agreement_paper": {"seconds_per_image": 40.0, "includes_compile": False}})
+  io.save_json(os.path.join(wd, "scores", "manifest.json"), {"seconds_per_image": timing})
+  agree = [{"id": r["id"], "split": "train", "label": r["label"], "dup_count": r["dup_count"],
+            "primary_log_volume": r["hutchinson_log_volume"],
+            "paper_log_volume": str(2.0 * float(r["hutchinson_log_volume"]) + 0.01 * k),
+            "paper_nfe": "101000", "paper_jvps": "0", "paper_status": "0"} for k, r in enumerate(rows[:8])]
+  io.save_csv(os.path.join(wd, "scores", "agreement.csv"), agree)
+  return {**cols, "logp": np.array([float(r["hutchinson_logp"]) for r in rows])}
+
+
+def test_report_peers_tables_figures_and_agreement(tmp_path):
+  from memvol import stats
+  wd, cfg = str(tmp_path), _config()
+  cfg.score.peers = ("loss", "sima", "logp", "flipd")  # flipd has no column: left out
+  split = make_workdir(wd)
+  cols = _add_peers(wd)
+  detect.run(cfg, wd, split=split)
+  s = report.run(cfg, wd, split=split)
+  p = s["peers"]
+  assert p["scores"] == list(ESTS) + ["loss", "sima", "logp"]
+  is_train = np.arange(80) < 40
+  for name in ("loss", "sima", "logp"):
+    c = p["comparisons"]["trained_vs_heldout"][name]
+    assert c["auroc"] == pytest.approx(stats.auroc(cols[name][is_train], cols[name][~is_train]))
+  assert set(p["comparisons"]) == set(report.PEER_COMPARISONS)
+  assert p["comparisons"]["trained_vs_heldout"]["sima"]["auroc"] < 0.75  # noise
+  assert "sima" not in p["best"]["trained_vs_heldout"]["auroc"] and p["best"]["trained_vs_heldout"]["auroc"]
+  assert p["costs"]["loss"] == {"nfe_per_image": 4.0, "seconds_per_image": 0.01, "includes_compile": False}
+  assert p["costs"]["hutchinson"]["nfe_per_image"] == 120  # no jvps column: forward evaluations only
+  ag = s["agreement"]["estimators"]["paper"]
+  assert ag["rho"] == pytest.approx(1.0) and ag["n"] == 8 and ag["nfe_per_image"] == 101000
+  assert ag["seconds_per_image"] == 40.0
+  md = open(os.path.join(wd, "report", "report.md")).read()
+  assert md.index("## Peers on the same checkpoint") < md.index("## Copies found")
+  for key in report.PEER_COMPARISONS:
+    assert f"peers_roc_{key}.png" in md
+  assert md.count("| `sima` |") == 4 and "**1**" in md  # sima: fewest network passes, in bold
+  assert "0.002*" in md  # a time that includes compilation is marked
+  assert "## Estimator agreement on a training subset" in md and "agreement_subset.png" in md
+  for f in ["peers_spearman.png", "agreement_subset.png"] + [f"peers_roc_{k}.png" for k in report.PEER_COMPARISONS]:
+    assert os.path.getsize(os.path.join(wd, "report", f)) > 5000
+  assert _check_report()(wd) == 0

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.configs.base import get_base_config
-from memvol import analytic, io, parallel, scoring
+from memvol import analytic, io, parallel, peers, scoring
 from memvol import sde as sde_lib
 
 SHAPE = (4, 4, 1)
@@ -28,7 +28,7 @@ N = len(TABLE.ids)
 def config(**score):
   c = get_base_config()
   c.score.update(dict(estimators=("exact", "hutchinson"), batch_size=4, rtol=1e-3, atol=1e-3,
-                      num_probes=2, num_save_times=5))
+                      num_probes=2, num_save_times=5, peers=(), agreement_subset=0))
   c.score.update(score)
   return c
 
@@ -58,7 +58,7 @@ def test_scores_csv_and_curves(tmp_path, model):
   rows = io.load_csv(os.path.join(d, "scores", "scores.csv"))
   cols = ["id", "split", "label", "dup_count"] + [
       f"{e}_{c}" for e in ("exact", "hutchinson")
-      for c in ("log_volume", "stderr", "prior_logp", "logp", "nfe", "status")]
+      for c in ("log_volume", "stderr", "prior_logp", "logp", "nfe", "jvps", "status")]
   assert list(rows[0]) == cols
   assert [int(r["id"]) for r in rows] == TABLE.ids.tolist()  # train then held-out, split ids
   assert [r["split"] for r in rows] == TABLE.split.tolist()
@@ -198,6 +198,81 @@ def test_bad_input(tmp_path, model):
     mp.setattr(scoring, "_load", lambda c, w: (model["eps"], bad))
     with pytest.raises(ValueError, match="NaN"):
       scoring.run(config(), str(tmp_path), log=quiet)
+  assert not os.path.exists(os.path.join(str(tmp_path), "scores", "scores.csv"))
+
+
+PEER_CONFIG = dict(estimators=("hutchinson",), peers=scoring.PEER_NAMES, agreement_subset=3,
+                   agreement_estimators=("exact", "subspace", "paper"), agreement_paper_steps=20)
+
+
+def test_peers_and_agreement(tmp_path, model, monkeypatch):
+  d = str(tmp_path / "a")
+  c = config(**PEER_CONFIG)
+  real_score, pads = scoring.score_images, []
+  monkeypatch.setattr(scoring, "score_images",
+                      lambda *a, **k: pads.append((len(a[2]), k["pad_to"])) or real_score(*a, **k))
+  scoring.run(c, d, log=quiet)
+  assert (3, 3) in pads  # the 3-image agreement subset is not padded to the batch of 4
+  rows = io.load_csv(os.path.join(d, "scores", "scores.csv"))
+  cols = list(rows[0])
+  assert cols[-2 * len(scoring.PEER_NAMES):] == [f"peer_{p}{s}" for p in scoring.PEER_NAMES for s in ("", "_nfe")]
+  vals = _values(d)
+  for name in peers.PEERS:  # the CSV holds what peers.run gives for the split's ids
+    want, nfe = peers.run(model["eps"], TABLE.images, peers.PeerOptions.from_config(c, name),
+                          key=scoring.peer_key(c), image_ids=TABLE.ids)
+    np.testing.assert_allclose(vals[f"peer_{name}"], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(vals[f"peer_{name}_nfe"], nfe)
+  np.testing.assert_array_equal(vals["peer_logp"], vals["hutchinson_logp"])
+  np.testing.assert_array_equal(vals["peer_logp_nfe"], vals["hutchinson_nfe"] + vals["hutchinson_jvps"])
+  # the memoriser: every peer ranks its training images above the held-out ones
+  for name in scoring.PEER_NAMES:
+    assert vals[f"peer_{name}"][:6].min() > vals[f"peer_{name}"][6:].max(), name
+  agree = io.load_csv(scoring.agreement_path(d))
+  assert [int(r["id"]) for r in agree] == TABLE.ids[:3].tolist()
+  np.testing.assert_array_equal([float(r["primary_log_volume"]) for r in agree], vals["hutchinson_log_volume"][:3])
+  ex = np.array([float(r["exact_log_volume"]) for r in agree])
+  sub = np.array([float(r["subspace_log_volume"]) for r in agree])  # K capped at D = 16: the full L
+  np.testing.assert_allclose(sub, ex, rtol=0.02)
+  assert all(int(r["paper_nfe"]) == 17 * 20 for r in agree)  # (K + 1) points x steps
+  manifest = io.load_json(os.path.join(d, "scores", "manifest.json"))
+  assert set(manifest["peer_settings"]) == set(peers.PEERS)
+  assert set(manifest["agreement_settings"]) == {"exact", "subspace", "paper"}
+  assert manifest["agreement_settings"]["subspace"]["options"]["K"] == 16
+  assert all(v["seconds_per_image"] > 0 for v in manifest["seconds_per_image"].values())
+  assert scoring.is_complete(c, d)
+  # one device gives the same scores (up to float32 rounding of another vector width: SecMI's
+  # error is a difference of near-equal states); adding a peer computes that peer only
+  model["devices"] = 1
+  d1 = str(tmp_path / "b")
+  no_agree = {**PEER_CONFIG, "agreement_subset": 0}
+  scoring.run(config(**{**no_agree, "peers": scoring.PEER_NAMES[1:]}), d1, log=quiet)
+  real, calls = scoring.peer_images, []
+  monkeypatch.setattr(scoring, "peer_images", lambda *a, **k: calls.append(a[4].name) or real(*a, **k))
+  assert not scoring.is_complete(config(**no_agree), d1)
+  scoring.run(config(**no_agree), d1, log=quiet)
+  assert set(calls) == {"loss"} and scoring.is_complete(config(**no_agree), d1)
+  v1 = _values(d1)
+  for name in scoring.PEER_NAMES:
+    np.testing.assert_allclose(v1[f"peer_{name}"], vals[f"peer_{name}"], rtol=1e-4, atol=1e-9)
+  # a changed peer setting: not complete, and never mixed with the old parts
+  c2 = config(**PEER_CONFIG)
+  c2.score.peer.loss_t = 0.2
+  assert not scoring.is_complete(c2, d)
+  with pytest.raises(ValueError, match=r"options.t: 0.1 -> 0.2"):
+    scoring.run(c2, d, log=quiet)
+
+
+def test_bad_peer_settings(tmp_path, model):
+  for kw, msg in [(dict(peers=("lira",)), "lira"), (dict(peers=("loss", "loss")), "once"),
+                  (dict(estimators=("subspace",), peers=("logp",)), "full-trace"),
+                  (dict(agreement_subset=-1), "agreement_subset"),
+                  (dict(agreement_subset=2, agreement_estimators=("magic",)), "agreement_estimators")]:
+    with pytest.raises(ValueError, match=msg):
+      scoring.run(config(**kw), str(tmp_path), log=quiet)
+  c = config(peers=("sima",))
+  c.score.peer.sima_t = 0.0
+  with pytest.raises(ValueError, match="t must be"):
+    scoring.run(c, str(tmp_path), log=quiet)
   assert not os.path.exists(os.path.join(str(tmp_path), "scores", "scores.csv"))
 
 

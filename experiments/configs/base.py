@@ -112,6 +112,22 @@ def get_base_config() -> ml_collections.ConfigDict:
   sc.max_steps = 4096         # solver step budget per image (status 1 when exhausted)
   sc.use_ema = True
   sc.precision = "highest"    # matmul/conv precision of every estimator: highest | high | default (BUILD.md)
+  sc.peers = ("loss", "secmi", "pia", "pian", "sima", "flipd", "logp")  # peer scores (memvol/peers.py); logp = ODE likelihood of the first full-trace estimator
+  sc.peer = pr = ml_collections.ConfigDict()  # peer settings: the originals' values (DDPM index n -> t = n / 1000), fixed in advance
+  pr.loss_t = 0.1             # loss: t (step 100; Carlini et al. 2023 / Matsumoto et al. 2023 find small t ~ 100 of 1000 best)
+  pr.loss_num_noise = 4       # loss: noise draws averaged per image
+  pr.secmi_t = 0.1            # secmi: t_sec (Duan et al. 2023: t_sec = 100)
+  pr.secmi_interval = 0.01    # secmi: DDIM step k (Duan et al. 2023: k = 10)
+  pr.pia_t = 0.2              # pia / pian: t (Kong et al. 2024: t = 200 of 1000 for DDPM; their script prints a scan of t)
+  pr.sima_t = 0.01            # sima: t (step 10: the small-t regime of Rao et al. 2025; their script scans 0..200)
+  pr.flipd_t = 0.05           # flipd: t0 (Kamkari et al. 2024: a small fixed t0 on images, 0.05 here; their code's default 1e-4 is below memvol's eps)
+  pr.p = 4.0                  # pia / pian / sima: exponent of the error sum (their code: l4, sum |.|^4)
+  pr.flipd_trace = "auto"     # flipd: auto | exact | hutchinson (auto: exact when D <= flipd_exact_max_dim)
+  pr.flipd_exact_max_dim = 1024  # flipd auto: largest D traced exactly (D JVPs)
+  pr.flipd_num_probes = 16    # flipd: Hutchinson probes when not exact
+  sc.agreement_subset = 32    # first n training images also scored by agreement_estimators (0 = off)
+  sc.agreement_estimators = ("exact", "subspace", "paper")  # estimators compared with the primary on the subset (K = score.K, capped at D)
+  sc.agreement_paper_steps = 1000  # paper: Euler steps on the agreement subset (the authors': 1000)
 
   # --- detect (memvol/detect.py) -----------------------------------------------------
   c.detect = dt = ml_collections.ConfigDict()

@@ -71,6 +71,7 @@ def get_config(arg: str | None = None):
     t.sample_every = 0
     c.score.batch_size = 16
     shrink_downstream(c)
+    c.score.agreement_subset = 0     # peers stay on; agreement off to stay a few minutes (tests cover it)
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; expected '' or 'quick'")
   return c
