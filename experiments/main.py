@@ -5,7 +5,8 @@
   python -m experiments.main --config=... --workdir=... --mode=score --config.score.batch_size=32
 
 Modes: train | sample | score | detect | report | all (default: the whole chain, skipping
-stages already complete in the workdir).
+stages already complete in the workdir) | mitigate (select, modify, retrain and count
+copies again; see experiments/configs/mnist_mitigate.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/mnist.py", "Experiment config file (path[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, samples, scores and the report.")
-_MODE = flags.DEFINE_enum("mode", "all", ["train", "sample", "score", "detect", "report", "all"],
-                          "Stage to run; 'all' runs the chain and skips completed stages.")
+_MODE = flags.DEFINE_enum("mode", "all", ["train", "sample", "score", "detect", "report", "all", "mitigate"],
+                          "Stage to run; 'all' runs the chain and skips completed stages; 'mitigate' "
+                          "(not in 'all') retrains with selected images modified (memvol/mitigate.py).")
 _FORCE = flags.DEFINE_bool("force", False, "With --mode=all: rerun stages even if complete.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host runs; see BUILD.md).")

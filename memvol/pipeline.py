@@ -18,7 +18,8 @@ from memvol import io
 
 STAGES = ("train", "sample", "score", "detect", "report")
 _MODULES = {"train": "memvol.train", "sample": "memvol.sampling", "score": "memvol.scoring",
-            "detect": "memvol.detect", "report": "memvol.report"}
+            "detect": "memvol.detect", "report": "memvol.report", "mitigate": "memvol.mitigate"}
+MODES = ("all",) + tuple(_MODULES)  # `mitigate` (memvol/mitigate.py) is not part of `all`
 # Sections that define what a workdir holds; changing any of them needs a new workdir.
 IDENTITY_SECTIONS = ("data", "model", "sde")
 
@@ -72,8 +73,8 @@ def _record_time(workdir: str, stage: str, seconds: float) -> None:
 
 def run_stage(config, workdir: str, stage: str, log: Callable[[str], None] = logging.info) -> float:
   """Run one stage, recording its wall time; returns the seconds taken."""
-  if stage not in STAGES:
-    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+  if stage not in _MODULES:
+    raise ValueError(f"unknown stage {stage!r}; expected one of {tuple(_MODULES)}")
   log(f"[memvol] stage {stage}: start")
   start = time.perf_counter()
   _module(stage).run(config, workdir)
@@ -87,8 +88,8 @@ def run(config, workdir: str, mode: str = "all", force: bool = False,
         log: Callable[[str], None] = logging.info) -> None:
   """Run `mode` (one stage, or 'all' = every stage in order, skipping completed ones unless
   `force`) on `workdir`."""
-  if mode != "all" and mode not in STAGES:
-    raise ValueError(f"unknown mode {mode!r}; expected 'all' or one of {STAGES}")
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
   check_workdir(config, workdir)
   for stage in STAGES if mode == "all" else (mode,):
     if mode == "all" and not force and is_complete(config, workdir, stage):

@@ -114,25 +114,32 @@ def _apply_fn(model: Any, train: bool) -> Callable[..., Array]:
 
 
 def make_train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation,
-                    train_cfg: Any, mesh: Mesh, random_flip: bool = False
+                    train_cfg: Any, mesh: Mesh, random_flip: bool = False,
+                    augment: tuple[int, float] | None = None
                     ) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict[str, Array]]]:
   """The jitted update `step(state, batch [B, H, W, C], key) -> (state, {loss, grad_norm})`:
   batch sharded over `data`, state and key replicated, state donated. Update k uses
-  fold_in(key, k). Built once per (model, sde, tx, ema_decay, mesh, random_flip)."""
-  return _train_step(model, sde, tx, float(train_cfg.ema_decay), mesh, bool(random_flip))
+  fold_in(key, k). With `augment` = (shift, noise) the step takes a fourth argument, a
+  bool mask [B] (sharded like the batch) of the examples given data.augment_batch.
+  Built once per (model, sde, tx, ema_decay, mesh, random_flip, augment)."""
+  return _train_step(model, sde, tx, float(train_cfg.ema_decay), mesh, bool(random_flip), augment)
 
 
 @functools.lru_cache(maxsize=8)
 def _train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, ema_decay: float,
-                mesh: Mesh, random_flip: bool) -> Callable[..., Any]:
+                mesh: Mesh, random_flip: bool, augment: tuple[int, float] | None = None
+                ) -> Callable[..., Any]:
   apply = _apply_fn(model, train=True)
   rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
-  def step(state: TrainState, x0: Array, key: Array) -> tuple[TrainState, dict[str, Array]]:
+  def step(state: TrainState, x0: Array, key: Array, aug: Array | None = None
+           ) -> tuple[TrainState, dict[str, Array]]:
     key = jax.random.fold_in(key, state.step)
     k_loss, k_flip = jax.random.split(key)
     if random_flip:
       x0 = data_lib.random_flip(k_flip, x0)
+    if augment is not None:
+      x0 = data_lib.augment_batch(jax.random.fold_in(k_flip, 1), x0, aug, *augment)
     loss, grads = jax.value_and_grad(lambda p: denoising_loss(apply, p, sde, x0, k_loss))(state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -142,7 +149,8 @@ def _train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, 
     new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
     return new, {"loss": loss, "grad_norm": grad_norm}
 
-  return jax.jit(step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep), donate_argnums=0)
+  in_shardings = (rep, shard, rep) + ((shard,) if augment is not None else ())
+  return jax.jit(step, in_shardings=in_shardings, out_shardings=(rep, rep), donate_argnums=0)
 
 
 def init_state(model: Any, tx: optax.GradientTransformation, key: Array,
@@ -379,7 +387,9 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
   root = jax.random.PRNGKey(seed)
   step_key = jax.device_put(jax.random.fold_in(root, _STEP), rep)
   order = DataOrder(len(ids), jax.random.fold_in(root, _ORDER))
-  train_step = make_train_step(model, sde, tx, tc, mesh, bool(config.data.random_flip))
+  aug_mask = split.stream_augment()
+  augment = data_lib.augment_settings(config.data) if aug_mask is not None else None
+  train_step = make_train_step(model, sde, tx, tc, mesh, bool(config.data.random_flip), augment)
   schedule = lr_schedule(tc)
 
   batch_size = int(tc.batch_size)
@@ -408,7 +418,9 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
     for step in range(start, int(tc.num_steps)):
       idx = order.indices(examples_seen, batch_size)[rows_local]
       batch = jax.make_array_from_process_local_data(shard, images[idx], global_shape)
-      state, metrics = train_step(state, batch, step_key)
+      aug = () if augment is None else (
+          jax.make_array_from_process_local_data(shard, aug_mask[idx], (batch_size,)),)
+      state, metrics = train_step(state, batch, step_key, *aug)
       examples_seen += batch_size
       pending.append(metrics)
       bar.update(1)
