@@ -103,7 +103,8 @@ def metrics(real: Any, fake: Any, k: int = 3) -> dict[str, float]:
 
 
 class Classifier(nn.Module):
-  """conv(w) - pool - conv(2w) - global mean - dense(2w) = features - dense(classes)."""
+  """conv(w) - 2x2 mean pool (sides >= 4) - conv(2w) - flatten - dense(2w) = features -
+  dense(classes), ReLU after each hidden layer."""
 
   width: int
   num_classes: int
@@ -114,7 +115,7 @@ class Classifier(nn.Module):
     if min(x.shape[1:3]) >= 4:
       x = nn.avg_pool(x, (2, 2), (2, 2))
     x = nn.relu(nn.Conv(2 * self.width, (3, 3))(x))
-    h = nn.relu(nn.Dense(2 * self.width)(x.mean(axis=(1, 2))))
+    h = nn.relu(nn.Dense(2 * self.width)(x.reshape(x.shape[0], -1)))
     return h if features else nn.Dense(self.num_classes)(h)
 
 
@@ -189,7 +190,8 @@ class Reference:
       logging.warning("quality: no labelled images outside the split, or < 2 held-out images; "
                       "FD / KID / precision / recall are NaN")
       return cls(None, None, None, k)
-    settings = {"data": io.config_to_dict(config.data), "width": int(mt.classifier_width),
+    settings = {"arch": "conv-pool-conv-flatten-dense", "data": io.config_to_dict(config.data),
+                "width": int(mt.classifier_width),
                 "steps": int(mt.classifier_steps), "batch": int(mt.classifier_batch),
                 "seed": int(mt.classifier_seed),
                 "ids": hashlib.sha1(pool.ids[keep].tobytes()).hexdigest()}
