@@ -362,17 +362,20 @@ def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None]) ->
 
 
 def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """The stage: every regime's baseline, every arm (resuming), then the summary."""
+  """The stage: every regime's baseline, every arm (resuming); the summary is rewritten
+  after each arm, so a long run can be read while it goes (`num_arms_planned` says how
+  many arms the plan has)."""
   arms = parse_arms(config.mitigate)
   regimes: dict[str, _Regime] = {}
+  baselines: dict[str, dict[str, Any]] = {}
   records = []
   for arm in arms:
     if arm.regime not in regimes:
       regimes[arm.regime] = _Regime(config, workdir, arm.regime, log)
     records.append(run_arm(regimes[arm.regime], arm, workdir, log))
-  baselines = {name: reg.record(log) for name, reg in regimes.items()}
-  summary = summarise(records, baselines)
-  write_outputs(summary, root(workdir), log)
+    baselines[arm.regime] = regimes[arm.regime].record(log)
+    summary = summarise(records, baselines) | {"num_arms_planned": len(arms)}
+    write_outputs(summary, root(workdir), log)
   return summary
 
 
@@ -441,6 +444,8 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
            "its k differs from ceil(q N).", ""]
   for regime, base in summary["baselines"].items():
     lines += [f"## Regime `{regime}`", "",
+              f"Arms done: {sum(r['regime'] == regime for r in summary['arms'])} "
+              f"(all regimes: {len(summary['arms'])} of {summary.get('num_arms_planned', len(summary['arms']))} planned).", "",
               f"Baseline ({base['workdir']}, {base['num_samples']} samples x {base['sde_steps']} steps): "
               f"{base['copies']} copies, {base['copied_images']} images copied of {base['num_train']}; "
               f"FD {report.fmt(base.get('fd'))}, selection column `{base['score_column']}`.", ""]
