@@ -49,7 +49,8 @@ CHAIN = ("train", "sample", "score", "detect")   # the baseline's stages
 ARM_CHAIN = ("train", "sample", "detect")        # an arm's stages
 METRICS = ("copies", "copied_images", "copies_selected", "copies_unselected", "copied_selected",
            "copied_unselected", "copies_carlini", "fd", "kid", "precision", "recall", "final_loss",
-           "L_selected_retrained", "L_perturbed_retrained")
+           "L_before_baseline", "L_after_baseline", "psnr", "ssim", "L_selected_retrained",
+           "L_perturbed_retrained")
 TESTED = ("copies", "copied_images", "fd", "kid", "precision", "recall")
 
 
@@ -454,11 +455,11 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
     rows = []
     for g in (g for g in summary["groups"] if g["regime"] == regime):
       rows.append([g["group"], str(len(g["seeds"])), "/".join(str(k) for k in sorted(set(g["num_selected"]))),
-                   _fmt(g["copies_mean"], g["copies_sd"], 1), _fmt(g["copied_images_mean"], g["copied_images_sd"], 1),
-                   f"{_fmt(g['copies_selected_mean'], g['copies_selected_sd'], 1)} / "
-                   f"{_fmt(g['copies_unselected_mean'], g['copies_unselected_sd'], 1)}",
-                   f"{_fmt(g['copied_selected_mean'], g['copied_selected_sd'], 1)} / "
-                   f"{_fmt(g['copied_unselected_mean'], g['copied_unselected_sd'], 1)}",
+                   _fmt(g["copies_mean"], g["copies_sd"]), _fmt(g["copied_images_mean"], g["copied_images_sd"]),
+                   f"{_fmt(g['copies_selected_mean'], g['copies_selected_sd'])} / "
+                   f"{_fmt(g['copies_unselected_mean'], g['copies_unselected_sd'])}",
+                   f"{_fmt(g['copied_selected_mean'], g['copied_selected_sd'])} / "
+                   f"{_fmt(g['copied_unselected_mean'], g['copied_unselected_sd'])}",
                    _fmt(g["fd_mean"], g["fd_sd"]), _fmt(g["kid_mean"], g["kid_sd"]),
                    _fmt(g["precision_mean"], g["precision_sd"]), _fmt(g["recall_mean"], g["recall_sd"]),
                    _fmt(g["final_loss_mean"], g["final_loss_sd"], 4)])
@@ -470,12 +471,15 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
                                            for m in TESTED] for t in tests]
       lines += ["Tests over seeds (two-sided):", "", report._table(header, rows), ""]
     pert = [g for g in summary["groups"] if g["regime"] == regime and g["modification"] == "perturb"]
-    for g in pert:
-      lines.append(f"- {g['group']}: L of the selected images under the retrained model: original "
-                   f"{_fmt(g['L_selected_retrained_mean'], g['L_selected_retrained_sd'], 1)}, perturbed "
-                   f"{_fmt(g['L_perturbed_retrained_mean'], g['L_perturbed_retrained_sd'], 1)}")
     if pert:
-      lines.append("")
+      header = ["group", "L before (baseline)", "L after (baseline)", "PSNR dB", "SSIM",
+                "L original (retrained)", "L perturbed (retrained)"]
+      keys = ("L_before_baseline", "L_after_baseline", "psnr", "ssim", "L_selected_retrained",
+              "L_perturbed_retrained")
+      rows = [[g["group"]] + [_fmt(g[k + "_mean"], g[k + "_sd"], 4) for k in keys] for g in pert]
+      lines += ["Perturbed images (mean over the selected images, then mean ± sd over seeds; L by the "
+                "scoring estimator; retrained = the arm's own model, trained on the perturbed images):",
+                "", report._table(header, rows), ""]
   lines += [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]
   return "\n".join(lines) + "\n"
 

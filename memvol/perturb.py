@@ -219,12 +219,14 @@ def run(config: Any, workdir: str, ids: np.ndarray, path: str) -> dict[str, np.n
 
 
 def summary(rec: dict[str, np.ndarray]) -> dict[str, Any]:
-  """Per-arm record fields: per-image lists and means of L before / after (baseline model),
-  PSNR, SSIM, the largest |delta| and the budget."""
-  out: dict[str, Any] = {f"{k}_baseline" if k.startswith("L_") else k: np.asarray(rec[k]).tolist()
-                         for k in ("L_before", "L_after", "psnr", "ssim", "linf")}
-  for k in ("L_before", "L_after", "psnr", "ssim"):
-    out[f"{k}_mean"] = float(np.mean(rec[k]))
+  """Per-arm record fields: means (L_before_baseline, L_after_baseline: the scoring
+  estimator under the baseline model; psnr, ssim), the per-image values (`*_all`), the
+  largest |delta| (linf_max) and the budget (eps_data), both in [-1, 1] units."""
+  names = {"L_before": "L_before_baseline", "L_after": "L_after_baseline", "psnr": "psnr", "ssim": "ssim"}
+  out: dict[str, Any] = {}
+  for k, name in names.items():
+    out[name] = float(np.mean(rec[k]))
+    out[name + "_all"] = np.asarray(rec[k], np.float64).tolist()
   out["linf_max"], out["eps_data"] = float(np.max(rec["linf"])), float(rec["eps_data"])
   return out
 
