@@ -1,9 +1,10 @@
 """Acting on the score: select training images, modify them, retrain, count copies again.
 
 The `mitigate` stage (--mode=mitigate; not part of `all`). For each regime of
-config.mitigate.regimes (the config with config.mitigate.overrides.<regime> applied) a
-baseline workdir holds the full chain (train, sample, score, detect): the given workdir
-itself for a regime without overrides, else workdir/mitigate/<regime>/baseline. An arm =
+config.mitigate.regimes (the config with that regime's config.mitigate.overrides entries
+"regime:section.field=value" applied) a baseline workdir holds the full chain (train,
+sample, score, detect): the given workdir itself for a regime without overrides, else
+workdir/mitigate/<regime>/baseline. An arm =
 selection x modification x q x seed; it selects k = ceil(q N) of the N distinct training
 images of the baseline and retrains from scratch in its own sub-workdir
 
@@ -31,10 +32,13 @@ every group against the spread of `none`), report.md and PNGs.
 
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
 import hashlib
 import math
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -149,24 +153,37 @@ def select_ids(selection: str, train_ids: np.ndarray, k: int, *, scores: np.ndar
 
 
 def _unlocked(config: Any) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(io.config_to_dict(config))
+  """A deep copy of config that accepts new fields."""
+  c = copy.deepcopy(config)
+  c.unlock()
+  return c
 
 
-def _overrides(config: Any, regime: str) -> dict[str, Any]:
-  ov = config.mitigate.overrides
-  return io.config_to_dict(ov[regime]) if regime in ov else {}
+def _overrides(config: Any, regime: str) -> dict[tuple[str, str], Any]:
+  """{(section, field): value} of the mitigate.overrides entries "regime:section.field=value"
+  (value a Python literal) for `regime`."""
+  out = {}
+  for entry in config.mitigate.overrides:
+    m = re.fullmatch(r"\s*([\w-]+)\s*:\s*(\w+)\.(\w+)\s*=(.+)", str(entry))
+    if m is None:
+      raise ValueError(f"mitigate.overrides entry {entry!r}: expected 'regime:section.field=value'")
+    if m.group(1) != regime:
+      continue
+    try:
+      value = ast.literal_eval(m.group(4).strip())
+    except (ValueError, SyntaxError):
+      raise ValueError(f"mitigate.overrides entry {entry!r}: the value is not a Python literal") from None
+    out[(m.group(2), m.group(3))] = tuple(value) if isinstance(value, list) else value
+  return out
 
 
 def regime_config(config: Any, regime: str) -> ml_collections.ConfigDict:
-  """config with mitigate.overrides.<regime> applied (ValueError for an unknown field)."""
+  """config with the mitigate.overrides of `regime` applied (ValueError for an unknown field)."""
   c = _unlocked(config)
-  for section, fields in _overrides(config, regime).items():
-    if section not in c or not isinstance(fields, dict):
-      raise ValueError(f"mitigate.overrides.{regime}.{section}: not a config section")
-    for k, v in fields.items():
-      if k not in c[section]:
-        raise ValueError(f"mitigate.overrides.{regime}.{section}.{k}: no such config field")
-      c[section][k] = tuple(v) if isinstance(v, list) else v
+  for (section, field), value in _overrides(config, regime).items():
+    if section not in c or not hasattr(c[section], "keys") or field not in c[section]:
+      raise ValueError(f"mitigate.overrides: {regime}:{section}.{field} is not a config field")
+    c[section][field] = value
   return c
 
 

@@ -147,6 +147,21 @@ def test_arm_configs_carry_the_modification_in_data():
   assert io.config_to_dict(none.data) == io.config_to_dict(c.data)
 
 
+def test_regime_overrides():
+  c = mnist_mitigate.get_config()
+  c.unlock()
+  c.mitigate.overrides = ("natural:data.num_train=32", "natural:train.lr=1e-3", "x:data.classes=[1, 7]")
+  nat = mitigate.regime_config(c, "natural")
+  assert (nat.data.num_train, nat.train.lr, nat.data.classes) == (32, 1e-3, ())
+  assert mitigate.regime_config(c, "x").data.classes == (1, 7)
+  assert io.config_to_dict(mitigate.regime_config(c, "planted")) == io.config_to_dict(c)
+  for bad, msg in (("natural:data.nonsense=1", "not a config field"), ("natural data=1", "expected"),
+                   ("natural:data.name=mnist", "literal")):
+    c.mitigate.overrides = (bad,)
+    with pytest.raises(ValueError, match=msg):
+      mitigate.regime_config(c, "natural")
+
+
 def test_parse_arms_errors():
   mt = ml_collections.ConfigDict({"regimes": ("a",), "seeds": (1,), "arms": ("a:score:drop:0.1",)})
   assert mitigate.parse_arms(mt)[0] == mitigate.Arm("a", "score", "drop", 0.1, 1)
@@ -199,7 +214,7 @@ def tiny_config():
   c.detect.carlini_n = 4
   mt = c.mitigate
   mt.regimes = ("a", "b")
-  mt.overrides.b = {"data": {"num_duplicated": 0}}
+  mt.overrides = ("b:data.num_duplicated=0",)
   mt.arms = ("a:none", "a:score:drop:0.25", "b:random:augment:0.25")
   mt.seeds = (1, 2)
   mt.classifier_steps, mt.classifier_width = 20, 4

@@ -125,8 +125,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- mitigate (memvol/mitigate.py, quality.py, perturb.py; --mode=mitigate only) ----
   c.mitigate = mt = ml_collections.ConfigDict()
-  mt.regimes = ("default",)   # regimes, each = this config + mt.overrides.<name> (none: the workdir itself)
-  mt.overrides = ml_collections.ConfigDict()  # <regime>.<section>.<field> = value; its baseline gets a sub-workdir
+  mt.regimes = ("default",)   # regimes: this config + the regime's overrides (none: the workdir is its baseline)
+  mt.overrides = ()           # "regime:section.field=value" (a literal); such a regime's baseline gets a sub-workdir
   mt.arms = ("default:none", "default:score:drop:0.1", "default:random:drop:0.1")  # run in this order: regime:none | regime:selection:modification:q
   mt.seeds = (1, 2, 3)        # config.seed of every arm (training, sampling): one arm per seed
   mt.score_column = ""        # scores.csv column ranked by `score` selection ("" = <first estimator>_log_volume)

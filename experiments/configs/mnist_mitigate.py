@@ -72,7 +72,7 @@ def get_config(arg: str | None = None):
 
   mt = c.mitigate
   mt.regimes = ("planted", "natural")
-  mt.overrides.natural = {"data": {"num_train": 32, "num_duplicated": 0}}
+  mt.overrides = ("natural:data.num_train=32", "natural:data.num_duplicated=0")
   mt.arms = _arms(mt.regimes, core_only=(arg == "core"))
   mt.seeds = (1, 2, 3)
 
@@ -95,7 +95,7 @@ def get_config(arg: str | None = None):
     c.sample.num_samples = 32
     c.sample.sde_steps = 100
     c.sample.batch_size = 32
-    mt.overrides.natural = {"data": {"num_train": 12, "num_duplicated": 0}}
+    mt.overrides = ("natural:data.num_train=12", "natural:data.num_duplicated=0")
     mt.arms = ("planted:none", "planted:score:drop:0.25", "planted:random:drop:0.25",
                "planted:copied:drop:0", "planted:score:augment:0.25", "planted:score:perturb:0.25",
                "natural:none", "natural:score:drop:0.25")
