@@ -505,7 +505,8 @@ def figure(summary: dict[str, Any], path: str) -> None:
   """Per regime: copies per arm group (seeds as dots, mean ± sd) and copies against FD."""
   plt = plotting.pyplot()
   regimes = list(summary["baselines"])
-  fig, axes = plt.subplots(len(regimes), 2, figsize=(11, 3.8 * len(regimes)), squeeze=False)
+  fig, axes = plt.subplots(len(regimes), 2, figsize=(11, 4.6 * len(regimes)), squeeze=False,
+                           gridspec_kw={"hspace": 0.75})
   for row, regime in zip(axes, regimes):
     gs = [g for g in summary["groups"] if g["regime"] == regime]
     ax = row[0]
