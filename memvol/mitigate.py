@@ -533,7 +533,8 @@ def figure(summary: dict[str, Any], path: str) -> None:
 def write_outputs(summary: dict[str, Any], folder: str, log: Callable[[str], None] = print) -> None:
   fig = os.path.join(folder, "copies_vs_quality.png")
   figure(summary, fig)
-  io.save_json(os.path.join(folder, "summary.json"), summary)
+  from memvol import report
+  io.save_json(os.path.join(folder, "summary.json"), report._clean(summary, "", []))  # NaN -> null
   with io.atomic_open(os.path.join(folder, "report.md"), "w") as f:
     f.write(render_markdown(summary, [fig]))
   log(f"[memvol] mitigate: summary written to {folder}/summary.json and report.md")

@@ -21,12 +21,17 @@ Arms, in run order (3 seeds each: the `none` arms are the run-to-run spread):
   rest  per regime: score/random x drop at q = 5%, copied x drop, score/random x augment
         and x perturb at q = 10%.
 
-Runtime on 2 CPU cores (measured per arm when alone: see the report of the lead; design
-estimate from the default job's 5-6 min per 3000 steps and 5 min per 512 x 1000 samples):
-train ~3 min + sample ~1.2 min + detect/quality ~0.2 min = ~4.5 min per arm; a baseline
-adds ~4 min of scoring (144 images). Core (2 baselines + 18 arms) ~1.6 h; planted core
-alone (1 baseline + 9 arms) ~50 min; the full plan (2 baselines + 60 arms + PGD ~2 min
-per perturbed selection) ~4.8 h: one evening.
+Expected runtime on 2 CPU cores. Measured for the planted baseline in /work/runs/mitigate
+while ~5 other jobs shared the 2 cores (load average 8-12): train 561 s (1500 steps,
+~2.7 steps/s; ~6 steps/s alone), sample 110 s (256 x 500 steps), score ~6.5 min
+(144 images). Per arm (train + sample + detect + quality) that is ~11 min under that
+load and ~5.5 min on 2 quiet cores (train ~4.2 min at 6 steps/s, sample ~1 min).
+Extrapolated on 2 quiet cores: planted core (baseline ~9 min + 9 arms) ~1 h; both
+cores (2 baselines + 18 arms) ~2 h; the full plan (2 baselines + 60 arms + PGD, a few
+min per perturbed selection) ~6 h: one evening. Twice that under the load above.
+Expected result: not yet measured (the first run was launched at 08:21 UTC on
+2026-11-28); the hypothesis of issue 7 is that score+drop removes most copies of the
+planted regime and random+drop barely moves them.
 
 `:quick` runs the same plan shape with a tiny model, 16 digits and 2 seeds in a few
 minutes (CI-like check; its numbers only need to exist and be finite).
