@@ -33,8 +33,9 @@ Expected result: not yet measured (the first run was launched at 08:21 UTC on
 2026-11-28); the hypothesis of issue 7 is that score+drop removes most copies of the
 planted regime and random+drop barely moves them.
 
-`:quick` runs the same plan shape with a tiny model, 16 digits and 2 seeds in a few
-minutes (CI-like check; its numbers only need to exist and be finite).
+`:core` plans the core arms only. `:quick` runs the same plan shape with a tiny model,
+16 digits and 2 seeds (CI-like check; its numbers only need to exist and be finite):
+910 s measured under the load above (16 arms, 2 baselines, PGD), a few minutes alone.
 """
 
 from experiments.configs.base import get_base_config, shrink_downstream
