@@ -24,11 +24,13 @@ Arms, in run order (3 seeds each: the `none` arms are the run-to-run spread):
 Expected runtime on 2 CPU cores. Measured for the planted baseline in /work/runs/mitigate
 while ~5 other jobs shared the 2 cores (load average 8-12): train 561 s (1500 steps,
 ~2.7 steps/s; ~6 steps/s alone), sample 110 s (256 x 500 steps), score ~6.5 min
-(144 images). Per arm (train + sample + detect + quality) that is ~11 min under that
-load and ~5.5 min on 2 quiet cores (train ~4.2 min at 6 steps/s, sample ~1 min).
-Extrapolated on 2 quiet cores: planted core (baseline ~9 min + 9 arms) ~1 h; both
-cores (2 baselines + 18 arms) ~2 h; the full plan (2 baselines + 60 arms + PGD, a few
-min per perturbed selection) ~6 h: one evening. Twice that under the load above.
+(144 images). Per arm (train + sample + detect + quality), measured: 670 s for the first
+(`none`, seed 1, under that load, including ~2.5 min training the feature classifier
+once), then 268 s and 274 s (load average ~2-3: train ~207 s, sample ~67 s).
+Extrapolated on 2 quiet cores (~4.5 min per arm): planted core (baseline ~9 min + 9
+arms) ~50 min; both cores (2 baselines + 18 arms) ~1.7 h; the full plan (2 baselines +
+60 arms + PGD, a few min per perturbed selection) ~5 h: one evening. About twice that
+under the heavy load above.
 Expected result: not yet measured (the first run was launched at 08:21 UTC on
 2026-11-28); the hypothesis of issue 7 is that score+drop removes most copies of the
 planted regime and random+drop barely moves them.
