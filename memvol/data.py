@@ -100,6 +100,10 @@ class Split:
   train: ImageSet
   heldout: ImageSet
   dup_counts: np.ndarray
+  # Data modifications of a mitigation arm (memvol/mitigate.py); None = unmodified.
+  stream_counts: np.ndarray | None = None   # [num_train] times in the stream (0 = dropped)
+  stream_images: np.ndarray | None = None   # [num_train, H, W, C] the images the stream shows
+  augment: np.ndarray | None = None         # [num_train] bool: stronger augmentation in training
 
   def __post_init__(self):
     if np.shape(self.dup_counts) != (len(self.train),):
@@ -108,12 +112,27 @@ class Split:
       raise ValueError("Split.dup_counts must be >= 1")
     if np.intersect1d(self.train.ids, self.heldout.ids).size:
       raise ValueError("Split.train and Split.heldout share image ids")
+    for field, shape in (("stream_counts", (len(self.train),)), ("stream_images", self.train.images.shape),
+                         ("augment", (len(self.train),))):
+      if getattr(self, field) is not None and np.shape(getattr(self, field)) != shape:
+        raise ValueError(f"Split.{field} must have shape {shape}, got {np.shape(getattr(self, field))}")
+    if self.stream_counts is not None and not np.any(np.asarray(self.stream_counts) > 0):
+      raise ValueError("Split.stream_counts drops every training image: the training stream is empty")
+
+  def _counts(self) -> np.ndarray:
+    return self.dup_counts if self.stream_counts is None else self.stream_counts
 
   def training_stream(self) -> tuple[np.ndarray, np.ndarray]:
-    """(images [sum(dup_counts), H, W, C], ids): every training image repeated dup_counts
-    times, in training-set order."""
-    return (np.repeat(self.train.images, self.dup_counts, axis=0),
-            np.repeat(self.train.ids, self.dup_counts))
+    """(images [sum(counts), H, W, C], ids): every training image repeated dup_counts
+    times (stream_counts for a mitigation arm: 0 = dropped), in training-set order; a
+    replaced image (stream_images) appears in place of the original."""
+    images = self.train.images if self.stream_images is None else self.stream_images
+    return np.repeat(images, self._counts(), axis=0), np.repeat(self.train.ids, self._counts())
+
+  def stream_augment(self) -> np.ndarray | None:
+    """bool [sum(counts)]: which stream items get stronger augmentation (None: none do),
+    aligned with training_stream()."""
+    return None if self.augment is None else np.repeat(np.asarray(self.augment, bool), self._counts())
 
 
 # --- checks ----------------------------------------------------------------------------
@@ -199,6 +218,28 @@ def random_flip(key: Array, batch: Array) -> Array:
   """Each image of batch [B, H, W, C] mirrored left-right with probability 1/2."""
   flip = jax.random.bernoulli(key, 0.5, (batch.shape[0],))
   return jnp.where(flip[:, None, None, None], batch[:, :, ::-1, :], batch)
+
+
+def augment_settings(data_cfg: Any) -> tuple[int, float]:
+  """(shift pixels, noise std) of data.augment_batch from data.augment_shift / augment_noise."""
+  shift, noise = int(data_cfg.get("augment_shift", 2)), float(data_cfg.get("augment_noise", 0.05))
+  if shift < 0 or noise < 0:
+    raise ValueError(f"data.augment_shift and data.augment_noise must be >= 0, got {shift}, {noise}")
+  return shift, noise
+
+
+def augment_batch(key: Array, batch: Array, mask: Array, shift: int, noise: float) -> Array:
+  """Stronger augmentation of the masked images of batch [B, H, W, C] (mask bool [B]):
+  a shift by an integer offset uniform in [-shift, shift] pixels along each axis (edges
+  repeated), then N(0, noise^2) pixel noise, clipped to [-1, 1]. Unmasked images pass
+  unchanged."""
+  b, h, w, _ = batch.shape
+  k_shift, k_noise = jax.random.split(key)
+  offsets = jax.random.randint(k_shift, (b, 2), 0, 2 * shift + 1)
+  padded = jnp.pad(batch, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge")
+  crop = lambda x, o: jax.lax.dynamic_slice(x, (o[0], o[1], 0), (h, w, x.shape[-1]))  # noqa: E731
+  moved = jax.vmap(crop)(padded, offsets) + noise * jax.random.normal(k_noise, batch.shape, batch.dtype)
+  return jnp.where(mask[:, None, None, None], jnp.clip(moved, -1.0, 1.0), batch)
 
 
 # --- sources ---------------------------------------------------------------------------
@@ -509,7 +550,51 @@ def make_split(data_cfg: Any) -> Split:
   tr = _load(source, train, "training images")
   ho = (_load(source, held, "held-out images") if len(held)
         else ImageSet(np.zeros((0,) + tr.shape, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)))
-  return Split(tr, ho, dup)
+  return _modify(Split(tr, ho, dup), data_cfg)
+
+
+def _arm_ids(data_cfg: Any, field: str, train_ids: np.ndarray) -> np.ndarray:
+  """bool [num_train]: which training images data_cfg.<field> names (ValueError for ids
+  that are not training images)."""
+  ids = np.asarray([int(i) for i in data_cfg.get(field, ())], np.int64)
+  unknown = np.setdiff1d(ids, train_ids)
+  if unknown.size:
+    raise ValueError(f"data.{field} names ids {unknown[:8].tolist()} that are not training images")
+  return np.isin(train_ids, ids)
+
+
+def file_sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _modify(split: Split, data_cfg: Any) -> Split:
+  """The data modifications of a mitigation arm (fields absent from ordinary configs, set
+  by memvol/mitigate.py): data.drop_ids leave the training stream (they stay in
+  split.train, so detect still counts their copies); data.augment_ids get stronger
+  augmentation; data.replace_path (an npz of `ids` [k] and `images` [k, H, W, C] whose
+  sha256 must equal data.replace_sha256) replaces those images in the stream only."""
+  ids = split.train.ids
+  counts, images, augment = None, None, None
+  if len(data_cfg.get("drop_ids", ())):
+    counts = np.where(_arm_ids(data_cfg, "drop_ids", ids), 0, split.dup_counts).astype(np.int64)
+  if len(data_cfg.get("augment_ids", ())):
+    augment = _arm_ids(data_cfg, "augment_ids", ids)
+  path = str(data_cfg.get("replace_path", ""))
+  if path:
+    want, got = str(data_cfg.get("replace_sha256", "")), file_sha256(path) if os.path.exists(path) else ""
+    if not got or got != want:
+      raise ValueError(f"data.replace_path={path!r} is missing or has sha256 {got[:12] or '-'}, not "
+                       f"data.replace_sha256={want[:12] or '-'}; rerun the mitigation arm that writes it")
+    z = io.load_npz(path)
+    pos = np.searchsorted(ids, z["ids"])
+    if np.any(pos >= len(ids)) or np.any(ids[np.minimum(pos, len(ids) - 1)] != z["ids"]):
+      raise ValueError(f"{path}: `ids` are not all training images")
+    images = split.train.images.copy()
+    images[pos] = validate_images(z["images"], f"{path}:images")
+  if counts is None and images is None and augment is None:
+    return split
+  return dataclasses.replace(split, stream_counts=counts, stream_images=images, augment=augment)
 
 
 # --- the workdir record ----------------------------------------------------------------

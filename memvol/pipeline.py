@@ -19,7 +19,8 @@ from memvol import io, lock, preempt
 
 STAGES = ("train", "sample", "score", "detect", "report")
 _MODULES = {"train": "memvol.train", "sample": "memvol.sampling", "score": "memvol.scoring",
-            "detect": "memvol.detect", "report": "memvol.report"}
+            "detect": "memvol.detect", "report": "memvol.report", "mitigate": "memvol.mitigate"}
+MODES = ("all",) + tuple(_MODULES)  # `mitigate` (memvol/mitigate.py) is not part of `all`
 # Sections that define what a workdir holds; changing any of them needs a new workdir.
 IDENTITY_SECTIONS = ("data", "model", "sde")
 
@@ -93,8 +94,8 @@ def _record_time(workdir: str, stage: str, seconds: float) -> None:
 
 def run_stage(config, workdir: str, stage: str, log: Callable[[str], None] = logging.info) -> float:
   """Run one stage, recording its wall time; returns the seconds taken."""
-  if stage not in STAGES:
-    raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+  if stage not in _MODULES:
+    raise ValueError(f"unknown stage {stage!r}; expected one of {tuple(_MODULES)}")
   log(f"[memvol] stage {stage}: start")
   start = time.perf_counter()
   _module(stage, config).run(config, workdir)
@@ -122,8 +123,8 @@ def run(config, workdir: str, mode: str = "all", force: bool = False,
   (SIGTERM) stops the chain between stages, or inside a stage at its next commit, with
   preempt.Preempted.
   """
-  if mode != "all" and mode not in STAGES:
-    raise ValueError(f"unknown mode {mode!r}; expected 'all' or one of {STAGES}")
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
   if reference is not None:
     check_keys(config, reference)
   preempt.clear()  # a notice belongs to the run it arrives in

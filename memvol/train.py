@@ -126,14 +126,17 @@ def _apply_fn(model: Any, train: bool) -> Callable[..., Array]:
 
 
 def make_train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation,
-                    train_cfg: Any, mesh: Mesh, random_flip: bool = False
-                    ) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict[str, Array]]]:
+                    train_cfg: Any, mesh: Mesh, random_flip: bool = False,
+                    augment: tuple[int, float] | None = None
+                    ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
   """The jitted update `step(state, batch [B, H, W, C], key) -> (state, {loss, grad_norm})`:
   batch sharded over `data`, state and key replicated, state donated. Update k uses
-  fold_in(key, k); matmuls and convolutions run at train.precision. Built once per
-  (model, sde, tx, ema_decay, precision, mesh, random_flip)."""
+  fold_in(key, k); matmuls and convolutions run at train.precision. With `augment` =
+  (shift, noise) the step takes a fourth argument, a bool mask [B] (sharded like the batch)
+  of the examples given data.augment_batch. Built once per
+  (model, sde, tx, ema_decay, precision, mesh, random_flip, augment)."""
   return _train_step(model, sde, tx, float(train_cfg.ema_decay), _precision(train_cfg), mesh,
-                     bool(random_flip))
+                     bool(random_flip), augment)
 
 
 def _precision(train_cfg: Any) -> str:
@@ -141,16 +144,19 @@ def _precision(train_cfg: Any) -> str:
 
 
 def _step_fn(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, ema_decay: float,
-             precision: str, random_flip: bool
-             ) -> Callable[[TrainState, Array, Array], tuple[TrainState, dict[str, Array]]]:
+             precision: str, random_flip: bool, augment: tuple[int, float] | None = None
+             ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
   """The pure update of `make_train_step` (not jitted)."""
   apply = _apply_fn(model, train=True)
 
-  def step(state: TrainState, x0: Array, key: Array) -> tuple[TrainState, dict[str, Array]]:
+  def step(state: TrainState, x0: Array, key: Array, aug: Array | None = None
+           ) -> tuple[TrainState, dict[str, Array]]:
     key = jax.random.fold_in(key, state.step)
     k_loss, k_flip = jax.random.split(key)
     if random_flip:
       x0 = data_lib.random_flip(k_flip, x0)
+    if augment is not None:
+      x0 = data_lib.augment_batch(jax.random.fold_in(k_flip, 1), x0, aug, *augment)
     with numerics.precision(precision):
       loss, grads = jax.value_and_grad(lambda p: denoising_loss(apply, p, sde, x0, k_loss))(state.params)
     grad_norm = optax.tree.norm(grads)
@@ -166,20 +172,24 @@ def _step_fn(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, ema
 
 @functools.lru_cache(maxsize=8)
 def _train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, ema_decay: float,
-                precision: str, mesh: Mesh, random_flip: bool) -> Callable[..., Any]:
+                precision: str, mesh: Mesh, random_flip: bool,
+                augment: tuple[int, float] | None = None) -> Callable[..., Any]:
   rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  step = _step_fn(model, sde, tx, ema_decay, precision, random_flip)
-  return jax.jit(step, in_shardings=(rep, shard, rep), out_shardings=(rep, rep), donate_argnums=0)
+  step = _step_fn(model, sde, tx, ema_decay, precision, random_flip, augment)
+  in_shardings = (rep, shard, rep) + ((shard,) if augment is not None else ())
+  return jax.jit(step, in_shardings=in_shardings, out_shardings=(rep, rep), donate_argnums=0)
 
 
 def make_train_loop(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation,
-                    train_cfg: Any, mesh: Mesh, random_flip: bool = False) -> Callable[..., Any]:
+                    train_cfg: Any, mesh: Mesh, random_flip: bool = False,
+                    augment: tuple[int, float] | None = None) -> Callable[..., Any]:
   """The multi-step update
   `loop(state, images [N, H, W, C], seen: int, n: int, step_key, order_key) -> (state, {loss, grad_norm})`:
   n (1 <= n <= train.steps_per_call) updates of `make_train_step`'s kind, update j on the
   batch of train.batch_size stream examples seen + j B, ... (`stream_indices` of order_key),
   each device keeping its rows; images, keys and state replicated, state donated. Metrics
-  are float32 vectors whose first n entries are the updates' values.
+  are float32 vectors whose first n entries are the updates' values. With `augment`
+  (see make_train_step), `images` is the pair (images, mask bool [N]) of the stream.
 
   Fused (`fused_steps(train_cfg, mesh)`): one dispatch of one compiled `lax.fori_loop`
   whose trip count n is traced, so one program serves every n. Unfused (the CPU default):
@@ -188,7 +198,7 @@ def make_train_loop(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformati
   fused = fused_steps(train_cfg, mesh)
   return _train_loop(model, sde, tx, float(train_cfg.ema_decay), _precision(train_cfg), mesh,
                      bool(random_flip), int(train_cfg.batch_size),
-                     int(train_cfg.steps_per_call) if fused else 0, fused)
+                     int(train_cfg.steps_per_call) if fused else 0, fused, augment)
 
 
 def fused_steps(train_cfg: Any, mesh: Mesh) -> bool:
@@ -205,14 +215,17 @@ def fused_steps(train_cfg: Any, mesh: Mesh) -> bool:
 @functools.lru_cache(maxsize=8)
 def _train_loop(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, ema_decay: float,
                 precision: str, mesh: Mesh, random_flip: bool, batch_size: int,
-                steps_per_call: int, fused: bool) -> Callable[..., Any]:
+                steps_per_call: int, fused: bool, augment: tuple[int, float] | None = None
+                ) -> Callable[..., Any]:
   rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  step = _step_fn(model, sde, tx, ema_decay, precision, random_flip)
+  step = _step_fn(model, sde, tx, ema_decay, precision, random_flip, augment)
 
-  def update(state: TrainState, images: Array, seen: Array, step_key: Array,
+  def update(state: TrainState, stream: Any, seen: Array, step_key: Array,
              order_key: Array) -> tuple[TrainState, dict[str, Array]]:
+    images, mask = stream if augment is not None else (stream, None)
     idx = stream_indices(order_key, seen, batch_size, images.shape[0])
-    return step(state, jax.lax.with_sharding_constraint(images[idx], shard), step_key)
+    rows = lambda a: jax.lax.with_sharding_constraint(a[idx], shard)  # noqa: E731
+    return step(state, rows(images), step_key, None if mask is None else rows(mask))
 
   def scalar(v: int) -> Array:
     return jax.device_put(np.int32(v), rep)
@@ -453,7 +466,11 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
   step_key = jax.device_put(jax.random.fold_in(root, _STEP), rep)
   order_key = jax.device_put(jax.random.fold_in(root, _ORDER), rep)
   stream = jax.make_array_from_process_local_data(rep, images, images.shape)
-  train_loop = make_train_loop(model, sde, tx, tc, mesh, bool(config.data.random_flip))
+  aug_mask = split.stream_augment()
+  augment = data_lib.augment_settings(config.data) if aug_mask is not None else None
+  if augment is not None:
+    stream = (stream, jax.make_array_from_process_local_data(rep, aug_mask, aug_mask.shape))
+  train_loop = make_train_loop(model, sde, tx, tc, mesh, bool(config.data.random_flip), augment)
   schedule = lr_schedule(tc)
 
   batch_size, num_steps = int(tc.batch_size), int(tc.num_steps)

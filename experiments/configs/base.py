@@ -147,6 +147,30 @@ def get_base_config() -> ml_collections.ConfigDict:
   r.bootstrap_seed = 0
   r.fpr = 0.01                # TPR is read off the ROC curve at this FPR
   r.alternative = "two-sided"  # two-sided | greater | less (pos vs neg) for Welch and Mann-Whitney
+
+  # --- mitigate (memvol/mitigate.py, quality.py, perturb.py; --mode=mitigate only) ----
+  c.mitigate = mt = ml_collections.ConfigDict()
+  mt.regimes = ("default",)   # regimes: this config + the regime's overrides (none: the workdir is its baseline)
+  mt.overrides = ()           # "regime:section.field=value" (a literal); such a regime's baseline gets a sub-workdir
+  mt.arms = ("default:none", "default:score:drop:0.1", "default:random:drop:0.1")  # run in this order: regime:none | regime:selection:modification:q
+  mt.seeds = (1, 2, 3)        # config.seed of every arm (training, sampling): one arm per seed
+  mt.score_column = ""        # scores.csv column ranked by `score` selection ("" = <first estimator>_log_volume)
+  mt.num_samples = 0          # samples per arm (0 = sample.num_samples; the `none` arms are then the reference)
+  mt.sde_steps = 0            # reverse-SDE steps per arm sample (0 = sample.sde_steps)
+  mt.augment_shift = 2        # augment: random shift of up to this many pixels per axis (edges repeated)
+  mt.augment_noise = 0.05     # augment: std of added pixel noise, [-1, 1] units
+  mt.perturb_budget = 8 / 255  # perturb: L-inf budget as a fraction of the intensity range (x2 in [-1, 1] units)
+  mt.perturb_steps = 10       # perturb: PGD sign steps
+  mt.perturb_step_size = 0.0  # perturb: PGD step as a fraction of the range (0 = 2.5 budget / steps)
+  mt.perturb_probes = 2       # perturb: Hutchinson probes of the differentiated L
+  mt.perturb_solver = "heun"  # perturb: fixed-step solver of the differentiated L
+  mt.perturb_solve_steps = 16  # perturb: its steps
+  mt.perturb_batch_size = 16  # perturb: images per compiled PGD batch
+  mt.classifier_steps = 1000  # quality: Adam steps of the feature classifier
+  mt.classifier_batch = 128   # quality: its batch size
+  mt.classifier_seed = 0      # quality: its seed
+  mt.classifier_width = 32    # quality: base channels; features = the 2x-width penultimate layer
+  mt.knn_k = 3                # quality: k of the k-NN precision / recall balls
   return c
 
 

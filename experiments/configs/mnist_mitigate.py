@@ -1,0 +1,118 @@
+"""Acting on the score on MNIST 14x14: select, modify, retrain, count copies (issue 7).
+
+Command (from the repo root; the workdir is the `planted` regime's baseline, its chain is
+run first when missing):
+
+  python -m experiments.main --config=experiments/configs/mnist_mitigate.py \
+      --workdir=runs/mitigate --mode=mitigate
+
+Regimes (each a baseline chain + its arms, k = ceil(q N) of N distinct training images):
+- `planted`: 48 training digits, 4 of them planted duplicates x8 (stream 76; the default
+  MNIST job's duplicate share at half the size), trained 1500 steps of batch 64 (~1260
+  epochs, as the default job's 3000 steps over its 152-image stream).
+- `natural`: 32 training digits, no duplicates, 1500 steps (3000 epochs): memorisation of
+  singletons only, where hashing finds nothing and the score must earn its keep.
+Both: 96 held-out digits, the default 0.37M-parameter UNet, 256 reverse-SDE samples of
+500 steps per workdir (baseline and arms alike, so the baseline is comparable too).
+
+Arms, in run order (3 seeds each: the `none` arms are the run-to-run spread):
+  core  planted: none, score/random x drop at q = 10%
+        natural: none, score/random x drop at q = 10%
+  rest  per regime: score/random x drop at q = 5%, copied x drop, score/random x augment
+        and x perturb at q = 10%.
+
+Expected runtime on 2 CPU cores. Measured for the planted baseline in /work/runs/mitigate
+while ~5 other jobs shared the 2 cores (load average 8-12): train 561 s (1500 steps,
+~2.7 steps/s; ~6 steps/s alone), sample 110 s (256 x 500 steps), score ~6.5 min
+(144 images). Per arm (train + sample + detect + quality), measured: 670 s for the first
+(`none`, seed 1, under that load, including ~2.5 min training the feature classifier
+once), then 268 s and 274 s (load average ~2-3: train ~207 s, sample ~67 s).
+Extrapolated on 2 quiet cores (~4.5 min per arm): planted core (baseline ~9 min + 9
+arms) ~50 min; both cores (2 baselines + 18 arms) ~1.7 h; the full plan (2 baselines +
+60 arms + PGD, a few min per perturbed selection) ~5 h: one evening. About twice that
+under the heavy load above.
+Expected result: not yet measured (the first run was launched at 08:21 UTC on
+2026-11-28); the hypothesis of issue 7 is that score+drop removes most copies of the
+planted regime and random+drop barely moves them.
+
+`:core` plans the core arms only. `:quick` runs the same plan shape with a tiny model,
+16 digits and 2 seeds (CI-like check; its numbers only need to exist and be finite):
+910 s measured under the load above (16 arms, 2 baselines, PGD), a few minutes alone.
+"""
+
+from experiments.configs.base import get_base_config, shrink_downstream
+
+
+def _arms(regimes, core_only=False):
+  core = []
+  for r in regimes:
+    core += [f"{r}:none", f"{r}:score:drop:0.1", f"{r}:random:drop:0.1"]
+  if core_only:
+    return tuple(core)
+  rest = []
+  for r in regimes:
+    rest += [f"{r}:score:drop:0.05", f"{r}:random:drop:0.05", f"{r}:copied:drop:0",
+             f"{r}:score:augment:0.1", f"{r}:random:augment:0.1",
+             f"{r}:score:perturb:0.1", f"{r}:random:perturb:0.1"]
+  return tuple(core + rest)
+
+
+def get_config(arg: str | None = None):
+  c = get_base_config()
+  c.data.name = "mnist"
+  c.data.resolution = 14
+  c.data.num_train = 48
+  c.data.num_heldout = 96
+  c.data.num_duplicated = 4
+  c.data.duplicate_factor = 8
+
+  c.model.name = "unet"
+  c.train.num_steps = 1500
+  c.train.ckpt_every = 500
+  c.train.sample_every = 0
+  c.train.batch_size = 64
+  c.train.lr = 2e-4
+
+  c.sample.num_samples = 256
+  c.sample.sde_steps = 500
+  c.sample.methods = ("sde",)
+  c.score.estimators = ("hutchinson",)
+
+  mt = c.mitigate
+  mt.regimes = ("planted", "natural")
+  mt.overrides = ("natural:data.num_train=32", "natural:data.num_duplicated=0")
+  mt.arms = _arms(mt.regimes, core_only=(arg == "core"))
+  mt.seeds = (1, 2, 3)
+
+  if arg == "quick":
+    c.data.num_train = 16
+    c.data.num_heldout = 32
+    c.data.num_duplicated = 2
+    c.data.duplicate_factor = 4
+    c.model.ch = 16
+    c.model.num_groups = 4
+    c.train.num_steps = 200
+    c.train.batch_size = 32
+    c.train.warmup_steps = 50
+    c.train.lr = 1e-3
+    c.train.ckpt_every = 100
+    c.train.log_every = 50
+    c.score.batch_size = 48
+    c.score.num_probes = 2
+    shrink_downstream(c)
+    c.sample.num_samples = 32
+    c.sample.sde_steps = 100
+    c.sample.batch_size = 32
+    mt.overrides = ("natural:data.num_train=12", "natural:data.num_duplicated=0")
+    mt.arms = ("planted:none", "planted:score:drop:0.25", "planted:random:drop:0.25",
+               "planted:copied:drop:0", "planted:score:augment:0.25", "planted:score:perturb:0.25",
+               "natural:none", "natural:score:drop:0.25")
+    mt.seeds = (1, 2)
+    mt.perturb_steps = 2
+    mt.perturb_solve_steps = 4
+    mt.perturb_batch_size = 4
+    mt.classifier_steps = 100
+    mt.classifier_width = 8
+  elif arg not in (None, "", "core"):
+    raise ValueError(f"unknown config argument {arg!r}; expected '', 'core' or 'quick'")
+  return c

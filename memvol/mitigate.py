@@ -1,0 +1,540 @@
+"""Acting on the score: select training images, modify them, retrain, count copies again.
+
+The `mitigate` stage (--mode=mitigate; not part of `all`). For each regime of
+config.mitigate.regimes (the config with that regime's config.mitigate.overrides entries
+"regime:section.field=value" applied) a baseline workdir holds the full chain (train,
+sample, score, detect): the given workdir itself for a regime without overrides, else
+workdir/mitigate/<regime>/baseline. An arm =
+selection x modification x q x seed; it selects k = ceil(q N) of the N distinct training
+images of the baseline and retrains from scratch in its own sub-workdir
+
+    workdir/mitigate/<regime>/<selection>-<modification>-q<q>-seed<s>/   (none-seed<s>)
+
+whose config carries the modification in its `data` section (data.drop_ids,
+data.augment_ids, data.replace_path: see memvol/data.py), so arms never share a workdir
+and the existing stages run unchanged on it (train -> sample -> detect).
+
+Selections (`select_ids`): `score` the top k of a scores.csv column (ties by id);
+`random` k ids drawn with the arm's seed; `copied` the baseline's copied images (k =
+their number, not ceil(q N)); `none` nothing (an unchanged retrain: the run-to-run spread).
+Modifications: `drop` (out of the training stream), `augment` (stronger augmentation of
+the selected images), `perturb` (x + delta by PGD on the image's own L, perturb.py).
+
+An arm whose arm.json exists is done; a killed run redoes only the unfinished arm (its
+stages resume inside). Per arm: copies (samples that copy a training image, ratio
+criterion), copied_images (distinct training images copied), both split into selected /
+unselected, sample quality against the held-out images (quality.py), the final training
+loss, and for `perturb` L of the selected images under the retrained model. Output:
+workdir/mitigate/summary.json (`arms`: one entry per arm and seed; `groups`: mean and sd
+over seeds; `tests`: score vs random at equal k, Welch and Mann-Whitney over seeds, and
+every group against the spread of `none`), report.md and PNGs.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import hashlib
+import math
+import os
+import re
+import time
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from memvol import io, pipeline, plotting, stats
+
+SELECTIONS = ("score", "random", "copied", "none")
+MODIFICATIONS = ("drop", "augment", "perturb")
+CHAIN = ("train", "sample", "score", "detect")   # the baseline's stages
+ARM_CHAIN = ("train", "sample", "detect")        # an arm's stages
+METRICS = ("copies", "copied_images", "copies_selected", "copies_unselected", "copied_selected",
+           "copied_unselected", "copies_carlini", "fd", "kid", "precision", "recall", "final_loss",
+           "L_before_baseline", "L_after_baseline", "psnr", "ssim", "L_selected_retrained",
+           "L_perturbed_retrained")
+TESTED = ("copies", "copied_images", "fd", "kid", "precision", "recall")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One retrain: regime, selection, modification ('' for none), q (0 for none), seed."""
+
+  regime: str
+  selection: str
+  modification: str
+  q: float
+  seed: int
+
+  @property
+  def group(self) -> str:
+    if self.selection in ("none", "copied"):  # k is not ceil(q N) for these
+      return "none" if self.selection == "none" else f"copied-{self.modification}"
+    return f"{self.selection}-{self.modification}-q{self.q:g}"
+
+  @property
+  def name(self) -> str:
+    return f"{self.group}-seed{self.seed}"
+
+
+def parse_arms(mt: Any) -> list[Arm]:
+  """The arms of config.mitigate in run order (each spec once per seed, seeds inner)."""
+  seeds = [int(s) for s in mt.seeds]
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ValueError(f"mitigate.seeds must be distinct and non-empty, got {mt.seeds}")
+  regimes = tuple(mt.regimes)
+  out = []
+  for spec in mt.arms:
+    parts = str(spec).split(":")
+    if len(parts) == 2 and parts[1] == "none":
+      regime, sel, mod, q = parts[0], "none", "", 0.0
+    elif len(parts) == 4:
+      regime, sel, mod = parts[:3]
+      try:
+        q = float(parts[3])
+      except ValueError:
+        raise ValueError(f"mitigate.arms entry {spec!r}: q={parts[3]!r} is not a number") from None
+    else:
+      raise ValueError(f"mitigate.arms entry {spec!r}: expected 'regime:none' or "
+                       "'regime:selection:modification:q'")
+    if regime not in regimes:
+      raise ValueError(f"mitigate.arms entry {spec!r}: regime {regime!r} not in mitigate.regimes {regimes}")
+    if sel not in SELECTIONS or (sel != "none" and mod not in MODIFICATIONS):
+      raise ValueError(f"mitigate.arms entry {spec!r}: selection must be one of {SELECTIONS} and "
+                       f"modification one of {MODIFICATIONS}")
+    if sel not in ("none", "copied") and not 0.0 < q <= 1.0:
+      raise ValueError(f"mitigate.arms entry {spec!r}: q must be in (0, 1], got {q}")
+    out.extend(Arm(regime, sel, mod, q, s) for s in seeds)
+  names = [(a.regime, a.name) for a in out]
+  if len(set(names)) != len(names):
+    raise ValueError("mitigate.arms names an arm twice")
+  return out
+
+
+# --- selection -----------------------------------------------------------------------
+
+
+def num_selected(q: float, n: int) -> int:
+  """k = ceil(q N), computed so that q N within 1e-9 of an integer is not rounded up."""
+  return min(n, int(math.ceil(q * n - 1e-9)))
+
+
+def select_ids(selection: str, train_ids: np.ndarray, k: int, *, scores: np.ndarray | None = None,
+               copied_ids: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+  """Sorted ids of the selected training images.
+
+  score: the k largest `scores` (aligned with train_ids; NaN last; ties broken by smaller
+  id); random: k ids uniformly without replacement from np.random.default_rng(seed);
+  copied: copied_ids (k ignored); none: no ids.
+  """
+  train_ids = np.asarray(train_ids, np.int64)
+  if selection == "none":
+    return np.zeros(0, np.int64)
+  if selection == "copied":
+    if copied_ids is None:
+      raise ValueError("selection 'copied' needs copied_ids")
+    return np.sort(np.asarray(copied_ids, np.int64))
+  if not 0 < k <= len(train_ids):
+    raise ValueError(f"k={k} must be in [1, {len(train_ids)}]")
+  if selection == "score":
+    if scores is None or np.shape(scores) != train_ids.shape:
+      raise ValueError(f"selection 'score' needs one score per training image ({train_ids.shape})")
+    s = np.asarray(scores, np.float64)
+    order = np.lexsort((train_ids, np.where(np.isfinite(s), -s, np.inf)))
+    return np.sort(train_ids[order[:k]])
+  if selection == "random":
+    return np.sort(np.random.default_rng(int(seed)).choice(np.sort(train_ids), k, replace=False))
+  raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
+
+
+# --- configs and workdirs ------------------------------------------------------------
+
+
+def _unlocked(config: Any) -> ml_collections.ConfigDict:
+  """A deep copy of config that accepts new fields."""
+  c = copy.deepcopy(config)
+  c.unlock()
+  return c
+
+
+def _overrides(config: Any, regime: str) -> dict[tuple[str, str], Any]:
+  """{(section, field): value} of the mitigate.overrides entries "regime:section.field=value"
+  (value a Python literal) for `regime`."""
+  out = {}
+  for entry in config.mitigate.overrides:
+    m = re.fullmatch(r"\s*([\w-]+)\s*:\s*(\w+)\.(\w+)\s*=(.+)", str(entry))
+    if m is None:
+      raise ValueError(f"mitigate.overrides entry {entry!r}: expected 'regime:section.field=value'")
+    if m.group(1) != regime:
+      continue
+    try:
+      value = ast.literal_eval(m.group(4).strip())
+    except (ValueError, SyntaxError):
+      raise ValueError(f"mitigate.overrides entry {entry!r}: the value is not a Python literal") from None
+    out[(m.group(2), m.group(3))] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def regime_config(config: Any, regime: str) -> ml_collections.ConfigDict:
+  """config with the mitigate.overrides of `regime` applied (ValueError for an unknown field)."""
+  c = _unlocked(config)
+  for (section, field), value in _overrides(config, regime).items():
+    if section not in c or not hasattr(c[section], "keys") or field not in c[section]:
+      raise ValueError(f"mitigate.overrides: {regime}:{section}.{field} is not a config field")
+    c[section][field] = value
+  return c
+
+
+def root(workdir: str) -> str:
+  return os.path.join(workdir, "mitigate")
+
+
+def baseline_dir(config: Any, workdir: str, regime: str) -> str:
+  """The workdir itself for a regime without overrides, else mitigate/<regime>/baseline."""
+  return workdir if not _overrides(config, regime) else os.path.join(root(workdir), regime, "baseline")
+
+
+def arm_dir(workdir: str, arm: Arm) -> str:
+  return os.path.join(root(workdir), arm.regime, arm.name)
+
+
+def arm_config(regime_cfg: Any, arm: Arm, ids: np.ndarray, replace: tuple[str, str] | None = None
+               ) -> ml_collections.ConfigDict:
+  """The arm's full config: the regime's, with the arm's seed, its sampling settings and its
+  data modification (data.drop_ids / augment_ids / replace_path + replace_sha256)."""
+  c = _unlocked(regime_cfg)
+  mt = c.mitigate
+  c.seed = int(arm.seed)
+  c.sample.methods = (c.detect.sample_method,)
+  if int(mt.num_samples):
+    c.sample.num_samples = int(mt.num_samples)
+  if int(mt.sde_steps):
+    c.sample.sde_steps = int(mt.sde_steps)
+  ids = tuple(int(i) for i in ids)
+  if arm.modification == "drop":
+    c.data.drop_ids = ids
+  elif arm.modification == "augment":
+    c.data.augment_ids = ids
+    c.data.augment_shift = int(mt.augment_shift)
+    c.data.augment_noise = float(mt.augment_noise)
+  elif arm.modification == "perturb" and ids:
+    if replace is None:
+      raise ValueError("a perturb arm needs its replacement file (path, sha256)")
+    c.data.replace_path, c.data.replace_sha256 = replace
+  c.lock()
+  return c
+
+
+def run_chain(config: Any, workdir: str, stages: tuple[str, ...], log: Callable[[str], None]) -> None:
+  """The given stages of memvol.pipeline on `workdir`, skipping completed ones."""
+  pipeline.check_workdir(config, workdir)
+  for stage in stages:
+    if pipeline.is_complete(config, workdir, stage):
+      continue
+    pipeline.run_stage(config, workdir, stage, log)
+
+
+# --- measurements --------------------------------------------------------------------
+
+
+def _detect_table(workdir: str) -> dict[str, np.ndarray]:
+  rows = io.load_csv(os.path.join(workdir, "detect", "detect.csv"))
+  return {"id": np.array([int(r["id"]) for r in rows], np.int64),
+          "copies": np.array([int(r["copies_ratio"]) for r in rows], np.int64),
+          "carlini": np.array([int(r["copies_carlini"]) for r in rows], np.int64)}
+
+
+def copy_counts(workdir: str, selected: np.ndarray) -> dict[str, int]:
+  """copies (samples copying any training image), copied_images (distinct images copied),
+  each split into selected / unselected ids, and Carlini's copies, from detect.csv."""
+  d = _detect_table(workdir)
+  sel = np.isin(d["id"], selected)
+  c = d["copies"]
+  return {"copies": int(c.sum()), "copied_images": int((c > 0).sum()),
+          "copies_selected": int(c[sel].sum()), "copies_unselected": int(c[~sel].sum()),
+          "copied_selected": int((c[sel] > 0).sum()), "copied_unselected": int((c[~sel] > 0).sum()),
+          "copies_carlini": int(d["carlini"].sum())}
+
+
+def final_loss(workdir: str) -> float:
+  from memvol import train
+  rows = train.read_log(workdir)
+  return float(rows[-1]["loss"]) if rows else math.nan
+
+
+def _score_column(config: Any) -> str:
+  col = str(config.mitigate.score_column)
+  return col or f"{tuple(config.score.estimators)[0]}_log_volume"
+
+
+def baseline_scores(config: Any, workdir: str, train_ids: np.ndarray) -> np.ndarray:
+  """The selection column of workdir/scores/scores.csv, aligned with train_ids."""
+  col = _score_column(config)
+  rows = io.load_csv(os.path.join(workdir, "scores", "scores.csv"))
+  if col not in rows[0]:
+    raise ValueError(f"mitigate.score_column={col!r} is not a column of {workdir}/scores/scores.csv "
+                     f"(columns: {', '.join(rows[0])})")
+  by_id = {int(r["id"]): float(r[col]) if r[col] not in ("", "nan") else math.nan
+           for r in rows if r["split"] == "train"}
+  missing = [int(i) for i in train_ids if int(i) not in by_id]
+  if missing:
+    raise ValueError(f"{workdir}/scores/scores.csv lacks training ids {missing[:8]}")
+  return np.array([by_id[int(i)] for i in train_ids], np.float64)
+
+
+# --- the stage -----------------------------------------------------------------------
+
+
+class _Regime:
+  """A regime's baseline: its config, workdir, split, scores, copied ids and quality model."""
+
+  def __init__(self, config: Any, workdir: str, name: str, log: Callable[[str], None]):
+    from memvol import data
+    self.name, self.config = name, regime_config(config, name)
+    self.dir = baseline_dir(config, workdir, name)
+    self.folder = os.path.join(root(workdir), name)
+    log(f"[memvol] mitigate {name}: baseline chain in {self.dir}")
+    run_chain(self.config, self.dir, CHAIN, log)
+    self.split = data.load_split(self.config, self.dir)
+    self.train_ids = np.asarray(self.split.train.ids, np.int64)
+    self.scores = baseline_scores(self.config, self.dir, self.train_ids)
+    det = _detect_table(self.dir)
+    self.copied = np.sort(det["id"][det["copies"] > 0])
+    self._quality = None
+
+  def quality(self, samples: np.ndarray) -> dict[str, float]:
+    from memvol import quality
+    if self._quality is None:
+      self._quality = quality.Reference.build(self.config, self.split, self.folder)
+    return self._quality.metrics(samples)
+
+  def record(self, log: Callable[[str], None]) -> dict[str, Any]:
+    """The baseline's own measurements (its sampling settings may differ from the arms')."""
+    from memvol import detect
+    path = os.path.join(self.folder, "baseline.json")
+    if os.path.exists(path):
+      return io.load_json(path)
+    rec = {"regime": self.name, "workdir": self.dir, "num_train": len(self.train_ids),
+           "num_samples": int(self.config.sample.num_samples), "sde_steps": int(self.config.sample.sde_steps),
+           "score_column": _score_column(self.config), "copied_ids": self.copied.tolist(),
+           **copy_counts(self.dir, np.zeros(0)), "final_loss": final_loss(self.dir)}
+    rec.update(self.quality(detect.load_samples(self.config, self.dir)))
+    io.save_json(path, rec)
+    return rec
+
+
+def _selected(reg: _Regime, arm: Arm) -> np.ndarray:
+  k = num_selected(arm.q, len(reg.train_ids)) if arm.selection in ("score", "random") else 0
+  return select_ids(arm.selection, reg.train_ids, k, scores=reg.scores, copied_ids=reg.copied, seed=arm.seed)
+
+
+def _perturbed(reg: _Regime, arm: Arm, ids: np.ndarray, log: Callable[[str], None]) -> tuple[str, str, dict]:
+  """(path, sha256, record) of the PGD-perturbed selected images under the baseline model,
+  cached per selection in mitigate/<regime>/perturb/."""
+  from memvol import data, perturb
+  tag = hashlib.sha1(np.asarray(ids, np.int64).tobytes()).hexdigest()[:12]
+  path = os.path.join(reg.folder, "perturb", f"{tag}.npz")
+  if not os.path.exists(path):
+    log(f"[memvol] mitigate {reg.name}: PGD on {len(ids)} images ({arm.name})")
+    perturb.run(reg.config, reg.dir, ids, path)
+  return os.path.abspath(path), data.file_sha256(path), io.load_npz(path)
+
+
+def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None]) -> dict[str, Any]:
+  """Run (or resume) one arm; its record, also written to <arm dir>/arm.json."""
+  from memvol import detect
+  folder = arm_dir(workdir, arm)
+  path = os.path.join(folder, "arm.json")
+  if os.path.exists(path):
+    return io.load_json(path)
+  start = time.perf_counter()
+  ids = _selected(reg, arm)
+  if arm.selection != "none" and len(ids) == 0:
+    log(f"[memvol] mitigate {reg.name}: {arm.name} selects no image (the baseline copied none); "
+        "it is the same as `none`")
+  replace, pert = None, None
+  if arm.modification == "perturb" and len(ids):
+    p, sha, pert = _perturbed(reg, arm, ids, log)
+    replace = (p, sha)
+  cfg = arm_config(reg.config, arm, ids, replace)
+  log(f"[memvol] mitigate {reg.name}: arm {arm.name}, {len(ids)} selected")
+  run_chain(cfg, folder, ARM_CHAIN, log)
+  rec: dict[str, Any] = {"regime": arm.regime, "arm": arm.name, "group": arm.group,
+                         "selection": arm.selection, "modification": arm.modification or "none",
+                         "q": arm.q, "seed": arm.seed, "num_selected": int(len(ids)),
+                         "selected_ids": ids.tolist(), "num_samples": int(cfg.sample.num_samples),
+                         "sde_steps": int(cfg.sample.sde_steps), **copy_counts(folder, ids),
+                         "final_loss": final_loss(folder)}
+  rec.update(reg.quality(detect.load_samples(cfg, folder)))
+  if pert is not None:
+    from memvol import perturb
+    rec.update(perturb.summary(pert))
+    rec.update(perturb.retrained_volumes(cfg, folder, pert))
+  rec["wall_s"] = round(time.perf_counter() - start, 1)
+  io.save_json(path, rec)
+  log(f"[memvol] mitigate {reg.name}: {arm.name} done in {rec['wall_s']:.0f} s: {rec['copies']} copies, "
+      f"{rec['copied_images']} images copied ({rec['copied_selected']} selected)")
+  return rec
+
+
+def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+  """The stage: every regime's baseline, every arm (resuming); the summary is rewritten
+  after each arm, so a long run can be read while it goes (`num_arms_planned` says how
+  many arms the plan has)."""
+  arms = parse_arms(config.mitigate)
+  regimes: dict[str, _Regime] = {}
+  baselines: dict[str, dict[str, Any]] = {}
+  records = []
+  for arm in arms:
+    if arm.regime not in regimes:
+      regimes[arm.regime] = _Regime(config, workdir, arm.regime, log)
+    records.append(run_arm(regimes[arm.regime], arm, workdir, log))
+    baselines[arm.regime] = regimes[arm.regime].record(log)
+    summary = summarise(records, baselines) | {"num_arms_planned": len(arms)}
+    write_outputs(summary, root(workdir), log)
+  return summary
+
+
+# --- statistics and outputs ----------------------------------------------------------
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+  a = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
+  if a.size == 0:
+    return math.nan, math.nan
+  return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else math.nan
+
+
+def _test(a: list[float], b: list[float]) -> dict[str, float]:
+  try:
+    t, tp = stats.welch(a, b)
+    u, up = stats.mann_whitney(a, b)
+  except ValueError:
+    return {"welch_t": math.nan, "welch_p": math.nan, "mw_u": math.nan, "mw_p": math.nan}
+  return {"welch_t": t, "welch_p": tp, "mw_u": u, "mw_p": up}
+
+
+def summarise(records: list[dict[str, Any]], baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """Groups (mean, sd over seeds of METRICS), tests (score vs random at equal
+  modification and q; every group vs `none`) per regime; the arm records as `arms`."""
+  groups, tests = [], []
+  for regime in dict.fromkeys(r["regime"] for r in records):
+    recs = [r for r in records if r["regime"] == regime]
+    by_group: dict[str, list[dict[str, Any]]] = {}
+    for r in recs:
+      by_group.setdefault(r["group"], []).append(r)
+    for name, rs in by_group.items():
+      g = {"regime": regime, "group": name, "selection": rs[0]["selection"],
+           "modification": rs[0]["modification"], "q": rs[0]["q"], "seeds": [r["seed"] for r in rs],
+           "num_selected": [r["num_selected"] for r in rs]}
+      for m in METRICS:
+        g[m + "_mean"], g[m + "_sd"] = _mean_sd([r.get(m) for r in rs])
+      groups.append(g)
+    vals = lambda name, m: [r.get(m) for r in by_group.get(name, []) if r.get(m) is not None]  # noqa: E731
+    for name, rs in by_group.items():
+      if rs[0]["selection"] == "score":
+        other = name.replace("score-", "random-", 1)
+        if other in by_group:
+          tests.append({"regime": regime, "a": name, "b": other,
+                        **{m: _test(vals(name, m), vals(other, m)) for m in TESTED}})
+      if name != "none" and "none" in by_group:
+        tests.append({"regime": regime, "a": name, "b": "none",
+                      **{m: _test(vals(name, m), vals("none", m)) for m in TESTED}})
+  return {"arms": records, "groups": groups, "tests": tests, "baselines": baselines}
+
+
+def _fmt(mean: float, sd: float, digits: int = 3) -> str:
+  from memvol import report
+  if not np.isfinite(mean):
+    return "-"
+  return f"{report.fmt(mean, digits)} ± {report.fmt(sd, 2)}" if np.isfinite(sd) else report.fmt(mean, digits)
+
+
+def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
+  from memvol import report
+  lines = ["# memvol: acting on the score", "",
+           "Arms retrain from scratch with the selected training images modified; copies = samples "
+           "that copy a training image (d1/d2 < threshold), copied images = distinct training images "
+           "copied; mean ± sd over seeds. FD / KID / precision / recall: classifier features of the "
+           "samples against the held-out images. `copied` selects the baseline's copied images, so "
+           "its k differs from ceil(q N).", ""]
+  for regime, base in summary["baselines"].items():
+    lines += [f"## Regime `{regime}`", "",
+              f"Arms done: {sum(r['regime'] == regime for r in summary['arms'])} "
+              f"(all regimes: {len(summary['arms'])} of {summary.get('num_arms_planned', len(summary['arms']))} planned).", "",
+              f"Baseline ({base['workdir']}, {base['num_samples']} samples x {base['sde_steps']} steps): "
+              f"{base['copies']} copies, {base['copied_images']} images copied of {base['num_train']}; "
+              f"FD {report.fmt(base.get('fd'))}, selection column `{base['score_column']}`.", ""]
+    header = ["group", "seeds", "k", "copies", "copied images", "copies sel / unsel",
+              "images sel / unsel", "FD", "KID", "precision", "recall", "final loss"]
+    rows = []
+    for g in (g for g in summary["groups"] if g["regime"] == regime):
+      rows.append([g["group"], str(len(g["seeds"])), "/".join(str(k) for k in sorted(set(g["num_selected"]))),
+                   _fmt(g["copies_mean"], g["copies_sd"]), _fmt(g["copied_images_mean"], g["copied_images_sd"]),
+                   f"{_fmt(g['copies_selected_mean'], g['copies_selected_sd'])} / "
+                   f"{_fmt(g['copies_unselected_mean'], g['copies_unselected_sd'])}",
+                   f"{_fmt(g['copied_selected_mean'], g['copied_selected_sd'])} / "
+                   f"{_fmt(g['copied_unselected_mean'], g['copied_unselected_sd'])}",
+                   _fmt(g["fd_mean"], g["fd_sd"]), _fmt(g["kid_mean"], g["kid_sd"]),
+                   _fmt(g["precision_mean"], g["precision_sd"]), _fmt(g["recall_mean"], g["recall_sd"]),
+                   _fmt(g["final_loss_mean"], g["final_loss_sd"], 4)])
+    lines += [report._table(header, rows), ""]
+    tests = [t for t in summary["tests"] if t["regime"] == regime]
+    if tests:
+      header = ["a vs b"] + [f"{m} (Welch p / MW p)" for m in TESTED]
+      rows = [[f"{t['a']} vs {t['b']}"] + [f"{report.fmt_p(t[m]['welch_p'])} / {report.fmt_p(t[m]['mw_p'])}"
+                                           for m in TESTED] for t in tests]
+      lines += ["Tests over seeds (two-sided):", "", report._table(header, rows), ""]
+    pert = [g for g in summary["groups"] if g["regime"] == regime and g["modification"] == "perturb"]
+    if pert:
+      header = ["group", "L before (baseline)", "L after (baseline)", "PSNR dB", "SSIM",
+                "L original (retrained)", "L perturbed (retrained)"]
+      keys = ("L_before_baseline", "L_after_baseline", "psnr", "ssim", "L_selected_retrained",
+              "L_perturbed_retrained")
+      rows = [[g["group"]] + [_fmt(g[k + "_mean"], g[k + "_sd"], 4) for k in keys] for g in pert]
+      lines += ["Perturbed images (mean over the selected images, then mean ± sd over seeds; L by the "
+                "scoring estimator; retrained = the arm's own model, trained on the perturbed images):",
+                "", report._table(header, rows), ""]
+  lines += [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]
+  return "\n".join(lines) + "\n"
+
+
+def figure(summary: dict[str, Any], path: str) -> None:
+  """Per regime: copies per arm group (seeds as dots, mean ± sd) and copies against FD."""
+  plt = plotting.pyplot()
+  regimes = list(summary["baselines"])
+  fig, axes = plt.subplots(len(regimes), 2, figsize=(11, 4.6 * len(regimes)), squeeze=False,
+                           gridspec_kw={"hspace": 0.75})
+  for row, regime in zip(axes, regimes):
+    gs = [g for g in summary["groups"] if g["regime"] == regime]
+    ax = row[0]
+    for i, g in enumerate(gs):
+      ys = [r["copies"] for r in summary["arms"] if r["regime"] == regime and r["group"] == g["group"]]
+      ax.scatter(np.full(len(ys), i) + np.linspace(-0.12, 0.12, len(ys)), ys, s=14, alpha=0.7)
+      ax.errorbar(i + 0.25, g["copies_mean"], yerr=np.nan_to_num(g["copies_sd"]), fmt="k_", capsize=3)
+    ax.set_xticks(range(len(gs)), [g["group"] for g in gs], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("samples that are copies")
+    ax.set_title(f"{regime}: copies per arm (dots: seeds)")
+    ax.grid(alpha=0.3)
+    ax = row[1]
+    for g in gs:
+      ax.errorbar(g["fd_mean"], g["copies_mean"], xerr=np.nan_to_num(g["fd_sd"]),
+                  yerr=np.nan_to_num(g["copies_sd"]), fmt="o", capsize=3, label=g["group"])
+    ax.set_xlabel("FD to held-out (classifier features; lower = better)")
+    ax.set_ylabel("samples that are copies")
+    ax.set_title(f"{regime}: copies vs quality")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  plotting.save_figure(fig, path)
+
+
+def write_outputs(summary: dict[str, Any], folder: str, log: Callable[[str], None] = print) -> None:
+  fig = os.path.join(folder, "copies_vs_quality.png")
+  figure(summary, fig)
+  from memvol import report
+  io.save_json(os.path.join(folder, "summary.json"), report._clean(summary, "", []))  # NaN -> null
+  with io.atomic_open(os.path.join(folder, "report.md"), "w") as f:
+    f.write(render_markdown(summary, [fig]))
+  log(f"[memvol] mitigate: summary written to {folder}/summary.json and report.md")

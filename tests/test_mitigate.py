@@ -1,0 +1,263 @@
+"""The mitigation stage: selection, the data modifications of an arm (drop / augment /
+replace), separate workdirs per arm, arm-by-arm resume, statistics and the outputs."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from experiments.configs import mnist_mitigate
+from experiments.configs.base import get_base_config
+from memvol import data, io, mitigate
+
+
+# --- selection -----------------------------------------------------------------------
+
+
+def test_num_selected_is_ceil_q_n():
+  assert [mitigate.num_selected(q, 48) for q in (0.05, 0.1, 0.25, 1.0)] == [3, 5, 12, 48]
+  assert mitigate.num_selected(0.1, 30) == 3  # 0.1 * 30 = 3.0000000000000004 is not rounded up
+
+
+def test_score_selection_top_k_ties_by_id_nan_last():
+  ids = np.array([10, 3, 7, 5, 1, 8])
+  scores = np.array([5.0, 9.0, 9.0, np.nan, 1.0, 5.0])
+  assert mitigate.select_ids("score", ids, 2, scores=scores).tolist() == [3, 7]
+  # 9, 9, then the tie at 5 between ids 10 and 8 goes to the smaller id
+  assert mitigate.select_ids("score", ids, 3, scores=scores).tolist() == [3, 7, 8]
+  assert mitigate.select_ids("score", ids, 5, scores=scores).tolist() == [1, 3, 7, 8, 10]
+  assert 5 in mitigate.select_ids("score", ids, 6, scores=scores)  # NaN only when nothing else is left
+  perm = np.random.default_rng(0).permutation(len(ids))  # order of the inputs does not matter
+  assert mitigate.select_ids("score", ids[perm], 3, scores=scores[perm]).tolist() == [3, 7, 8]
+
+
+def test_random_selection_seeded_exact_k_and_copied_none():
+  ids = np.arange(100, 148)
+  a = mitigate.select_ids("random", ids, 5, seed=1)
+  assert len(a) == len(np.unique(a)) == 5 and np.all(np.isin(a, ids))
+  assert np.array_equal(a, mitigate.select_ids("random", ids[::-1], 5, seed=1))
+  assert not np.array_equal(a, mitigate.select_ids("random", ids, 5, seed=2))
+  assert mitigate.select_ids("copied", ids, 5, copied_ids=np.array([120, 101])).tolist() == [101, 120]
+  assert mitigate.select_ids("none", ids, 5).size == 0
+  with pytest.raises(ValueError, match="k=0"):
+    mitigate.select_ids("random", ids, 0)
+  with pytest.raises(ValueError, match="unknown selection"):
+    mitigate.select_ids("best", ids, 2)
+
+
+# --- data modifications --------------------------------------------------------------
+
+
+def _digits_cfg():
+  c = get_base_config()
+  c.data.name, c.data.resolution = "digits", 8
+  c.data.num_train, c.data.num_heldout, c.data.num_duplicated, c.data.duplicate_factor = 20, 8, 3, 4
+  return c
+
+
+def test_drop_removes_exactly_the_selected_ids_from_the_stream():
+  c = _digits_cfg()
+  base = data.make_split(c.data)
+  dup_id = int(base.train.ids[np.argmax(base.dup_counts)])
+  drop = [dup_id, int(base.train.ids[0]), int(base.train.ids[5])]
+  arm = mitigate.arm_config(c, mitigate.Arm("r", "score", "drop", 0.1, 1), np.array(drop))
+  split = data.make_split(arm.data)
+  _, ids = split.training_stream()
+  _, base_ids = base.training_stream()
+  assert not np.isin(drop, ids).any()
+  assert np.array_equal(ids, base_ids[~np.isin(base_ids, drop)])   # everything else, same multiplicity
+  assert np.array_equal(split.train.ids, base.train.ids)          # still searched by detect
+  assert np.array_equal(split.dup_counts, base.dup_counts)
+  c.data.drop_ids = (99999,)
+  with pytest.raises(ValueError, match="not training images"):
+    data.make_split(c.data)
+
+
+def test_augment_mask_follows_the_stream_and_only_moves_masked_images():
+  c = _digits_cfg()
+  base = data.make_split(c.data)
+  sel = base.train.ids[[1, 2]]
+  split = data.make_split(mitigate.arm_config(c, mitigate.Arm("r", "score", "augment", 0.1, 1), sel).data)
+  mask = split.stream_augment()
+  _, ids = split.training_stream()
+  assert mask.shape == ids.shape and np.array_equal(mask, np.isin(ids, sel))
+  x = jnp.asarray(split.training_stream()[0][:8])
+  m = jnp.asarray(np.arange(8) % 2 == 0)
+  out = np.asarray(data.augment_batch(jax.random.PRNGKey(0), x, m, 2, 0.0))
+  assert np.array_equal(out[1::2], np.asarray(x)[1::2])
+  assert not np.array_equal(out[0::2], np.asarray(x)[0::2]) and np.abs(out).max() <= 1.0
+  # without noise a shifted image is a crop of the edge-padded original
+  pad = np.pad(np.asarray(x)[0], ((2, 2), (2, 2), (0, 0)), mode="edge")
+  assert any(np.array_equal(out[0], pad[i:i + 8, j:j + 8]) for i in range(5) for j in range(5))
+  assert data.make_split(c.data).stream_augment() is None
+
+
+def test_replace_changes_the_stream_only_and_checks_the_sha(tmp_path):
+  c = _digits_cfg()
+  base = data.make_split(c.data)
+  ids = base.train.ids[[0, 3]]
+  new = np.clip(base.train.images[[0, 3]] + 0.05, -1, 1).astype(np.float32)
+  path = str(tmp_path / "p.npz")
+  io.save_npz(path, ids=ids, images=new)
+  arm = mitigate.Arm("r", "score", "perturb", 0.1, 1)
+  split = data.make_split(mitigate.arm_config(c, arm, ids, (path, data.file_sha256(path))).data)
+  images, sids = split.training_stream()
+  assert np.array_equal(images[sids == ids[0]][0], new[0])
+  assert np.array_equal(split.train.images, base.train.images)
+  others = ~np.isin(sids, ids)
+  assert np.array_equal(images[others], base.training_stream()[0][others])
+  with pytest.raises(ValueError, match="sha256"):
+    data.make_split(mitigate.arm_config(c, arm, ids, (path, "0" * 64)).data)
+
+
+# --- arms and workdirs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arg", [None, "core", "quick"])
+def test_arms_never_share_a_workdir(arg):
+  c = mnist_mitigate.get_config(arg)
+  arms = mitigate.parse_arms(c.mitigate)
+  dirs = [mitigate.arm_dir("/w", a) for a in arms]
+  assert len(set(dirs)) == len(dirs) and "/w/mitigate/planted/baseline" not in dirs
+  assert len(arms) == len(c.mitigate.arms) * len(c.mitigate.seeds)
+  q = "0.25" if arg == "quick" else "0.1"  # the core arms come first
+  assert arms[0].regime == "planted" and [a.group for a in arms[:3 * len(c.mitigate.seeds):len(c.mitigate.seeds)]] \
+      == ["none", f"score-drop-q{q}", f"random-drop-q{q}"]
+  assert mitigate.baseline_dir(c, "/w", "planted") == "/w"
+  assert mitigate.baseline_dir(c, "/w", "natural") == "/w/mitigate/natural/baseline"
+  nat = mitigate.regime_config(c, "natural")
+  assert nat.data.num_duplicated == 0 and c.data.num_duplicated > 0
+
+
+def test_arm_configs_carry_the_modification_in_data():
+  c = mnist_mitigate.get_config("quick")
+  ids = np.array([3, 5])
+  cfgs = {m: mitigate.arm_config(c, mitigate.Arm("planted", "score", m, 0.1, 2), ids, ("/p.npz", "ab"))
+          for m in ("drop", "augment", "perturb")}
+  assert cfgs["drop"].data.drop_ids == (3, 5) and "augment_ids" not in cfgs["drop"].data
+  assert cfgs["augment"].data.augment_ids == (3, 5)
+  assert cfgs["perturb"].data.replace_path == "/p.npz"
+  assert all(cf.seed == 2 for cf in cfgs.values())
+  none = mitigate.arm_config(c, mitigate.Arm("planted", "none", "", 0.0, 2), np.zeros(0))
+  assert io.config_to_dict(none.data) == io.config_to_dict(c.data)
+
+
+def test_regime_overrides():
+  c = mnist_mitigate.get_config()
+  c.unlock()
+  c.mitigate.overrides = ("natural:data.num_train=32", "natural:train.lr=1e-3", "x:data.classes=[1, 7]")
+  nat = mitigate.regime_config(c, "natural")
+  assert (nat.data.num_train, nat.train.lr, nat.data.classes) == (32, 1e-3, ())
+  assert mitigate.regime_config(c, "x").data.classes == (1, 7)
+  assert io.config_to_dict(mitigate.regime_config(c, "planted")) == io.config_to_dict(c)
+  for bad, msg in (("natural:data.nonsense=1", "not a config field"), ("natural data=1", "expected"),
+                   ("natural:data.name=mnist", "literal")):
+    c.mitigate.overrides = (bad,)
+    with pytest.raises(ValueError, match=msg):
+      mitigate.regime_config(c, "natural")
+
+
+def test_parse_arms_errors():
+  mt = ml_collections.ConfigDict({"regimes": ("a",), "seeds": (1,), "arms": ("a:score:drop:0.1",)})
+  assert mitigate.parse_arms(mt)[0] == mitigate.Arm("a", "score", "drop", 0.1, 1)
+  for bad, msg in ((("b:none",), "not in mitigate.regimes"), (("a:score:shred:0.1",), "modification"),
+                   (("a:score:drop",), "expected"), (("a:score:drop:2",), "q must be"),
+                   (("a:none", "a:none"), "twice")):
+    mt.arms = bad
+    with pytest.raises(ValueError, match=msg):
+      mitigate.parse_arms(mt)
+
+
+# --- statistics ----------------------------------------------------------------------
+
+
+def _rec(group, sel, mod, seed, copies, fd=1.0):
+  return {"regime": "r", "group": group, "selection": sel, "modification": mod, "q": 0.1, "seed": seed,
+          "num_selected": 3, "copies": copies, "copied_images": copies // 2, "fd": fd}
+
+
+def test_summarise_groups_and_tests():
+  recs = ([_rec("none", "none", "none", s, c) for s, c in zip((1, 2, 3), (20, 22, 24))]
+          + [_rec("score-drop-q0.1", "score", "drop", s, c) for s, c in zip((1, 2, 3), (2, 3, 4))]
+          + [_rec("random-drop-q0.1", "random", "drop", s, c) for s, c in zip((1, 2, 3), (19, 21, 26))])
+  out = mitigate.summarise(recs, {"r": {}})
+  g = {x["group"]: x for x in out["groups"]}
+  assert g["none"]["copies_mean"] == 22.0 and g["none"]["copies_sd"] == 2.0
+  assert np.isnan(g["none"]["kid_mean"])
+  pairs = [(t["a"], t["b"]) for t in out["tests"]]
+  assert ("score-drop-q0.1", "random-drop-q0.1") in pairs and ("random-drop-q0.1", "none") in pairs
+  t = next(t for t in out["tests"] if t["b"] == "random-drop-q0.1")
+  assert t["copies"]["welch_p"] < 0.01 and t["copies"]["mw_u"] == 0.0
+  assert np.isnan(t["fd"]["welch_p"])  # no variance: undefined, not an error
+  assert len(out["arms"]) == 9
+
+
+# --- the stage end to end, and resume ------------------------------------------------
+
+
+def tiny_config():
+  """digits 8x8, a tiny MLP, a few steps everywhere; regimes `a` (the workdir itself) and
+  `b` (no duplicates, its own baseline)."""
+  c = _digits_cfg()
+  c.data.num_train, c.data.num_heldout, c.data.num_duplicated, c.data.duplicate_factor = 16, 12, 2, 4
+  c.model.name, c.model.hidden, c.model.num_layers = "mlp", 32, 1
+  t = c.train
+  t.num_steps, t.batch_size, t.lr, t.warmup_steps, t.log_every, t.ckpt_every, t.sample_every = 12, 8, 3e-3, 2, 4, 4, 0
+  c.sample.num_samples, c.sample.sde_steps, c.sample.batch_size = 16, 20, 16
+  c.score.batch_size, c.score.adaptive, c.score.solver, c.score.num_steps = 32, False, "heun", 4
+  c.score.num_save_times, c.score.num_probes = 0, 1
+  c.detect.carlini_n = 4
+  mt = c.mitigate
+  mt.regimes = ("a", "b")
+  mt.overrides = ("b:data.num_duplicated=0",)
+  mt.arms = ("a:none", "a:score:drop:0.25", "b:random:augment:0.25")
+  mt.seeds = (1, 2)
+  mt.classifier_steps, mt.classifier_width = 20, 4
+  return c
+
+
+def _mtimes(folder):
+  return {os.path.join(r, f): os.path.getmtime(os.path.join(r, f))
+          for r, _, fs in os.walk(folder) for f in fs}
+
+
+@pytest.mark.slow  # ~40 s of CPU: 2 baselines and 6 tiny arms
+def test_stage_end_to_end_and_resume_arm_by_arm(tmp_path):
+  from memvol import pipeline
+  c = tiny_config()
+  wd = str(tmp_path / "w")
+  pipeline.run(c, wd, "mitigate")
+  root = os.path.join(wd, "mitigate")
+  summary = io.load_json(os.path.join(root, "summary.json"))
+  assert len(summary["arms"]) == 6
+  for a in summary["arms"]:
+    for key in ("selection", "modification", "seed", "num_selected", "copies", "copied_images"):
+      assert key in a
+    assert a["copies"] == a["copies_selected"] + a["copies_unselected"]
+    assert np.isfinite(a["fd"]) and np.isfinite(a["final_loss"])
+  assert {a["num_selected"] for a in summary["arms"] if a["selection"] != "none"} == {4}
+  assert os.path.exists(os.path.join(root, "report.md")) and os.path.exists(os.path.join(root, "copies_vs_quality.png"))
+  assert os.path.exists(os.path.join(root, "b", "baseline", "scores", "scores.csv"))
+  # dropped ids are out of that arm's training stream, per its own recorded split
+  arm = next(a for a in summary["arms"] if a["group"] == "score-drop-q0.25")
+  rec = io.load_json(os.path.join(root, "a", arm["arm"], "data", "split.json"))
+  assert rec["data"]["drop_ids"] == arm["selected_ids"]
+
+  # Kill one arm mid-way: its result and its samples are lost, its checkpoint survives.
+  victim = os.path.join(root, "a", "score-drop-q0.25-seed2")
+  os.remove(os.path.join(victim, "arm.json"))
+  os.remove(os.path.join(victim, "samples", "samples_sde.npz"))
+  before = _mtimes(root)
+  pipeline.run(c, wd, "mitigate")
+  after = _mtimes(root)
+  changed = {p for p in after if after[p] != before.get(p)}
+  assert os.path.join(victim, "arm.json") in changed
+  assert os.path.join(victim, "samples", "samples_sde.npz") in changed
+  others = {p for p in changed if not p.startswith(victim)}
+  assert all(os.path.dirname(p) == root for p in others), sorted(others)  # only the summary files
+  assert not any("checkpoints" in p for p in changed)  # nothing retrained
