@@ -13,8 +13,9 @@ At 3000 steps the planted duplicates are copied and most singletons are not; at 
 steps 73 of the 96 digits are copied and every training score sits near the
 exact-memorisation ceiling (196 x 4.56 nats), so the second claim can no longer show.
 
-Expected runtime on 2 CPU cores: ~17-23 min end to end (train ~6-12 min, sample ~5 min,
-score ~5 min).
+Expected runtime on 2 CPU cores: ~20-30 min end to end (train ~6-12 min, sample ~5 min,
+score ~5 min, peers ~2-5 min, the 8-image `paper` agreement run ~3-6 min; the last two were
+measured only on heavily shared cores, so the total is an estimate, not a quiet-machine run).
 Expected result (report/report.md), as measured: trained digits 830.8 vs held-out 654.7
 (Welch p 1e-33, AUROC 0.92); 13 digits copied (all 8 planted duplicates + 5 singletons),
 copied vs other training digits 928.1 vs 815.5 (Welch p 6e-05).
