@@ -188,7 +188,7 @@ def run(config: Any, workdir: str, ids: np.ndarray, path: str) -> dict[str, np.n
   """Perturb the training images `ids` of workdir's split under its (EMA) model; write
   `path` (npz: ids, images (perturbed), original, L_before, L_after (scoring estimator),
   pgd_L_start, pgd_L_best, psnr, ssim, linf, eps_data) atomically and return it."""
-  from memvol import data, train
+  from memvol import data, loading
   mt = config.mitigate
   split = data.load_split(config, workdir)
   ids = np.sort(np.asarray(ids, np.int64))
@@ -196,7 +196,7 @@ def run(config: Any, workdir: str, ids: np.ndarray, path: str) -> dict[str, np.n
   if len(ids) == 0 or np.any(pos >= len(split.train.ids)) or np.any(split.train.ids[np.minimum(pos, len(split.train.ids) - 1)] != ids):
     raise ValueError(f"perturb: ids must be training images of {workdir}")
   x = np.asarray(split.train.images[pos], np.float32)
-  eps_fn = train.load_eps_fn(config, workdir, use_ema=bool(config.score.use_ema))
+  eps_fn = loading.load_eps_fn(config, workdir, use_ema=bool(config.score.use_ema))
   opts, bs = options(config), min(int(mt.perturb_batch_size), len(ids))
   key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 7)
   outs = []
@@ -233,8 +233,8 @@ def summary(rec: dict[str, np.ndarray]) -> dict[str, Any]:
 
 def retrained_volumes(config: Any, workdir: str, rec: dict[str, np.ndarray]) -> dict[str, Any]:
   """L of the selected images, original and perturbed, under the arm's retrained model."""
-  from memvol import train
-  eps_fn = train.load_eps_fn(config, workdir, use_ema=bool(config.score.use_ema))
+  from memvol import loading
+  eps_fn = loading.load_eps_fn(config, workdir, use_ema=bool(config.score.use_ema))
   ids = np.asarray(rec["ids"], np.int64)
   lo, lp = _volumes(config, eps_fn, rec["original"], ids), _volumes(config, eps_fn, rec["images"], ids)
   return {"L_selected_retrained": float(np.mean(lo)), "L_perturbed_retrained": float(np.mean(lp)),

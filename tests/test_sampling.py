@@ -125,7 +125,7 @@ def test_reverse_sde_denoise_only_changes_the_last_step():
 
 
 class ScaledEps(eqx.Module):
-  """A pytree eps_fn with a parameter leaf, as train.load_eps_fn gives."""
+  """A pytree eps_fn with a parameter leaf, as loading.load_eps_fn gives."""
 
   scale: jax.Array
 
