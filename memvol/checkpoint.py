@@ -21,6 +21,7 @@ differ from the recorded ones is refused, naming the fields.
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
 import os
 from typing import Any, Iterator, Mapping
 
@@ -34,6 +35,17 @@ from memvol.pipeline import IDENTITY_SECTIONS  # data, model, sde: what a checkp
 
 ARRAY_ITEMS = ("params", "ema_params", "opt_state")
 ITEMS = ARRAY_ITEMS + ("meta",)
+
+
+class _DropOrbaxInfo(std_logging.Filter):
+  """orbax logs several INFO lines per array and step, also from its asynchronous save
+  threads, outside any `quiet()` block: keep only its warnings and errors."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+logging.get_absl_logger().addFilter(_DropOrbaxInfo())
 
 
 @contextlib.contextmanager
