@@ -228,12 +228,10 @@ def arm_config(regime_cfg: Any, arm: Arm, ids: np.ndarray, replace: tuple[str, s
 
 
 def run_chain(config: Any, workdir: str, stages: tuple[str, ...], log: Callable[[str], None]) -> None:
-  """The given stages of memvol.pipeline on `workdir`, skipping completed ones."""
+  """The given stages of memvol.pipeline on a baseline or arm workdir, skipping completed
+  ones (the stage holds the top workdir's lock, which covers these sub-workdirs)."""
   pipeline.check_workdir(config, workdir)
-  for stage in stages:
-    if pipeline.is_complete(config, workdir, stage):
-      continue
-    pipeline.run_stage(config, workdir, stage, log)
+  pipeline.run_chain(config, workdir, stages, log=log)
 
 
 # --- measurements --------------------------------------------------------------------

@@ -132,16 +132,26 @@ def run(config, workdir: str, mode: str = "all", force: bool = False,
     check_workdir(config, workdir)
     if config.get("compilation_cache_dir", ""):
       enable_compilation_cache(config.compilation_cache_dir)
-    for stage in STAGES if mode == "all" else (mode,):
-      if preempt.requested():
-        raise preempt.Preempted("the chain", f"the start of stage {stage}", preempt.resume_hint())
-      if mode == "all":
-        if force:
-          log(f"[memvol] stage {stage}: rerun (--force)")
-        else:
-          done, why = status(config, workdir, stage)
-          if done:
-            log(f"[memvol] stage {stage}: skipped, already complete in {workdir} ({why})")
-            continue
-          log(f"[memvol] stage {stage}: to run: {why}")
-      run_stage(config, workdir, stage, log)
+    if mode == "all":
+      run_chain(config, workdir, STAGES, force=force, log=log)
+    else:
+      run_stage(config, workdir, mode, log)
+
+
+def run_chain(config, workdir: str, stages: tuple[str, ...], force: bool = False,
+              log: Callable[[str], None] = logging.info) -> None:
+  """Run `stages` in order on `workdir`, skipping completed ones unless `force`; a
+  preemption notice stops it between stages. The caller holds the workdir's lock and has
+  checked the workdir (check_workdir)."""
+  for stage in stages:
+    if preempt.requested():
+      raise preempt.Preempted("the chain", f"the start of stage {stage}", preempt.resume_hint())
+    if force:
+      log(f"[memvol] stage {stage}: rerun (--force)")
+    else:
+      done, why = status(config, workdir, stage)
+      if done:
+        log(f"[memvol] stage {stage}: skipped, already complete in {workdir} ({why})")
+        continue
+      log(f"[memvol] stage {stage}: to run: {why}")
+    run_stage(config, workdir, stage, log)

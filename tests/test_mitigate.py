@@ -134,6 +134,18 @@ def test_arms_never_share_a_workdir(arg):
   assert nat.data.num_duplicated == 0 and c.data.num_duplicated > 0
 
 
+def test_config_shards_split_the_plan_by_regime():
+  full = mnist_mitigate.get_config().mitigate.arms
+  shards = [mnist_mitigate.get_config(r).mitigate.arms for r in ("planted", "natural")]
+  assert sorted(shards[0] + shards[1]) == sorted(full)
+  assert {a.split(":")[0] for a in shards[1]} == {"natural"}
+  assert mnist_mitigate.get_config("core,natural").mitigate.arms == \
+      ("natural:none", "natural:score:drop:0.1", "natural:random:drop:0.1")
+  assert {a.split(":")[0] for a in mnist_mitigate.get_config("quick,planted").mitigate.arms} == {"planted"}
+  with pytest.raises(ValueError, match="unknown config argument"):
+    mnist_mitigate.get_config("plantd")
+
+
 def test_arm_configs_carry_the_modification_in_data():
   c = mnist_mitigate.get_config("quick")
   ids = np.array([3, 5])
