@@ -17,8 +17,11 @@ and the existing stages run unchanged on it (train -> sample -> detect).
 Selections (`select_ids`): `score` the top k of a scores.csv column (ties by id);
 `random` k ids drawn with the arm's seed; `copied` the baseline's copied images (k =
 their number, not ceil(q N)); `none` nothing (an unchanged retrain: the run-to-run spread).
-Modifications: `drop` (out of the training stream), `augment` (stronger augmentation of
-the selected images), `perturb` (x + delta by PGD on the image's own L, perturb.py).
+Modifications: `drop` (out of the training stream), `drop_epochs` (the same, with
+train.num_steps scaled by the stream's shrink, so every kept image is seen as many times as
+in the baseline: the control for "fewer items, more epochs each"), `augment` (stronger
+augmentation of the selected images), `perturb` (x + delta by PGD on the image's own L,
+perturb.py).
 
 An arm whose arm.json exists is done; a killed run redoes only the unfinished arm (its
 stages resume inside). Per arm: copies (samples that copy a training image, ratio
@@ -48,7 +51,7 @@ import numpy as np
 from memvol import io, pipeline, plotting, stats
 
 SELECTIONS = ("score", "random", "copied", "none")
-MODIFICATIONS = ("drop", "augment", "perturb")
+MODIFICATIONS = ("drop", "drop_epochs", "augment", "perturb")
 CHAIN = ("train", "sample", "score", "detect")   # the baseline's stages
 ARM_CHAIN = ("train", "sample", "detect")        # an arm's stages
 METRICS = ("copies", "copied_images", "copies_selected", "copies_unselected", "copied_selected",
@@ -200,10 +203,21 @@ def arm_dir(workdir: str, arm: Arm) -> str:
   return os.path.join(root(workdir), arm.regime, arm.name)
 
 
-def arm_config(regime_cfg: Any, arm: Arm, ids: np.ndarray, replace: tuple[str, str] | None = None
-               ) -> ml_collections.ConfigDict:
+def epoch_matched_steps(num_steps: int, stream_counts: np.ndarray, train_ids: np.ndarray,
+                        dropped: np.ndarray) -> int:
+  """Training steps that show each kept stream item as often as `num_steps` showed it in
+  the full stream: num_steps x (kept stream length) / (full stream length), rounded, >= 1.
+  stream_counts: [N] times each of train_ids is in the stream."""
+  counts = np.asarray(stream_counts, np.int64)
+  kept = int(counts[~np.isin(train_ids, dropped)].sum())
+  return max(1, int(round(num_steps * kept / int(counts.sum()))))
+
+
+def arm_config(regime_cfg: Any, arm: Arm, ids: np.ndarray, replace: tuple[str, str] | None = None,
+               split: Any = None) -> ml_collections.ConfigDict:
   """The arm's full config: the regime's, with the arm's seed, its sampling settings and its
-  data modification (data.drop_ids / augment_ids / replace_path + replace_sha256)."""
+  data modification (data.drop_ids / augment_ids / replace_path + replace_sha256; for
+  `drop_epochs` also train.num_steps, from `split`, the regime's data.Split)."""
   c = _unlocked(regime_cfg)
   mt = c.mitigate
   c.seed = int(arm.seed)
@@ -213,8 +227,13 @@ def arm_config(regime_cfg: Any, arm: Arm, ids: np.ndarray, replace: tuple[str, s
   if int(mt.sde_steps):
     c.sample.sde_steps = int(mt.sde_steps)
   ids = tuple(int(i) for i in ids)
-  if arm.modification == "drop":
+  if arm.modification in ("drop", "drop_epochs"):
     c.data.drop_ids = ids
+  if arm.modification == "drop_epochs":
+    if split is None:
+      raise ValueError("a drop_epochs arm needs the regime's split (its stream counts)")
+    c.train.num_steps = epoch_matched_steps(int(c.train.num_steps), split.dup_counts,
+                                            np.asarray(split.train.ids), np.asarray(ids))
   elif arm.modification == "augment":
     c.data.augment_ids = ids
     c.data.augment_shift = int(mt.augment_shift)
@@ -356,14 +375,15 @@ def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None]) ->
   if arm.modification == "perturb" and len(ids):
     p, sha, pert = _perturbed(reg, arm, ids, log)
     replace = (p, sha)
-  cfg = arm_config(reg.config, arm, ids, replace)
+  cfg = arm_config(reg.config, arm, ids, replace, reg.split)
   log(f"[memvol] mitigate {reg.name}: arm {arm.name}, {len(ids)} selected")
   run_chain(cfg, folder, ARM_CHAIN, log)
   rec: dict[str, Any] = {"regime": arm.regime, "arm": arm.name, "group": arm.group,
                          "selection": arm.selection, "modification": arm.modification or "none",
                          "q": arm.q, "seed": arm.seed, "num_selected": int(len(ids)),
                          "selected_ids": ids.tolist(), "num_samples": int(cfg.sample.num_samples),
-                         "sde_steps": int(cfg.sample.sde_steps), **copy_counts(folder, ids),
+                         "sde_steps": int(cfg.sample.sde_steps), "train_steps": int(cfg.train.num_steps),
+                         **copy_counts(folder, ids),
                          "final_loss": final_loss(folder)}
   rec.update(reg.quality(detect.load_samples(cfg, folder)))
   if pert is not None:

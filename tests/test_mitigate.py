@@ -78,6 +78,22 @@ def test_drop_removes_exactly_the_selected_ids_from_the_stream():
     data.make_split(c.data)
 
 
+def test_drop_epochs_holds_the_epochs_of_the_kept_images():
+  c = _digits_cfg()
+  base = data.make_split(c.data)
+  dup_id = int(base.train.ids[np.argmax(base.dup_counts)])
+  drop = np.array([dup_id, int(base.train.ids[0])])
+  with pytest.raises(ValueError, match="split"):
+    mitigate.arm_config(c, mitigate.Arm("r", "score", "drop_epochs", 0.1, 1), drop)
+  arm = mitigate.arm_config(c, mitigate.Arm("r", "score", "drop_epochs", 0.1, 1), drop, split=base)
+  kept = len(data.make_split(arm.data).training_stream()[1])
+  full = len(base.training_stream()[1])
+  assert kept < full and arm.data.drop_ids == tuple(int(i) for i in drop)
+  assert arm.train.num_steps == round(c.train.num_steps * kept / full)   # epochs = steps x batch / stream
+  plain = mitigate.arm_config(c, mitigate.Arm("r", "score", "drop", 0.1, 1), drop, split=base)
+  assert plain.train.num_steps == c.train.num_steps and plain.data.drop_ids == arm.data.drop_ids
+
+
 def test_augment_mask_follows_the_stream_and_only_moves_masked_images():
   c = _digits_cfg()
   base = data.make_split(c.data)

@@ -72,7 +72,10 @@ def _arms(regimes, core_only=False):
   rest = []
   for r in regimes:
     rest += [f"{r}:score:augment:0.1", f"{r}:random:augment:0.1",
-             f"{r}:score:perturb:0.1", f"{r}:random:perturb:0.1", f"{r}:copied:drop:0"]
+             f"{r}:score:perturb:0.1", f"{r}:random:perturb:0.1"]
+    if r == "planted":  # dropping the duplicates shrinks the stream 76 -> ~44: hold the epochs
+      rest.append(f"{r}:score:drop_epochs:0.1")
+    rest.append(f"{r}:copied:drop:0")
   return tuple(core + rest)
 
 
