@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import math
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import compile_count
 
 from memvol import analytic, peers
 from memvol import sde as sde_lib
@@ -163,27 +164,9 @@ def test_scores_do_not_depend_on_batch_size_or_order():
 
 
 def test_one_compilation_per_batch_shape():
-  traces = []
-
-  class CountingEps(eqx.Module):
-    scale: jax.Array
-
-    def __call__(self, x, t):
-      traces.append(1)  # runs only while tracing
-      return self.scale * x * t
-
   opts = peers.PeerOptions(sde=SDE, name="secmi", t=0.05, interval=0.01)
-  run = lambda s, x: peers.run(CountingEps(jnp.asarray(s)), x, opts)[0]  # noqa: E731
-  first = run(0.5, _x(2, dtype=np.float32))
-  n = len(traces)
-  assert n >= 1
-  second = run(0.7, _x(2, seed=2, dtype=np.float32))  # new params and images, same shapes: no tracing
-  assert len(traces) == n and second[0] != first[0]
-  run(0.5, _x(3, dtype=np.float32))
-  m = len(traces)
-  assert m > n
-  run(0.9, _x(3, seed=3, dtype=np.float32))
-  assert len(traces) == m
+  compile_count.assert_one_compilation_per_batch_shape(
+      lambda net, x: float(peers.run(net, x, opts)[0][0]), lambda n, seed: _x(n, seed=seed, dtype=np.float32))
 
 
 @pytest.mark.parametrize("kw, match", [

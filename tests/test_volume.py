@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import compile_count
+
 from memvol import analytic, trace, volume
 from memvol import sde as sde_lib
 from experiments.configs import base
@@ -243,28 +245,9 @@ def test_scores_do_not_depend_on_batch_size_or_order():
 
 
 def test_one_compilation_per_batch_shape():
-  traces = []
-
-  class CountingEps(eqx.Module):
-    scale: jax.Array
-
-    def __call__(self, x, t):
-      traces.append(1)  # runs only while tracing
-      return self.scale * x * t
-
-  sde = SDES["vp"]
-  opts = volume.VolumeOptions(sde=sde, estimator="hutchinson", num_probes=2, rtol=1e-3, atol=1e-3)
-  run = lambda s, x: volume.run(CountingEps(jnp.asarray(s)), x, opts)  # noqa: E731
-  first = run(0.5, _images(2))
-  n = len(traces)
-  assert n > 2
-  second = run(0.7, _images(2, seed=1))  # new params and images, same shapes: no tracing at all
-  assert len(traces) == n and second.log_volume[0] != first.log_volume[0]
-  run(0.5, _images(3))  # a new batch shape compiles once more
-  m = len(traces)
-  assert m > n + 1
-  run(0.9, _images(3, seed=2))
-  assert len(traces) == m
+  opts = volume.VolumeOptions(sde=SDES["vp"], estimator="hutchinson", num_probes=2, rtol=1e-3, atol=1e-3)
+  compile_count.assert_one_compilation_per_batch_shape(
+      lambda net, x: float(volume.run(net, x, opts).log_volume[0]), _images)
 
 
 def test_nfe_counts_network_evaluations():
