@@ -73,9 +73,13 @@ def _arms(regimes, core_only=False):
   for r in regimes:
     rest += [f"{r}:score:augment:0.1", f"{r}:random:augment:0.1",
              f"{r}:score:perturb:0.1", f"{r}:random:perturb:0.1"]
-    if r == "planted":  # dropping the duplicates shrinks the stream 76 -> ~44: hold the epochs
+    if r == "planted":
+      # dropping the duplicates shrinks the stream 76 -> 44: the same with the epochs held;
+      # no `copied` oracle here: the baseline's copied digits are the score's top k (the 4
+      # planted duplicates) plus one or two singletons, so it would repeat score x drop
       rest.append(f"{r}:score:drop_epochs:0.1")
-    rest.append(f"{r}:copied:drop:0")
+    else:
+      rest.append(f"{r}:copied:drop:0")
   return tuple(core + rest)
 
 
