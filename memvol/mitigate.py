@@ -436,7 +436,8 @@ def _test(a: list[float], b: list[float]) -> dict[str, float]:
 
 def summarise(records: list[dict[str, Any]], baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
   """Groups (mean, sd over seeds of METRICS), tests (score vs random at equal
-  modification and q; every group vs `none`) per regime; the arm records as `arms`."""
+  modification and q; drop_epochs vs drop at equal selection and q; every group vs `none`)
+  per regime; the arm records as `arms`."""
   groups, tests = [], []
   for regime in dict.fromkeys(r["regime"] for r in records):
     recs = [r for r in records if r["regime"] == regime]
@@ -452,8 +453,12 @@ def summarise(records: list[dict[str, Any]], baselines: dict[str, dict[str, Any]
       groups.append(g)
     vals = lambda name, m: [r.get(m) for r in by_group.get(name, []) if r.get(m) is not None]  # noqa: E731
     for name, rs in by_group.items():
+      others = []
       if rs[0]["selection"] == "score":
-        other = name.replace("score-", "random-", 1)
+        others.append(name.replace("score-", "random-", 1))
+      if rs[0]["modification"] == "drop_epochs":  # the epochs held vs not, same selection
+        others.append(name.replace("-drop_epochs-", "-drop-", 1))
+      for other in others:
         if other in by_group:
           tests.append({"regime": regime, "a": name, "b": other,
                         **{m: _test(vals(name, m), vals(other, m)) for m in TESTED}})

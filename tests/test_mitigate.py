@@ -212,17 +212,19 @@ def _rec(group, sel, mod, seed, copies, fd=1.0):
 def test_summarise_groups_and_tests():
   recs = ([_rec("none", "none", "none", s, c) for s, c in zip((1, 2, 3), (20, 22, 24))]
           + [_rec("score-drop-q0.1", "score", "drop", s, c) for s, c in zip((1, 2, 3), (2, 3, 4))]
-          + [_rec("random-drop-q0.1", "random", "drop", s, c) for s, c in zip((1, 2, 3), (19, 21, 26))])
+          + [_rec("random-drop-q0.1", "random", "drop", s, c) for s, c in zip((1, 2, 3), (19, 21, 26))]
+          + [_rec("score-drop_epochs-q0.1", "score", "drop_epochs", s, c) for s, c in zip((1, 2, 3), (5, 6, 8))])
   out = mitigate.summarise(recs, {"r": {}})
   g = {x["group"]: x for x in out["groups"]}
   assert g["none"]["copies_mean"] == 22.0 and g["none"]["copies_sd"] == 2.0
   assert np.isnan(g["none"]["kid_mean"])
   pairs = [(t["a"], t["b"]) for t in out["tests"]]
   assert ("score-drop-q0.1", "random-drop-q0.1") in pairs and ("random-drop-q0.1", "none") in pairs
+  assert ("score-drop_epochs-q0.1", "score-drop-q0.1") in pairs and ("score-drop_epochs-q0.1", "none") in pairs
   t = next(t for t in out["tests"] if t["b"] == "random-drop-q0.1")
   assert t["copies"]["welch_p"] < 0.01 and t["copies"]["mw_u"] == 0.0
   assert np.isnan(t["fd"]["welch_p"])  # no variance: undefined, not an error
-  assert len(out["arms"]) == 9
+  assert len(out["arms"]) == 12
 
 
 # --- the stage end to end, and resume ------------------------------------------------
