@@ -137,6 +137,24 @@ def _tiny_setup(devices):
   return c, mesh, state, step
 
 
+def test_augment_step_leaves_unmasked_images_alone():
+  """The augmenting update with an all-False mask is the plain update (to float32
+  rounding); one masked example changes it (so a mitigation arm's augmentation touches only its images)."""
+  c, mesh, state0, plain = _tiny_setup(jax.devices()[:1])
+  model = models.get_model(c.model, (8, 8, 1))
+  aug = train.make_train_step(model, sde_lib.VPSDE(), train.make_optimizer(c.train), c.train, mesh,
+                              augment=(2, 0.05))
+  batch = jax.random.uniform(jax.random.PRNGKey(1), (8, 8, 8, 1), minval=-1, maxval=1)
+  key = jax.random.PRNGKey(7)
+  copy = lambda s: jax.tree.map(jnp.array, s)  # noqa: E731  (the steps donate their state)
+  ref, _ = plain(copy(state0), batch, key)
+  same, _ = aug(copy(state0), batch, key, jnp.zeros(8, bool))
+  moved, _ = aug(copy(state0), batch, key, jnp.arange(8) == 3)
+  gap = lambda a, b: max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
+  # another compiled program (the mask's select fused in), so equal to rounding, not bitwise
+  assert gap(ref.params, same.params) < 1e-7 and gap(ref.params, moved.params) > 1e-5
+
+
 def test_one_vs_four_devices_same_step():
   assert jax.device_count() >= 4, "conftest forces 4 host devices"
   batch = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (8, 8, 8, 1), minval=-1, maxval=1))
