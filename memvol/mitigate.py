@@ -57,8 +57,8 @@ ARM_CHAIN = ("train", "sample", "detect")        # an arm's stages
 METRICS = ("copies", "copied_images", "copies_selected", "copies_unselected", "copied_selected",
            "copied_unselected", "copies_carlini", "fd", "kid", "precision", "recall", "final_loss",
            "L_before_baseline", "L_after_baseline", "psnr", "ssim", "L_selected_retrained",
-           "L_perturbed_retrained")
-TESTED = ("copies", "copied_images", "fd", "kid", "precision", "recall")
+           "L_perturbed_retrained", "targeted")
+TESTED = ("copies", "copied_images", "targeted", "fd", "kid", "precision", "recall")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,6 +275,25 @@ def copy_counts(workdir: str, selected: np.ndarray) -> dict[str, int]:
           "copies_carlini": int(d["carlini"].sum())}
 
 
+def with_targeted(workdir: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The records, each with `targeted`: the copies its regime's `none` arms made of the
+  arm's selected images (mean over those arms; NaN for `none` itself or without `none`
+  arms): how much copying a selection aims at, before any modification."""
+  tables: dict[str, list[dict[str, np.ndarray]]] = {}
+  for r in records:
+    if r["selection"] == "none":
+      none = Arm(r["regime"], "none", "", 0.0, int(r["seed"]))
+      tables.setdefault(r["regime"], []).append(_detect_table(arm_dir(workdir, none)))
+  out = []
+  for r in records:
+    ts = tables.get(r["regime"], [])
+    val = math.nan
+    if r["selection"] != "none" and ts:
+      val = float(np.mean([t["copies"][np.isin(t["id"], r["selected_ids"])].sum() for t in ts]))
+    out.append({**r, "targeted": val})
+  return out
+
+
 def final_loss(workdir: str) -> float:
   from memvol import train
   rows = train.read_log(workdir)
@@ -410,7 +429,7 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[s
       regimes[arm.regime] = _Regime(config, workdir, arm.regime, log)
     records.append(run_arm(regimes[arm.regime], arm, workdir, log))
     baselines[arm.regime] = regimes[arm.regime].record(log)
-    summary = summarise(records, baselines) | {"num_arms_planned": len(arms)}
+    summary = summarise(with_targeted(workdir, records), baselines) | {"num_arms_planned": len(arms)}
     write_outputs(summary, root(workdir), log)
   return summary
 
@@ -480,7 +499,8 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
   lines = ["# memvol: acting on the score", "",
            "Arms retrain from scratch with the selected training images modified; copies = samples "
            "that copy a training image (d1/d2 < threshold), copied images = distinct training images "
-           "copied; mean ± sd over seeds. FD / KID / precision / recall: classifier features of the "
+           "copied; targeted = the copies the `none` arms made of the selected images (what the "
+           "selection aims at); mean ± sd over seeds. FD / KID / precision / recall: classifier features of the "
            "samples against the held-out images. `copied` selects the baseline's copied images, so "
            "its k differs from ceil(q N).", ""]
   for regime, base in summary["baselines"].items():
@@ -491,7 +511,7 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
               f"{base['copies']} copies, {base['copied_images']} images copied of {base['num_train']}; "
               f"FD {report.fmt(base.get('fd'))}, selection column `{base['score_column']}`.", ""]
     header = ["group", "seeds", "k", "copies", "copied images", "copies sel / unsel",
-              "images sel / unsel", "FD", "KID", "precision", "recall", "final loss"]
+              "images sel / unsel", "targeted", "FD", "KID", "precision", "recall", "final loss"]
     rows = []
     for g in (g for g in summary["groups"] if g["regime"] == regime):
       rows.append([g["group"], str(len(g["seeds"])), "/".join(str(k) for k in sorted(set(g["num_selected"]))),
@@ -500,7 +520,7 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
                    f"{_fmt(g['copies_unselected_mean'], g['copies_unselected_sd'])}",
                    f"{_fmt(g['copied_selected_mean'], g['copied_selected_sd'])} / "
                    f"{_fmt(g['copied_unselected_mean'], g['copied_unselected_sd'])}",
-                   _fmt(g["fd_mean"], g["fd_sd"]), _fmt(g["kid_mean"], g["kid_sd"]),
+                   _fmt(g["targeted_mean"], g["targeted_sd"]), _fmt(g["fd_mean"], g["fd_sd"]), _fmt(g["kid_mean"], g["kid_sd"]),
                    _fmt(g["precision_mean"], g["precision_sd"]), _fmt(g["recall_mean"], g["recall_sd"]),
                    _fmt(g["final_loss_mean"], g["final_loss_sd"], 4)])
     lines += [report._table(header, rows), ""]

@@ -227,6 +227,23 @@ def test_summarise_groups_and_tests():
   assert len(out["arms"]) == 12
 
 
+def test_targeted_counts_the_none_arms_copies_of_the_selection(tmp_path):
+  wd = str(tmp_path)
+  for seed, copies in ((1, (3, 0, 1, 0)), (2, (5, 2, 0, 0))):
+    folder = os.path.join(mitigate.arm_dir(wd, mitigate.Arm("r", "none", "", 0.0, seed)), "detect")
+    os.makedirs(folder)
+    io.save_csv(os.path.join(folder, "detect.csv"),
+                [{"id": i, "copies_ratio": c, "copies_carlini": 0} for i, c in zip((10, 11, 12, 13), copies)])
+  recs = [{"regime": "r", "selection": "none", "seed": s, "selected_ids": []} for s in (1, 2)]
+  recs += [{"regime": "r", "selection": "score", "seed": 1, "selected_ids": [10, 12]},
+           {"regime": "r", "selection": "random", "seed": 2, "selected_ids": [13]},
+           {"regime": "q", "selection": "score", "seed": 1, "selected_ids": [10]}]   # no none arms
+  out = mitigate.with_targeted(wd, recs)
+  assert out[2]["targeted"] == 4.5 and out[3]["targeted"] == 0.0   # (3 + 1 + 5 + 0) / 2
+  assert np.isnan(out[0]["targeted"]) and np.isnan(out[4]["targeted"])
+  assert "targeted" not in recs[2]   # the records themselves are left alone
+
+
 # --- the stage end to end, and resume ------------------------------------------------
 
 
