@@ -177,7 +177,7 @@ def _volumes(config: Any, eps_fn: Any, images: np.ndarray, ids: np.ndarray) -> n
   from memvol import parallel, scoring
   est = scoring.estimators_of(config)[0]
   opts = volume.VolumeOptions.from_config(config, est, save_ts=None)
-  bs = int(config.score.batch_size)
+  bs = min(int(config.score.batch_size), len(ids))  # a few images: no padding to the scoring batch
   out = [scoring.score_images(eps_fn, images[s:s + bs], ids[s:s + bs], scoring.score_key(config), opts,
                               parallel.local_mesh(), pad_to=bs)["log_volume"]
          for s in range(0, len(ids), bs)]
