@@ -38,26 +38,26 @@ copied x drop (the oracle, k = the baseline's copied count). 24 arms per regime.
 `:core` plans the first three only; a comma list with a regime name (`:core,natural`)
 keeps that regime's arms.
 
-Expected runtime on 2 CPU cores. Measured for the planted baseline in /work/runs/mitigate
-while ~5 other jobs shared the 2 cores (load average 8-12): train 561 s (1500 steps,
-~2.7 steps/s; ~6 steps/s alone), sample 110 s (256 x 500 steps), score ~6.5 min
-(144 images). Per arm (train + sample + detect + quality), measured: 670 s for the first
-(`none`, seed 1, under that load, including ~2.5 min training the feature classifier
-once), then 268 s and 274 s (load average ~2-3: train ~207 s, sample ~67 s).
-Extrapolated on 2 quiet cores (~4.5 min per arm): planted core (baseline ~9 min + 9
-arms) ~50 min; both cores (2 baselines + 18 arms) ~1.7 h; the full plan (2 baselines +
-60 arms + PGD, a few min per perturbed selection) ~5 h: one evening. About twice that
-under the heavy load above.
-Expected result, as measured for the planted core (`:core`, planted arms; 3 seeds each):
-copies of 256 samples none 94.3 +- 5.1, score+drop 21.3 +- 9.6, random+drop 97.0 +- 12.2
-(score vs random Welch p 0.0014); distinct digits copied 5.0 +- 1.0, 15.3 +- 7.6, 8.0 +- 1.7
-(dropping the 4 planted duplicates shortens the stream 76 -> 44 at equal steps, so the
-remaining digits are seen ~1.7x as often and more of them get copied). The natural regime
-and the augment / perturb arms: not yet measured.
+Runtime on 2 CPU cores, measured for the full plan (this session's run, the two shards
+above side by side, one core each): a baseline 11-12 min (train 1500 steps ~300 s, sample
+256 x 500 steps ~90 s, score 144 images with the peers ~290 s); an arm ~4.5 min (train
+~230 s at 6.5 steps/s, sample 256 x 250 steps ~40 s, detect 1 s, quality a few s; the
+first arm of a regime also trains the feature classifier, ~1.5 min); `drop_epochs` ~3 min
+(fewer steps); a `perturb` arm ~5-7 min (PGD on its 4-5 images and their L before /
+after / retrained, by the scoring estimator). Whole plan: about 2.5 h as two shards (each
+24 arms + a baseline; 10:25 -> 12:49 here, a few restarts included), about 3.5 h as
+one process using both cores (extrapolated from the 1.36x of the two shards).
+Expected result (that run; README "Acting on the score" has the tables): planted regime,
+score-selected drop and augment remove most copies where random selection does not
+(copies 21.7 +- 7.4 and 1.3 +- 0.6 against random 87.7 +- 4.9 and 50 +- 12, none
+87.3 +- 13; drop_epochs 0 +- 0); perturb does not survive retraining (88 +- 12). Natural
+regime: the score aims at digits copied more often (targeted 16 vs 9.7 copies), but no
+modification of them lowers the total copies more than the same modification of random
+digits (drop 90.7 vs 91.3, augment 34.7 vs 18.3, perturb 67.7 vs 68).
 
-`:core` plans the core arms only. `:quick` runs the same plan shape with a tiny model,
-16 digits and 2 seeds (CI-like check; its numbers only need to exist and be finite):
-910 s measured under the load above (16 arms, 2 baselines, PGD), a few minutes alone.
+`:quick` runs the same plan shape with a tiny model, 16 digits and 2 seeds (the CI check;
+its numbers only need to exist and be finite): about 5 min on 2 cores (16 arms, 2
+baselines, PGD).
 """
 
 from experiments.configs.base import get_base_config, shrink_downstream
