@@ -163,15 +163,18 @@ def check_config_matches(config: Any, path: str, sections: Sequence[str], what: 
 SETTINGS_FILE = "settings.json"
 
 
-def file_digest(path: str) -> str | None:
-  """sha256 (hex, 16 chars) of a file's bytes; None when it does not exist."""
-  if not os.path.exists(path):
-    return None
+def file_sha256(path: str) -> str:
+  """sha256 (hex) of a file's bytes, read in blocks."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
-  return h.hexdigest()[:16]
+  return h.hexdigest()
+
+
+def file_digest(path: str) -> str | None:
+  """sha256 (hex, 16 chars) of a file's bytes; None when it does not exist."""
+  return file_sha256(path)[:16] if os.path.exists(path) else None
 
 
 def forget_settings(folder: str) -> None:

@@ -30,7 +30,6 @@ these numbers.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -362,11 +361,7 @@ def export(model: UNet, params: Any, image_shape: tuple[int, ...], path: str) ->
 def weights_sha256(path: str) -> str:
   """SHA-256 (hex) of the folder's safetensors file."""
   _, weights = _check_folder(path)
-  h = hashlib.sha256()
-  with open(weights, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      h.update(block)
-  return h.hexdigest()
+  return io.file_sha256(weights)
 
 
 def record_path(workdir: str) -> str:
