@@ -563,9 +563,16 @@ def _arm_ids(data_cfg: Any, field: str, train_ids: np.ndarray) -> np.ndarray:
   return np.isin(train_ids, ids)
 
 
-def file_sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+def train_positions(train_ids: np.ndarray, ids: Any, where: str) -> np.ndarray:
+  """Positions of `ids` in the ascending train_ids (ValueError, naming `where`, for an id
+  that is not a training image)."""
+  ids = np.asarray(ids, np.int64)
+  pos = np.searchsorted(train_ids, ids)
+  found = pos < len(train_ids)
+  found[found] = train_ids[pos[found]] == ids[found]
+  if not found.all():
+    raise ValueError(f"{where}: ids {ids[~found][:8].tolist()} are not training images")
+  return pos
 
 
 def _modify(split: Split, data_cfg: Any) -> Split:
@@ -582,14 +589,12 @@ def _modify(split: Split, data_cfg: Any) -> Split:
     augment = _arm_ids(data_cfg, "augment_ids", ids)
   path = str(data_cfg.get("replace_path", ""))
   if path:
-    want, got = str(data_cfg.get("replace_sha256", "")), file_sha256(path) if os.path.exists(path) else ""
+    want, got = str(data_cfg.get("replace_sha256", "")), io.file_sha256(path) if os.path.exists(path) else ""
     if not got or got != want:
       raise ValueError(f"data.replace_path={path!r} is missing or has sha256 {got[:12] or '-'}, not "
                        f"data.replace_sha256={want[:12] or '-'}; rerun the mitigation arm that writes it")
     z = io.load_npz(path)
-    pos = np.searchsorted(ids, z["ids"])
-    if np.any(pos >= len(ids)) or np.any(ids[np.minimum(pos, len(ids) - 1)] != z["ids"]):
-      raise ValueError(f"{path}: `ids` are not all training images")
+    pos = train_positions(ids, z["ids"], path)
     images = split.train.images.copy()
     images[pos] = validate_images(z["images"], f"{path}:images")
   if counts is None and images is None and augment is None:

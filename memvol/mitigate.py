@@ -257,10 +257,9 @@ def run_chain(config: Any, workdir: str, stages: tuple[str, ...], log: Callable[
 
 
 def _detect_table(workdir: str) -> dict[str, np.ndarray]:
-  rows = io.load_csv(os.path.join(workdir, "detect", "detect.csv"))
-  return {"id": np.array([int(r["id"]) for r in rows], np.int64),
-          "copies": np.array([int(r["copies_ratio"]) for r in rows], np.int64),
-          "carlini": np.array([int(r["copies_carlini"]) for r in rows], np.int64)}
+  """workdir/detect/detect.csv as columns (report.load_detect: checked, clear errors)."""
+  from memvol import report
+  return report.load_detect(os.path.join(workdir, "detect", "detect.csv"))
 
 
 def copy_counts(workdir: str, selected: np.ndarray) -> dict[str, int]:
@@ -268,11 +267,11 @@ def copy_counts(workdir: str, selected: np.ndarray) -> dict[str, int]:
   each split into selected / unselected ids, and Carlini's copies, from detect.csv."""
   d = _detect_table(workdir)
   sel = np.isin(d["id"], selected)
-  c = d["copies"]
+  c = d["copies_ratio"]
   return {"copies": int(c.sum()), "copied_images": int((c > 0).sum()),
           "copies_selected": int(c[sel].sum()), "copies_unselected": int(c[~sel].sum()),
           "copied_selected": int((c[sel] > 0).sum()), "copied_unselected": int((c[~sel] > 0).sum()),
-          "copies_carlini": int(d["carlini"].sum())}
+          "copies_carlini": int(d["copies_carlini"].sum())}
 
 
 def with_targeted(workdir: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -289,7 +288,7 @@ def with_targeted(workdir: str, records: list[dict[str, Any]]) -> list[dict[str,
     ts = tables.get(r["regime"], [])
     val = math.nan
     if r["selection"] != "none" and ts:
-      val = float(np.mean([t["copies"][np.isin(t["id"], r["selected_ids"])].sum() for t in ts]))
+      val = float(np.mean([t["copies_ratio"][np.isin(t["id"], r["selected_ids"])].sum() for t in ts]))
     out.append({**r, "targeted": val})
   return out
 
@@ -337,7 +336,7 @@ class _Regime:
     self.train_ids = np.asarray(self.split.train.ids, np.int64)
     self.scores = baseline_scores(self.config, self.dir, self.train_ids)
     det = _detect_table(self.dir)
-    self.copied = np.sort(det["id"][det["copies"] > 0])
+    self.copied = np.sort(det["id"][det["copies_ratio"] > 0])
     self._quality = None
 
   def quality(self, samples: np.ndarray) -> dict[str, float]:
@@ -369,13 +368,13 @@ def _selected(reg: _Regime, arm: Arm) -> np.ndarray:
 def _perturbed(reg: _Regime, arm: Arm, ids: np.ndarray, log: Callable[[str], None]) -> tuple[str, str, dict]:
   """(path, sha256, record) of the PGD-perturbed selected images under the baseline model,
   cached per selection in mitigate/<regime>/perturb/."""
-  from memvol import data, perturb
+  from memvol import perturb
   tag = hashlib.sha1(np.asarray(ids, np.int64).tobytes()).hexdigest()[:12]
   path = os.path.join(reg.folder, "perturb", f"{tag}.npz")
   if not os.path.exists(path):
     log(f"[memvol] mitigate {reg.name}: PGD on {len(ids)} images ({arm.name})")
     perturb.run(reg.config, reg.dir, ids, path)
-  return os.path.abspath(path), data.file_sha256(path), io.load_npz(path)
+  return os.path.abspath(path), io.file_sha256(path), io.load_npz(path)
 
 
 def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None]) -> dict[str, Any]:

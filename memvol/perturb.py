@@ -192,9 +192,9 @@ def run(config: Any, workdir: str, ids: np.ndarray, path: str) -> dict[str, np.n
   mt = config.mitigate
   split = data.load_split(config, workdir)
   ids = np.sort(np.asarray(ids, np.int64))
-  pos = np.searchsorted(split.train.ids, ids)
-  if len(ids) == 0 or np.any(pos >= len(split.train.ids)) or np.any(split.train.ids[np.minimum(pos, len(split.train.ids) - 1)] != ids):
-    raise ValueError(f"perturb: ids must be training images of {workdir}")
+  if len(ids) == 0:
+    raise ValueError("perturb: no ids given")
+  pos = data.train_positions(split.train.ids, ids, f"perturb on {workdir}")
   x = np.asarray(split.train.images[pos], np.float32)
   eps_fn = loading.load_eps_fn(config, workdir, use_ema=bool(config.score.use_ema))
   opts, bs = options(config), min(int(mt.perturb_batch_size), len(ids))

@@ -13,7 +13,7 @@ import pytest
 
 from experiments.configs import mnist_mitigate
 from experiments.configs.base import get_base_config
-from memvol import data, io, mitigate
+from memvol import data, detect, io, mitigate
 
 
 # --- selection -----------------------------------------------------------------------
@@ -121,7 +121,7 @@ def test_replace_changes_the_stream_only_and_checks_the_sha(tmp_path):
   path = str(tmp_path / "p.npz")
   io.save_npz(path, ids=ids, images=new)
   arm = mitigate.Arm("r", "score", "perturb", 0.1, 1)
-  split = data.make_split(mitigate.arm_config(c, arm, ids, (path, data.file_sha256(path))).data)
+  split = data.make_split(mitigate.arm_config(c, arm, ids, (path, io.file_sha256(path))).data)
   images, sids = split.training_stream()
   assert np.array_equal(images[sids == ids[0]][0], new[0])
   assert np.array_equal(split.train.images, base.train.images)
@@ -233,7 +233,8 @@ def test_targeted_counts_the_none_arms_copies_of_the_selection(tmp_path):
     folder = os.path.join(mitigate.arm_dir(wd, mitigate.Arm("r", "none", "", 0.0, seed)), "detect")
     os.makedirs(folder)
     io.save_csv(os.path.join(folder, "detect.csv"),
-                [{"id": i, "copies_ratio": c, "copies_carlini": 0} for i, c in zip((10, 11, 12, 13), copies)])
+                [{**dict.fromkeys(detect.DETECT_COLUMNS, 0), "id": i, "copies_ratio": c, "min_distance": 0.5}
+                 for i, c in zip((10, 11, 12, 13), copies)])
   recs = [{"regime": "r", "selection": "none", "seed": s, "selected_ids": []} for s in (1, 2)]
   recs += [{"regime": "r", "selection": "score", "seed": 1, "selected_ids": [10, 12]},
            {"regime": "r", "selection": "random", "seed": 2, "selected_ids": [13]},
