@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging as std_logging
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -39,7 +39,8 @@ ITEMS = ARRAY_ITEMS + ("meta",)
 
 class _DropOrbaxInfo(std_logging.Filter):
   """orbax logs several INFO lines per array and step, also from its asynchronous save
-  threads, outside any `quiet()` block: keep only its warnings and errors."""
+  threads: keep only its warnings and errors (a filter, not a verbosity switched around
+  each call, which those threads would outlive)."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
@@ -48,22 +49,10 @@ class _DropOrbaxInfo(std_logging.Filter):
 logging.get_absl_logger().addFilter(_DropOrbaxInfo())
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-  """absl logging at WARNING inside (orbax logs several INFO lines per array and step)."""
-  old = logging.get_verbosity()
-  logging.set_verbosity(min(old, logging.WARNING))
-  try:
-    yield
-  finally:
-    logging.set_verbosity(old)
-
-
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-@quiet()
 def open_manager(workdir: str, max_to_keep: int | None = None, keep_period: int | None = None,
                  async_save: bool = False) -> ocp.CheckpointManager:
   """A writing manager at workdir/checkpoints keeping the last `max_to_keep` checkpoints
@@ -81,7 +70,6 @@ def open_manager(workdir: str, max_to_keep: int | None = None, keep_period: int 
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
-@quiet()
 def _reader(workdir: str) -> ocp.CheckpointManager | None:
   path = checkpoint_dir(workdir)
   if not os.path.isdir(path):
@@ -154,7 +142,6 @@ def _newest_readable(mngr: ocp.CheckpointManager, workdir: str) -> int | None:
   return None
 
 
-@quiet()
 def latest_step(workdir: str) -> int | None:
   """Step of the newest complete checkpoint in `workdir` that reads back whole, or None
   when there is none (a damaged newer one is moved aside with a warning)."""
@@ -167,7 +154,6 @@ def latest_step(workdir: str) -> int | None:
     mngr.close()
 
 
-@quiet()
 def save(mngr: ocp.CheckpointManager, step: int, params: Any, ema_params: Any, opt_state: Any,
          meta: Mapping[str, Any]) -> None:
   """Save one checkpoint (returns once it is written, unless the manager is asynchronous:
@@ -207,7 +193,6 @@ def _require_step(mngr: ocp.CheckpointManager | None, workdir: str, step: int | 
   return int(step)
 
 
-@quiet()
 def restore(workdir: str, config: Any, targets: Mapping[str, Any], step: int | None = None
             ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Restore the array items named in `targets` (item -> abstract pytree of
@@ -231,7 +216,6 @@ def restore(workdir: str, config: Any, targets: Mapping[str, Any], step: int | N
       mngr.close()
 
 
-@quiet()
 def restore_meta(workdir: str, step: int | None = None) -> dict[str, Any]:
   """The `meta` item of the checkpoint at `step` (default: latest), unchecked."""
   mngr = _reader(workdir)

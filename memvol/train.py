@@ -525,25 +525,21 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
         if is_main:
           io.save_csv(_log_path(workdir), log_rows, LOG_COLUMNS)
         if do_ckpt:  # from a copy, so the next call may donate the state while it is written
-          with ckpt_lib.quiet():
-            mngr.wait_until_finished()
+          mngr.wait_until_finished()
           snapshot = jax.tree.map(jnp.copy, (state.params, state.ema_params, state.opt_state))
           ckpt_lib.save(mngr, done, *snapshot, meta_at(done))
         if do_sample and is_main:
           save_sample_grid(config, model, sde, state.ema_params, image_shape,
                            os.path.join(workdir, "train", f"samples_step{done}.png"))
         if stop and not final:
-          with ckpt_lib.quiet():
-            mngr.wait_until_finished()
+          mngr.wait_until_finished()
           raise preempt.Preempted("train", f"step {done}",
                                   f"the same command with --workdir={workdir} (checkpoint {done} saved)")
-    with ckpt_lib.quiet():
-      mngr.wait_until_finished()
+    mngr.wait_until_finished()
   finally:
     bar.close()
-    with ckpt_lib.quiet():
-      mngr.wait_until_finished()
-      mngr.close()
+    mngr.wait_until_finished()
+    mngr.close()
   if is_main and log_rows:
     save_loss_curve(log_rows, os.path.join(workdir, "train", "loss.png"))
   logging.info("train: %d steps done, final loss %.4f", num_steps,
