@@ -1,8 +1,9 @@
 """Networks trained elsewhere (memvol/pretrained.py): parity with diffusers' UNet2DModel,
 pytorch-ddpm's UNet and Hasegawa & Yasuda's UNet on committed fixtures (made by
 scripts/make_pretrained_fixture.py with torch, diffusers and the authors' code; torch is
-not needed here), the converter's numpy mapping and its refusals, the DDPM time map, refusals, export round trip, the workdir's
-record of the weights, the second held-out source and the pipeline without training."""
+not needed here), the converter's numpy mapping and its refusals, the DDPM time map,
+refusals, export round trip, the workdir's record of the weights, the second held-out source
+and the pipeline without training."""
 
 from __future__ import annotations
 
