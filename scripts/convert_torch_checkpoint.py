@@ -58,7 +58,8 @@ TIME_TABLE_ATOL = 2e-4  # float32 rounding of n w_k at n < 1000 moves a table en
 # pytorch-ddpm's CIFAR-10 settings (its config/CIFAR10.txt, PIA's and SecMI's victims).
 # num_groups is not one of its flags: its model.py hard-codes GroupNorm(32, ...).
 DDPM_FLAGS: dict[str, Any] = {"T": 1000, "ch": 128, "ch_mult": [1, 2, 2, 2], "attn": [1],
-                              "num_res_blocks": 2, "dropout": 0.1, "img_size": 32, "num_groups": 32}
+                              "num_res_blocks": 2, "dropout": 0.1, "img_size": 32, "num_groups": 32,
+                              "beta_1": 1e-4, "beta_T": 0.02, "mean_type": "epsilon"}
 _DDPM_MULTI = ("ch_mult", "attn")
 
 # A spec row: (source key, memvol-folder key or None = not used, source shape, layout change).
@@ -89,8 +90,10 @@ def read_ddpm_flagfile(path: str | None) -> dict[str, Any]:
         multi.setdefault(name, []).append(int(value))
       elif name in ("T", "ch", "num_res_blocks", "img_size"):
         flags[name] = int(value)
-      elif name == "dropout":
+      elif name in ("dropout", "beta_1", "beta_T"):
         flags[name] = float(value)
+      elif name == "mean_type":
+        flags[name] = value
   return {**flags, **multi}
 
 
@@ -98,6 +101,9 @@ def ddpm_config(flags: Mapping[str, Any]) -> dict[str, Any]:
   """memvol's folder config of pytorch-ddpm's UNet(T, ch, ch_mult, attn, num_res_blocks):
   GroupNorm(num_groups, default 32) and eps 1e-5 everywhere, symmetric padding 1 in the downsample, one
   attention head, time embedding w_k = 10000^(-2k / ch) with (sin, cos) interleaved."""
+  if flags.get("mean_type", "epsilon") != "epsilon":
+    raise ValueError(f"unsupported pytorch-ddpm flag: mean_type={flags['mean_type']!r} (memvol needs a "
+                     "noise-predicting network, mean_type=epsilon)")
   ch, mult = int(flags["ch"]), [int(m) for m in flags["ch_mult"]]
   attn = sorted(int(a) for a in flags["attn"])
   if any(not 0 <= a < len(mult) for a in attn):
@@ -111,6 +117,10 @@ def ddpm_config(flags: Mapping[str, Any]) -> dict[str, Any]:
       "norm_num_groups": int(flags["num_groups"]), "norm_eps": 1e-5, "attention_head_dim": None, "downsample_padding": 1,
       "flip_sin_to_cos": False, "freq_shift": 0, "sin_cos_interleaved": True, "act_fn": "silu",
       "num_train_timesteps": int(flags["T"]), "dropout": float(flags["dropout"]),
+      # the VP-SDE its linear betas discretise (beta_i = beta(i / (T - 1)) / T): memvol's
+      # config.sde must say the same (the default, 0.1 .. 20, for beta_1 1e-4, beta_T 0.02)
+      "_source_sde": {"beta_min": float(flags["beta_1"]) * int(flags["T"]),
+                      "beta_max": float(flags["beta_T"]) * int(flags["T"])},
   }
 
 
@@ -251,6 +261,7 @@ def hasegawa_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
       "flip_sin_to_cos": False, "freq_shift": 1, "time_embedding_dim": int(temb["emb_dim2"]),
       "resnet_temb_act": False, "up_attention": "last", "act_fn": "silu",
       "dropout": float(u.get("dropout", 0.0)),
+      "_source_sde": {k: cfg["sde"][k] for k in ("beta_min", "beta_max", "T", "eps") if k in cfg.get("sde", {})},
   }
 
 
@@ -508,6 +519,10 @@ def main(argv: list[str] | None = None) -> None:
     model, shape = pretrained.unet_from_config(config)
     pretrained.params_from_state_dict(state, model, shape)  # refuses weights that do not fit
   write_folder(args.out, state, config)
+  sde = config.get("_source_sde", {})
+  if sde and not (math.isclose(sde.get("beta_min", 0.1), 0.1) and math.isclose(sde.get("beta_max", 20.0), 20.0)):
+    print(f"note: the model was trained on the VP-SDE beta {sde.get('beta_min')} .. {sde.get('beta_max')}; "
+          f"score it with --config.sde.beta_min={sde.get('beta_min')} --config.sde.beta_max={sde.get('beta_max')}")
   n = sum(int(np.prod(v.shape)) for v in state.values())
   if pretrained is not None:
     pretrained.load_model(args.out)

@@ -419,6 +419,10 @@ def test_authors_cifar10_networks_build_with_their_parameter_counts(tmp_path):
                       "--dropout=0.1\n--img_size=32\n--num_res_blocks=2\n--lr=0.0002\n--train\n")
   flags = conv.read_ddpm_flagfile(str(flagfile))
   assert flags == conv.DDPM_FLAGS
+  sde = conv.ddpm_config(flags)["_source_sde"]
+  np.testing.assert_allclose([sde["beta_min"], sde["beta_max"]], [0.1, 20.0])  # memvol's default VP-SDE
+  with pytest.raises(ValueError, match="mean_type='xstart'"):
+    conv.ddpm_config(dict(flags, mean_type="xstart"))
   for config, spec in ((conv.ddpm_config(flags), conv.ddpm_spec(flags)),
                        (conv.hasegawa_config(_hasegawa_cfg()), conv.hasegawa_spec(_hasegawa_cfg()))):
     model, shape = pretrained.unet_from_config(config)
