@@ -11,7 +11,8 @@ converted first (torch in a separate venv; memvol never opens a pickle):
       --format=pytorch-ddpm --weights=ema [--flagfile=/path/to/logdir/flagfile.txt]
 
 Command (from the repo root; cifar-10-batches-py is the folder of CIFAR-10's python pickles,
-CIFAR10_train_ratio0.5.npz is in kong13661/PIA's DDPM/ folder):
+CIFAR10_train_ratio0.5.npz is in kong13661/PIA's DDPM/ folder; SecMI's
+mia_evals/member_splits/CIFAR10_train_ratio0.5.npz holds the same indices):
 
   python -m experiments.main --config=experiments/configs/pia_cifar10.py \\
       --workdir=runs/pia_cifar10 --config.model.pretrained=/path/to/pia_cifar10 \\
