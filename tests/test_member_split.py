@@ -92,3 +92,13 @@ def test_bad_settings_are_refused(source):
   c.heldout_name, c.member_split_path = "", str(tmp / "missing.npz")
   with pytest.raises(FileNotFoundError, match="member_split_path"):
     data.make_split(c)
+
+
+def test_workdirs_recorded_before_the_field_still_match():
+  """A split.json written before data.member_split_path existed records no such field: it
+  counts as "" (unset), so those workdirs resume."""
+  from memvol import io
+  new = io.config_to_dict(get_base_config().data)
+  old = {k: v for k, v in new.items() if k != "member_split_path"}
+  assert io.config_diff({"data": old}, {"data": new}) == []
+  assert io.config_diff({"data": old}, {"data": {**new, "member_split_path": "x.npz"}})
