@@ -27,6 +27,12 @@ Held-out images from a second source (data_cfg.heldout_name: any name above, or
 for models trained elsewhere on all of the first source. Their ids are offset by the size
 of the first source's pool, so train and held-out ids stay disjoint.
 
+A published member split (data_cfg.member_split_path: an npz with `mia_train_idxs` and
+`mia_eval_idxs`, as PIA and SecMI publish the split their victims were trained on, e.g.
+25,000 + 25,000 indices into CIFAR-10's training set) gives the training images (members)
+and held-out images (non-members) as indices into data.name's pool; num_train and
+num_heldout of them are drawn by split_seed.
+
 Synthetic images are clipped to [-1, 1] (with the default std 0.1 a clip needs 5 sigma).
 """
 
@@ -538,11 +544,76 @@ def _two_source_split(data_cfg: Any) -> Split:
   return Split(tr, ImageSet(ho.images, ho.labels, ho.ids + len(source.labels)), dup)
 
 
+MEMBER_KEYS = ("mia_train_idxs", "mia_eval_idxs")
+
+
+def read_member_split(path: str, pool_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(members, non-members): the int64 indices of the npz at `path` (keys MEMBER_KEYS), in
+  the file's order. ValueError naming the key for a missing or non-integer array, an index
+  outside [0, pool_size), a repeated index or one in both."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"data.member_split_path={path!r} does not exist")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+  except Exception as e:
+    raise ValueError(f"data.member_split_path={path!r} is not a readable .npz file ({e})") from e
+  out = []
+  for key in MEMBER_KEYS:
+    if key not in arrays:
+      raise ValueError(f"{path}: no array {key!r} (found {sorted(arrays)}); a member split has "
+                       f"{' and '.join(MEMBER_KEYS)}")
+    a = arrays[key]
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) or not len(a):
+      raise ValueError(f"{path}: {key!r} must be a non-empty 1-D integer array, got {a.dtype} {a.shape}")
+    bad = a[(a < 0) | (a >= pool_size)]
+    if bad.size:
+      raise ValueError(f"{path}: {key!r} holds index {int(bad[0])}, outside the {pool_size} images of the "
+                       "source (data.name / data.path)")
+    if len(np.unique(a)) != len(a):
+      raise ValueError(f"{path}: {key!r} repeats indices")
+    out.append(a.astype(np.int64))
+  both = np.intersect1d(*out)
+  if both.size:
+    raise ValueError(f"{path}: index {int(both[0])} is in both {MEMBER_KEYS[0]!r} and {MEMBER_KEYS[1]!r}")
+  return out[0], out[1]
+
+
+def _member_split(data_cfg: Any) -> Split:
+  """Members and non-members of the published split data.member_split_path, num_train and
+  num_heldout of each drawn by data.split_seed (class-balanced when data.balanced); ids are
+  the published indices into data.name's pool."""
+  path = str(data_cfg.member_split_path)
+  for field in ("heldout_name", "num_duplicated"):
+    if data_cfg.get(field):
+      raise ValueError(f"data.member_split_path={path!r} fixes the members and non-members: "
+                       f"data.{field} must be unset, got {data_cfg.get(field)!r}")
+  source = _source(data_cfg)
+  members, nonmembers = read_member_split(path, len(source.labels))
+  pool = _class_index(data_cfg, source.labels)
+  rng = np.random.default_rng(int(data_cfg.split_seed))
+  drawn = []
+  for field, index, what in (("num_train", members, "members"), ("num_heldout", nonmembers, "non-members")):
+    index = index[np.isin(index, pool)]
+    n = int(data_cfg[field])
+    if not 1 <= n <= len(index):
+      raise ValueError(f"data.{field}={n} must be in [1, {len(index)}], the {what} in {path}"
+                       + (f" of classes {tuple(data_cfg.classes)}" if len(data_cfg.classes) else ""))
+    perm = index[rng.permutation(len(index))]
+    drawn.append(np.sort(_round_robin(perm, source.labels)[:n] if data_cfg.get("balanced", True) else perm[:n]))
+  tr = _load(source, drawn[0], f"members ({path})")
+  ho = _load(source, drawn[1], f"non-members ({path})")
+  return _modify(Split(tr, ho, np.ones(len(tr), np.int64)), data_cfg)
+
+
 def make_split(data_cfg: Any) -> Split:
   """Disjoint train / held-out images drawn from the pool by data.split_seed (class-balanced
   when the source has labels and data.balanced), and data.num_duplicated training images
   planted as duplicates (dup_count = data.duplicate_factor). With data.heldout_name set, the
-  held-out images come from that second source."""
+  held-out images come from that second source; with data.member_split_path, they are the
+  published split's members and non-members."""
+  if data_cfg.get("member_split_path"):
+    return _member_split(data_cfg)
   if data_cfg.get("heldout_name"):
     return _two_source_split(data_cfg)
   source = _source(data_cfg)

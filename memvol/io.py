@@ -126,6 +126,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 # made with that value, so old workdirs stay usable.
 ADDED_FIELDS = {
     "data.heldout_name": "", "data.heldout_path": "", "model.pretrained": "",
+    "data.member_split_path": "",
 }
 
 

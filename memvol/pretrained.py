@@ -13,6 +13,12 @@ transposed, GroupNorm weight -> scale, attention to_q / to_k / to_v / to_out.0 (
 older query / key / value / proj_attn) -> q / k / v / proj_out; dropout is ignored.
 Config values memvol's UNet cannot express are refused, naming the field.
 
+Two more DDPM UNets arrive as such folders, converted by scripts/convert_torch_checkpoint.py
+(which records `_source_format`): pytorch-ddpm's (`--format=pytorch-ddpm`, the victims of
+PIA and SecMI) and Hasegawa & Yasuda's (`--format=hasegawa`). Their config.json adds
+fields diffusers does not have (MEMVOL_FIELDS: `sin_cos_interleaved`, `resnet_temb_act`,
+`up_attention`); a diffusers folder omits them and gets diffusers' network.
+
 Time. diffusers' DDPM (linear betas 1e-4 .. 0.02 over N = 1000 steps) discretises the VP-SDE
 with beta_min 0.1, beta_max 20 (sde.VPSDE): beta_i = beta(i / 999) / N. The network was
 trained on the integer timestep i and memvol feeds it 999 t (sde.time_input, the paper's
@@ -65,6 +71,13 @@ DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "class_embed_type": None, "num_class_embeds": None, "num_train_timesteps": None,
 }
 
+# Fields of memvol's UNet beyond UNet2DModel's (their defaults are diffusers' network):
+# the time embedding's (sin w_k, cos w_k) pairs side by side (pytorch-ddpm), Dense(temb)
+# in each ResBlock with (True) or without (False, Hasegawa & Yasuda) a swish before it,
+# and attention after "every" up block of an attention level or only its "last".
+MEMVOL_FIELDS: dict[str, Any] = {"sin_cos_interleaved": False, "resnet_temb_act": True,
+                                 "up_attention": "every"}
+
 # google/ddpm-cifar10-32's config.json (Ho et al.'s CIFAR-10 network, 35,746,307 params).
 DDPM_CIFAR10_CONFIG: dict[str, Any] = {
     "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None,
@@ -99,10 +112,16 @@ def unet_from_config(config: Mapping[str, Any]) -> tuple[UNet, tuple[int, int, i
   memvol cannot express."""
   if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
     raise _refuse("_class_name", config["_class_name"], "only UNet2DModel folders load")
-  unknown = sorted(k for k in config if not k.startswith("_") and k not in DIFFUSERS_DEFAULTS)
+  unknown = sorted(k for k in config if not k.startswith("_") and k not in DIFFUSERS_DEFAULTS
+                   and k not in MEMVOL_FIELDS)
   if unknown:
     raise _refuse(unknown[0], config[unknown[0]], "not a UNet2DModel field memvol knows")
-  c = {**DIFFUSERS_DEFAULTS, **config}
+  c = {**DIFFUSERS_DEFAULTS, **MEMVOL_FIELDS, **config}
+  for field in ("sin_cos_interleaved", "resnet_temb_act"):
+    if not isinstance(c[field], bool):
+      raise _refuse(field, c[field], "must be true or false")
+  if c["up_attention"] not in ("every", "last"):
+    raise _refuse("up_attention", c["up_attention"], "supported: 'every' and 'last'")
   for field, value in _FIXED.items():
     if c[field] != value:
       raise _refuse(field, c[field], f"memvol's UNet supports only {value!r}")
@@ -124,8 +143,9 @@ def unet_from_config(config: Mapping[str, Any]) -> tuple[UNet, tuple[int, int, i
                   f"up as down_block_types {down}")
   if any(x % ch for x in chans):
     raise _refuse("block_out_channels", chans, "each must be a multiple of the first")
-  if c["time_embedding_dim"] not in (None, 4 * ch):
-    raise _refuse("time_embedding_dim", c["time_embedding_dim"], f"memvol's is 4 x {ch}")
+  temb_dim = c["time_embedding_dim"]
+  if temb_dim is not None and (not isinstance(temb_dim, int) or temb_dim < 1):
+    raise _refuse("time_embedding_dim", temb_dim, "must be a positive integer (None: 4 x block_out_channels[0])")
   groups = int(c["norm_num_groups"] or 0)
   if groups < 1 or any(x % groups for x in chans):
     raise _refuse("norm_num_groups", c["norm_num_groups"], f"must divide every channel count {chans}")
@@ -154,7 +174,10 @@ def unet_from_config(config: Mapping[str, Any]) -> tuple[UNet, tuple[int, int, i
               attn_resolutions=tuple(hw[0] // 2 ** i for i in attn_levels), dropout=0.0,
               num_groups=groups, norm_eps=float(c["norm_eps"]), attn_head_dim=head_dim,
               downsample_padding=int(c["downsample_padding"]),
-              flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=float(c["freq_shift"]))
+              flip_sin_to_cos=bool(c["flip_sin_to_cos"]), freq_shift=float(c["freq_shift"]),
+              interleave_sin_cos=c["sin_cos_interleaved"],
+              temb_dim=0 if temb_dim in (None, 4 * ch) else int(temb_dim),
+              resnet_temb_act=c["resnet_temb_act"], up_attn=c["up_attention"])
   return unet, (hw[0], hw[1], int(c["in_channels"]))
 
 
@@ -173,7 +196,12 @@ def config_from_unet(model: Any, image_shape: tuple[int, ...]) -> dict[str, Any]
                      f"+ 1 = {model.num_res_blocks_down + 1}: UNet2DModel's up blocks take one skip each")
   attn = {int(r) for r in model.attn_resolutions}
   is_attn = [h // 2 ** i in attn for i in range(levels)]
-  return {
+  extra = {field: value for field, value in (
+      ("sin_cos_interleaved", model.interleave_sin_cos), ("resnet_temb_act", model.resnet_temb_act),
+      ("up_attention", model.up_attn)) if value != MEMVOL_FIELDS[field]}
+  if model.temb_dim:
+    extra["time_embedding_dim"] = model.temb_dim
+  return {**extra,
       "_class_name": "UNet2DModel", "sample_size": [h, w] if h != w else h, "in_channels": c,
       "out_channels": c, "block_out_channels": [model.ch * m for m in model.ch_mult],
       "down_block_types": [_DOWN[a] for a in is_attn], "up_block_types": [_UP[a] for a in is_attn[::-1]],

@@ -1,9 +1,10 @@
-"""Make the diffusers fixtures of tests/test_pretrained.py (needs torch + diffusers, which
-memvol does not depend on; run it in a separate venv):
+"""Make the fixtures of tests/test_pretrained.py (needs torch, and diffusers for the two
+diffusers ones, which memvol does not depend on; run it in a separate venv):
 
   python3.11 -m venv /tmp/venv-torch
-  /tmp/venv-torch/bin/pip install torch diffusers safetensors numpy
-  /tmp/venv-torch/bin/python scripts/make_pretrained_fixture.py tests/fixtures
+  /tmp/venv-torch/bin/pip install torch diffusers safetensors numpy pyyaml
+  /tmp/venv-torch/bin/python scripts/make_pretrained_fixture.py tests/fixtures \
+      [--only=ddpm_unet,...] [--ddpm-source=PYTORCH_DDPM_REPO] [--hasegawa-source=THEIR_REPO]
 
 Writes two random UNet2DModel folders (config.json, diffusion_pytorch_model.safetensors,
 reference.npz with x [B, H, W, C] in [-1, 1], t [B] in (0, 1] and the network's output eps
@@ -17,20 +18,44 @@ reference.npz with x [B, H, W, C] in [-1, 1], t [B] in (0, 1] and the network's 
                 level, weights saved under the older attention names (query, key, value,
                 proj_attn) that early diffusers checkpoints use.
 
+and, built with the authors' own code (a checkout of their repository given by
+--ddpm-source / --hasegawa-source) and converted by scripts/convert_torch_checkpoint.py:
+
+  pytorch_ddpm_unet  w86763777/pytorch-ddpm's UNet(T=1000, ch=32, ch_mult=[1, 1], attn=[1],
+                     num_res_blocks=1) at 8x8x3 with 8 GroupNorm groups (its model.py
+                     hard-codes 32, which at 32 channels normalises each channel alone and
+                     so removes the time embedding, a per-channel constant: the fixture
+                     would not see it), saved as its trainer's ckpt.pt (ema_model and a
+                     different net_model), converted with --format=pytorch-ddpm
+                     --weights=ema --flagfile --num-groups=8; weights rounded to float16 values and the
+                     folder's safetensors stored as float16 (lossless) to keep it small.
+  hasegawa_unet      Hasegawa & Yasuda's UNet (channel1 8, channel2 16, 4 GroupNorm groups,
+                     emb_dim1 8, emb_dim2 16) at 16x16x3, saved as their trainer does
+                     (torch.save of the DataParallel module), converted with --format=hasegawa;
+                     float16 weights and safetensors as above.
+
+Their reference.npz holds x [B, H, W, C] in [-1, 1], the integer steps n [B] the network
+takes (0 .. 999) and eps [B, H, W, C], computed in float64 with the checkpoint's own weights
+(pytorch-ddpm: its float32 lookup table of the time embedding; Hasegawa & Yasuda: their
+sinusoid in float64, which their forward computes in float32), plus num_params (of the
+converted folder; pytorch-ddpm: its float32 time table [1000, 32] too) and source_shapes.json lists every tensor of the source checkpoint (name,
+shape) for the converter's spec test.
+
 Every weight is perturbed away from its initial value (GroupNorm scales off 1, biases off
-0), so a weight mapped to the wrong place changes the output.
+0, the zero-initialised output convolutions and NIN_tot non-zero), so a weight mapped to the
+wrong place changes the output.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
+import tempfile
 
 import numpy as np
 import torch
-from diffusers import UNet2DModel
-from safetensors.torch import save_file
 
 CONFIGS = {
     "ddpm_unet": dict(
@@ -54,12 +79,12 @@ def _legacy(key: str) -> str:
 
 
 def make(name: str, out: str, seed: int) -> None:
+  from diffusers import UNet2DModel
+  from safetensors.torch import save_file
   torch.manual_seed(seed)
   model = UNet2DModel(**CONFIGS[name]).double().eval()
   with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.3 * max(float(p.std()) if p.numel() > 1 else 0.0, 0.05) * torch.randn_like(p))
-      p.copy_(p.float().double())  # the float32 weights that are saved
+    _perturb(model)
   h, w = (model.config.sample_size,) * 2 if np.ndim(model.config.sample_size) == 0 else model.config.sample_size
   c = model.config.in_channels
   gen = torch.Generator().manual_seed(seed + 1)
@@ -83,10 +108,149 @@ def make(name: str, out: str, seed: int) -> None:
   print(f"{folder}: {sum(p.numel() for p in model.parameters())} params, |eps| max {float(eps.abs().max()):.3g}")
 
 
-def main(out: str) -> None:
+def _perturb(model: torch.nn.Module, half: bool = False) -> None:
+  """Every trainable weight moved off its init, rounded to the float32 (or float16) values
+  that are saved; frozen tensors (pytorch-ddpm's time table) untouched."""
+  with torch.no_grad():
+    for p in model.parameters():
+      if p.requires_grad:
+        p.add_(0.3 * max(float(p.std()) if p.numel() > 1 else 0.0, 0.05) * torch.randn_like(p))
+        p.copy_((p.half() if half else p.float()).double())
+
+
+def _convert(argv: list[str]) -> None:
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import convert_torch_checkpoint
+  convert_torch_checkpoint.main(argv)
+
+
+def _save_reference(folder: str, x: torch.Tensor, n: torch.Tensor, eps: torch.Tensor,
+                    source: dict[str, torch.Tensor], **extra: np.ndarray) -> None:
+  from safetensors.numpy import load_file
+  num = sum(v.size for v in load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors")).values())
+  np.savez(os.path.join(folder, "reference.npz"), x=x.permute(0, 2, 3, 1).numpy(), n=n.numpy(),
+           eps=eps.permute(0, 2, 3, 1).numpy(), num_params=np.int64(num), **extra)
+  with open(os.path.join(folder, "source_shapes.json"), "w") as f:
+    json.dump({k: list(v.shape) for k, v in source.items()}, f, indent=0)
+  print(f"{folder}: {num} params, |eps| max {float(eps.abs().max()):.3g}")
+
+
+def _store_half(folder: str) -> None:
+  """The converted float32 safetensors as float16: lossless, the weights are float16 values."""
+  from safetensors.numpy import load_file, save_file
+  weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+  state = load_file(weights)
+  assert all(np.array_equal(v.astype(np.float16).astype(np.float32), v) for v in state.values())
+  save_file({k: v.astype(np.float16) for k, v in state.items()}, weights, metadata={"format": "pt"})
+  os.chmod(weights, 0o644)
+
+
+def _groups(model: torch.nn.Module, groups: int) -> torch.nn.Module:
+  """The model with every GroupNorm splitting its channels into `groups` groups (shapes and
+  weights unchanged)."""
+  for m in model.modules():
+    if isinstance(m, torch.nn.GroupNorm):
+      m.num_groups = groups
+  return model
+
+
+def make_pytorch_ddpm(out: str, source: str, seed: int) -> None:
+  sys.path.insert(0, os.path.abspath(source))
+  from model import UNet  # pytorch-ddpm's model.py
+  flags = dict(T=1000, ch=32, ch_mult=[1, 1], attn=[1], num_res_blocks=1, dropout=0.1)
+  torch.manual_seed(seed)
+  model = _groups(UNet(**flags), 8).double().eval()
+  _perturb(model, half=True)
+  net = _groups(UNet(**flags), 8).double()
+  net.load_state_dict(model.state_dict())
+  _perturb(net, half=True)  # net_model: other weights, so --weights=ema matters
+  gen = torch.Generator().manual_seed(seed + 1)
+  x = 2 * torch.rand(4, 3, 8, 8, generator=gen, dtype=torch.float64) - 1
+  n = torch.tensor([0, 1, 500, 999])
+  with torch.no_grad():
+    eps = model(x, n)
+  folder = os.path.join(out, "pytorch_ddpm_unet")
+  with tempfile.TemporaryDirectory() as tmp:
+    ckpt, flagfile = os.path.join(tmp, "ckpt.pt"), os.path.join(tmp, "flagfile.txt")
+    torch.save({"net_model": {k: v.float() for k, v in net.state_dict().items()},
+                "ema_model": {k: v.float() for k, v in model.state_dict().items()}, "step": 0}, ckpt)
+    with open(flagfile, "w") as f:
+      f.write("--T=1000\n--ch=32\n--ch_mult=1\n--ch_mult=1\n--attn=1\n--num_res_blocks=1\n"
+              "--dropout=0.1\n--img_size=8\n--lr=0.0002\n")
+    _convert([ckpt, folder, "--format=pytorch-ddpm", "--weights=ema", f"--flagfile={flagfile}",
+              "--num-groups=8"])
+  _store_half(folder)
+  _save_reference(folder, x, n, eps, model.state_dict(),
+                  time_table=model.time_embedding.timembedding[0].weight.detach().float().numpy())
+
+
+HASEGAWA_MODEL_YAML = """unet:
+  channel1: 8
+  channel2: 16
+  conv: {stride: 1, dilation: 1, init_scale: 1., padding: 1, kernel_size: 3}
+  groupnorm: {num_groups: 4}
+  time_embedding: {max_positions: 10000, emb_dim1: 8, emb_dim2: 16}
+  dropout: 0.1
+"""
+HASEGAWA_DATA_YAML = "data: {height: 16, width: 16, channel: 3}\n"
+
+
+def _hasegawa_time_mlp(emb: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+  """Their TimeEmbedding.forward in float64 (theirs casts t and the frequencies to float32):
+  sin and cos of t w_k, w_k = max_positions^(-k / (emb_dim1/2 - 1)), then their MLP."""
+  half = emb.emb_config["emb_dim1"] // 2
+  w = torch.exp(-np.log(emb.emb_config["max_positions"]) / (half - 1) * torch.arange(half, dtype=torch.float64))
+  a = t.double()[:, None] * w[None, :]
+  return emb.linear_2(emb.act(emb.linear_1(torch.cat([torch.sin(a), torch.cos(a)], dim=1))))
+
+
+def make_hasegawa(out: str, source: str, seed: int) -> None:
+  import yaml
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from convert_torch_checkpoint import import_hasegawa_unet
+  UNet = import_hasegawa_unet(os.path.abspath(source)).UNet  # their src/models/unet.py
+  with tempfile.TemporaryDirectory() as tmp:
+    os.makedirs(os.path.join(tmp, "config"))
+    model_yaml, data_yaml = os.path.join(tmp, "config", "model.yaml"), os.path.join(tmp, "config", "tiny.yaml")
+    for path, text in ((model_yaml, HASEGAWA_MODEL_YAML), (data_yaml, HASEGAWA_DATA_YAML)):
+      with open(path, "w") as f:
+        f.write(text)
+    cfg = {**yaml.safe_load(HASEGAWA_MODEL_YAML), **yaml.safe_load(HASEGAWA_DATA_YAML), "device": "cpu"}
+    torch.manual_seed(seed)
+    model = UNet(cfg).eval()
+    _perturb(model, half=True)
+    ckpt = os.path.join(tmp, "epoch_000001.pth")
+    torch.save(torch.nn.DataParallel(model), ckpt)  # as their trainer saves it
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = 2 * torch.rand(4, 3, 16, 16, generator=gen, dtype=torch.float64) - 1
+    n = torch.tensor([0, 1, 500, 999])
+    model = model.double()
+    model.TimeEmbedding.forward = lambda t: _hasegawa_time_mlp(model.TimeEmbedding, t)
+    with torch.no_grad():
+      eps = model(x, n.double())
+    folder = os.path.join(out, "hasegawa_unet")
+    _convert([ckpt, folder, "--format=hasegawa", f"--source={source}", f"--config={data_yaml}"])
+  _store_half(folder)
+  _save_reference(folder, x, n, eps, model.state_dict())
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("out", nargs="?", default=os.path.join("tests", "fixtures"))
+  p.add_argument("--only", default="", help="comma-separated fixture names (default: all)")
+  p.add_argument("--ddpm-source", default="", help="a checkout of w86763777/pytorch-ddpm")
+  p.add_argument("--hasegawa-source", default="",
+                 help="a checkout of masa-longriver/Quantifying_the_Ease_of_Reproduction")
+  args = p.parse_args()
+  names = args.only.split(",") if args.only else list(CONFIGS) + ["pytorch_ddpm_unet", "hasegawa_unet"]
   for i, name in enumerate(CONFIGS):
-    make(name, out, seed=10 * i)
+    if name in names:
+      make(name, args.out, seed=10 * i)
+  if "pytorch_ddpm_unet" in names:
+    make_pytorch_ddpm(args.out, args.ddpm_source, seed=30)
+  if "hasegawa_unet" in names:
+    make_hasegawa(args.out, args.hasegawa_source, seed=40)
 
 
 if __name__ == "__main__":
-  main(sys.argv[1] if len(sys.argv) > 1 else os.path.join("tests", "fixtures"))
+  main()

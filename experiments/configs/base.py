@@ -33,6 +33,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.pool_seed = 0             # gaussian / mixture: seed of the generated pool
   d.heldout_name = ""         # second source of the held-out images (a name above or cifar10_test); "" = same pool
   d.heldout_path = ""         # its npz / folder / cifar-10-batches-py path ("" = data.path)
+  d.member_split_path = ""    # npz of mia_train_idxs / mia_eval_idxs (PIA, SecMI): members train, non-members held out
 
   # --- model (memvol/models) ---------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()

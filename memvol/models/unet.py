@@ -17,8 +17,13 @@ repeats each pixel twice and crops to the matching skip's side.
 The defaults are memvol's own network. The fields after `num_groups` cover diffusers'
 `UNet2DModel` (memvol.pretrained maps its weights here): GroupNorm epsilon, attention
 heads of `attn_head_dim` channels, the downsample's padding and the time embedding's
-`flip_sin_to_cos` / `freq_shift`; their defaults leave memvol's parameters and outputs as
-they were.
+`flip_sin_to_cos` / `freq_shift`; and the two DDPM UNets that membership-inference and
+reproduction papers train (scripts/convert_torch_checkpoint.py): pytorch-ddpm's
+(`interleave_sin_cos`: sin and cos of each frequency side by side; its lookup table over
+integer steps n is this sinusoid at t_net = n, and the sinusoid defines it in between) and
+Hasegawa & Yasuda's (`temb_dim` 2 ch, `resnet_temb_act` False: Dense(temb) without the
+swish, `up_attn` "last": one attention per up level, after its last block). Their
+defaults leave memvol's parameters and outputs as they were.
 """
 
 from __future__ import annotations
@@ -34,18 +39,24 @@ Array = jax.Array
 
 
 def timestep_embedding(t_net: Array, dim: int, max_period: float = 10000.0,
-                       flip_sin_to_cos: bool = False, freq_shift: float = 1.0) -> Array:
+                       flip_sin_to_cos: bool = False, freq_shift: float = 1.0,
+                       interleave: bool = False) -> Array:
   """Sinusoidal embedding [B, dim] of network times t_net [B] (999 t), DDPM's form:
   sin(t w_k) then cos(t w_k) (cos first when flip_sin_to_cos),
-  w_k = max_period^(-k / (dim/2 - freq_shift)), k = 0 .. dim/2 - 1."""
+  w_k = max_period^(-k / (dim/2 - freq_shift)), k = 0 .. dim/2 - 1; `interleave` puts
+  the pair of each k side by side (sin w_0, cos w_0, sin w_1, ...) instead of the halves
+  one after the other. Computed in t_net's dtype (float32 at least)."""
   if dim < 4 or dim % 2:
     raise ValueError(f"time embedding dim must be even and >= 4, got {dim}")
   half = dim // 2
   if half - freq_shift <= 0:
     raise ValueError(f"time embedding freq_shift={freq_shift} must be < dim / 2 = {half}")
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
-  args = t_net.astype(jnp.result_type(t_net.dtype, jnp.float32))[:, None] * freqs[None, :]
+  dtype = jnp.result_type(t_net.dtype, jnp.float32)
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=dtype) / (half - freq_shift))
+  args = t_net.astype(dtype)[:, None] * freqs[None, :]
   parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+  if interleave:
+    return jnp.stack(parts, axis=-1).reshape(args.shape[0], dim)
   return jnp.concatenate(parts, axis=-1)
 
 
@@ -54,19 +65,22 @@ def _zeros_init():
 
 
 class ResBlock(nn.Module):
-  """GroupNorm, swish, conv, + Dense(temb), GroupNorm, swish, dropout, conv (zero init);
-  a 1x1 conv shortcut when the channel count changes."""
+  """GroupNorm, swish, conv, + Dense(swish(temb)) (Dense(temb) without `temb_act`),
+  GroupNorm, swish, dropout, conv (zero init); a 1x1 conv shortcut when the channel count
+  changes."""
 
   out_ch: int
   num_groups: int
   dropout: float
   eps: float = 1e-6
+  temb_act: bool = True
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, train: bool) -> Array:
     h = nn.swish(nn.GroupNorm(num_groups=self.num_groups, epsilon=self.eps, name="norm1")(x))
     h = nn.Conv(self.out_ch, (3, 3), name="conv1")(h)
-    h = h + nn.Dense(self.out_ch, name="temb_proj")(nn.swish(temb))[:, None, None, :]
+    temb = nn.swish(temb) if self.temb_act else temb
+    h = h + nn.Dense(self.out_ch, name="temb_proj")(temb)[:, None, None, :]
     h = nn.swish(nn.GroupNorm(num_groups=self.num_groups, epsilon=self.eps, name="norm2")(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Conv(self.out_ch, (3, 3), kernel_init=_zeros_init(), name="conv2")(h)
@@ -138,19 +152,26 @@ class UNet(nn.Module):
   downsample_padding: int = -1    # -1: SAME; p >= 0: diffusers' downsample_padding
   flip_sin_to_cos: bool = False   # time embedding: cos before sin
   freq_shift: float = 1.0         # time embedding: w_k = 10000^(-k / (ch/2 - freq_shift))
+  interleave_sin_cos: bool = False  # time embedding: (sin w_k, cos w_k) side by side per k
+  temb_dim: int = 0               # width of the time MLP (0: 4 ch)
+  resnet_temb_act: bool = True    # swish on temb before each ResBlock's Dense
+  up_attn: str = "every"          # up path attention: after "every" block, or the "last" of a level
 
   @nn.compact
   def __call__(self, x: Array, t_net: Array, train: bool = False) -> Array:
     if x.ndim != 4:
       raise ValueError(f"UNet takes x [B, H, W, C], got shape {x.shape}")
     t_net = jnp.broadcast_to(jnp.asarray(t_net), (x.shape[0],))
+    if self.up_attn not in ("every", "last"):
+      raise ValueError(f"UNet.up_attn must be 'every' or 'last', got {self.up_attn!r}")
     temb = timestep_embedding(t_net, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
-                              freq_shift=self.freq_shift)
-    temb = nn.Dense(4 * self.ch, name="temb_dense0")(temb)
-    temb = nn.Dense(4 * self.ch, name="temb_dense1")(nn.swish(temb))
+                              freq_shift=self.freq_shift, interleave=self.interleave_sin_cos)
+    tdim = self.temb_dim or 4 * self.ch
+    temb = nn.Dense(tdim, name="temb_dense0")(temb)
+    temb = nn.Dense(tdim, name="temb_dense1")(nn.swish(temb))
     attn = set(int(r) for r in self.attn_resolutions)
     g, p, e = self.num_groups, self.dropout, self.norm_eps
-    res = lambda c, name: ResBlock(c, g, p, e, name=name)
+    res = lambda c, name: ResBlock(c, g, p, e, self.resnet_temb_act, name=name)
     att = lambda name: AttnBlock(g, e, self.attn_head_dim, name=name)
     levels = len(self.ch_mult)
 
@@ -176,7 +197,7 @@ class UNet(nn.Module):
         if level_skips:
           h = jnp.concatenate([h, level_skips.pop()], axis=-1)
         h = res(self.ch * self.ch_mult[i], f"up{i}_res{j}")(h, temb, train)
-        if h.shape[1] in attn:
+        if h.shape[1] in attn and (self.up_attn == "every" or j == self.num_res_blocks_up - 1):
           h = att(f"up{i}_attn{j}")(h)
       if i != 0:
         size = skips[i - 1][-1].shape[1:3]

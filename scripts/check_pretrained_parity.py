@@ -1,0 +1,48 @@
+"""Print memvol's parity with the torch reference outputs of every pretrained fixture
+(tests/fixtures/*/reference.npz, made by scripts/make_pretrained_fixture.py): parameters and
+the max relative L2 error per image, in float32 and float64.
+
+  python scripts/check_pretrained_parity.py [tests/fixtures]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from memvol import models, pretrained  # noqa: E402
+
+
+def max_rel(folder: str, dtype) -> tuple[int, float, str]:
+  ref = np.load(os.path.join(folder, "reference.npz"))
+  model, params, _ = pretrained.load_model(folder)
+  params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+  t_net = ref["n"] if "n" in ref.files else 999.0 * ref["t"]  # the network's input
+  y = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ref["x"], dtype), jnp.asarray(t_net, dtype)))
+  b = len(y)
+  rel = np.linalg.norm((y - ref["eps"]).reshape(b, -1), axis=1) / np.linalg.norm(ref["eps"].reshape(b, -1), axis=1)
+  at = "n" if "n" in ref.files else "999 t"
+  return models.count_params(params), float(rel.max()), f"{at} = {np.round(t_net, 3).tolist()}"
+
+
+def main(root: str) -> None:
+  print(f"{'fixture':<20} {'format':<14} {'params':>9} {'float32':>9} {'float64':>9}  at")
+  for name in sorted(os.listdir(root)):
+    folder = os.path.join(root, name)
+    if not os.path.exists(os.path.join(folder, "reference.npz")):
+      continue
+    fmt = pretrained.read_config(folder).get("_source_format", "diffusers")
+    n, r32, at = max_rel(folder, jnp.float32)
+    with jax.enable_x64(True):
+      _, r64, _ = max_rel(folder, jnp.float64)
+    print(f"{name:<20} {fmt:<14} {n:>9,} {r32:>9.2e} {r64:>9.2e}  {at}")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1] if len(sys.argv) > 1 else os.path.join("tests", "fixtures"))
