@@ -55,7 +55,7 @@ from memvol import detect, io, plotting, stats
 
 ALPHA = 0.01                                   # significance level the claims are judged at
 REQUIRED_SCORE_COLUMNS = ("id", "split", "label", "dup_count")
-SUCCESS_STATUS = ("0", "ok", "")               # E_status values of a successful solve (0: diffrax success)
+SUCCESS_STATUS = ("0",)                        # E_status of a successful solve (diffrax RESULTS code 0)
 COMPARISONS = (  # key, positive group, negative group
     ("trained_vs_heldout", "trained", "held-out"),
     ("memorised_vs_not", "memorised", "not memorised (train)"),
@@ -106,7 +106,12 @@ def load_scores(path: str, estimators: tuple[str, ...]) -> dict[str, np.ndarray]
     raise ValueError(f"{path} is corrupt ({e}); delete it and rerun --mode=score") from e
   for e in estimators:
     if f"{e}_status" in header:
-      out[f"{e}_status"] = np.array([(r[f"{e}_status"] or "").strip() for r in rows])
+      out[f"{e}_status"] = status = np.array([(r[f"{e}_status"] or "").strip() for r in rows])
+      bad = [k for k, v in enumerate(status) if not v.isdigit()]
+      if bad:  # a solve of unknown outcome is neither a success nor a counted failure
+        raise ValueError(f"{path}: column {e}_status is missing or unknown ({status[bad[0]]!r}; expected a "
+                         f"diffrax result code, 0 = success) for {len(bad)} rows, ids "
+                         f"{[int(out['id'][k]) for k in bad[:8]]}; rerun --mode=score")
   out["split"] = np.array([(r["split"] or "").strip() for r in rows])
   bad = sorted(set(out["split"]) - {"train", "heldout"})
   if bad:

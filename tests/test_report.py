@@ -71,7 +71,7 @@ def make_workdir(wd: str, copy_some: bool = True, seed: int = 0, n: int = 40):
     for k, e in enumerate(ESTS):
       lv = base[i] * (1.0 + 0.1 * k) + 0.2 * rng.normal()
       r.update({f"{e}_log_volume": lv, f"{e}_stderr": 0.1, f"{e}_prior_logp": -90.0,
-                f"{e}_logp": lv - 90.0, f"{e}_nfe": 120, f"{e}_status": "ok"})
+                f"{e}_logp": lv - 90.0, f"{e}_nfe": 120, f"{e}_status": "0"})
     rows.append(r)
   io.save_csv(os.path.join(wd, "scores", "scores.csv"), rows)
   ts = np.linspace(1e-3, 1.0, 20)
@@ -118,7 +118,7 @@ def test_report_end_to_end(tmp_path):
   assert h["spearman_copies_ratio"]["rho"] > 0.3
   assert s["estimator_agreement"]["hutchinson|exact"]["rho"] > 0.9
   assert {r["label"] for r in h["per_class"]} <= set(range(10)) and len(h["per_class"]) >= 5
-  assert h["status_counts"] == {"ok": 80} and h["mean_nfe"] == 120
+  assert h["status_counts"] == {"0": 80} and h["mean_nfe"] == 120
   for v in _numbers(s):
     assert math.isfinite(v)
 
@@ -170,7 +170,7 @@ def test_report_nan_scores_and_undefined_statistics(tmp_path):
   s = report.run(cfg, wd, split=split)
   h = s["estimators"]["hutchinson"]
   assert h["num_nonfinite"] == 2 and h["num_failed_solves"] == 1 and h["trained_vs_heldout"]["n_pos"] == 37
-  assert h["trained_vs_heldout"]["mean_pos"] < 100 and h["status_counts"] == {"2": 1, "ok": 79}
+  assert h["trained_vs_heldout"]["mean_pos"] < 100 and h["status_counts"] == {"0": 79, "2": 1}
   assert "num_save_times = 0" in open(os.path.join(wd, "report", "report.md")).read()
   # one memorised singleton left: its Welch test is undefined -> null, listed in `undefined`
   ms = h["memorised_vs_not_singletons"]
@@ -193,7 +193,7 @@ def test_report_errors(tmp_path):
   for content, match in ((b"", "no rows"), (good.splitlines()[0].encode() + b"\n", "no rows"),
                          (b"\x00\xff\xfe garbage \x89PNG", "unreadable|lacks columns"),
                          (good.replace("train,", "trian,", 1).encode(), "'split' has values"),
-                         (good.replace("ok", "ok", 1).replace(",0.1,", ",zz,", 1).encode(), "corrupt")):
+                         (good.replace(",0.1,", ",zz,", 1).encode(), "corrupt")):
     with open(scores, "wb") as f:
       f.write(content)
     with pytest.raises(ValueError, match=match):
@@ -212,6 +212,20 @@ def test_report_errors(tmp_path):
   with pytest.raises(ValueError, match="different splits"):
     report.run(cfg, wd, split=split)
   assert not os.path.exists(os.path.join(wd, "report", "report.md"))
+
+
+@pytest.mark.parametrize("status", ["", "ok", "max_steps"])
+def test_missing_or_unknown_status_is_an_error_not_success(tmp_path, status):
+  wd, cfg = str(tmp_path), _config()
+  split = make_workdir(wd)
+  path = os.path.join(wd, "scores", "scores.csv")
+  rows = io.load_csv(path)
+  rows[7]["exact_status"] = status
+  io.save_csv(path, rows)
+  detect.run(cfg, wd, split=split)
+  with pytest.raises(ValueError, match=rf"exact_status.*{rows[7]['id']}"):
+    report.run(cfg, wd, split=split)
+  assert not os.path.exists(os.path.join(wd, "report", "summary.json"))
 
 
 def test_headline_finiteness_is_checked_before_nans_become_nulls(tmp_path):
