@@ -305,13 +305,17 @@ def _score_column(config: Any) -> str:
 
 
 def baseline_scores(config: Any, workdir: str, train_ids: np.ndarray) -> np.ndarray:
-  """The selection column of workdir/scores/scores.csv, aligned with train_ids."""
+  """The selection column of workdir/scores/scores.csv, aligned with train_ids; NaN where
+  the value is missing or its solve failed (an `E_log_volume` column's `E_status` != 0)."""
+  from memvol import report
   col = _score_column(config)
   rows = io.load_csv(os.path.join(workdir, "scores", "scores.csv"))
   if col not in rows[0]:
     raise ValueError(f"mitigate.score_column={col!r} is not a column of {workdir}/scores/scores.csv "
                      f"(columns: {', '.join(rows[0])})")
-  by_id = {int(r["id"]): float(r[col]) if r[col] not in ("", "nan") else math.nan
+  status = col[: -len("_log_volume")] + "_status" if col.endswith("_log_volume") else None
+  ok = lambda r: status not in r or r[status].strip() in report.SUCCESS_STATUS  # noqa: E731
+  by_id = {int(r["id"]): float(r[col]) if r[col] not in ("", "nan") and ok(r) else math.nan
            for r in rows if r["split"] == "train"}
   missing = [int(i) for i in train_ids if int(i) not in by_id]
   if missing:
@@ -354,15 +358,40 @@ class _Regime:
     rec = {"regime": self.name, "workdir": self.dir, "num_train": len(self.train_ids),
            "num_samples": int(self.config.sample.num_samples), "sde_steps": int(self.config.sample.sde_steps),
            "score_column": _score_column(self.config), "copied_ids": self.copied.tolist(),
+           "nonfinite_score_ids": np.sort(self.train_ids[~np.isfinite(self.scores)]).tolist(),
            **copy_counts(self.dir, np.zeros(0)), "final_loss": final_loss(self.dir)}
     rec.update(self.quality(detect.load_samples(self.config, self.dir)))
     io.save_json(path, rec)
     return rec
 
 
-def _selected(reg: _Regime, arm: Arm) -> np.ndarray:
+ON_NONFINITE = ("refuse", "last")
+
+
+def selection(reg: Any, arm: Arm) -> dict[str, Any]:
+  """{'ids': the arm's selected ids, 'nonfinite_score_ids': training ids whose selection
+  score is not finite (a failed or unfinished solve), for `score` arms}. Such images are
+  never ranked silently: mitigate.on_nonfinite = 'refuse' (ValueError naming them and the
+  setting to change) | 'last' (ranked below every finite score, and reported)."""
   k = num_selected(arm.q, len(reg.train_ids)) if arm.selection in ("score", "random") else 0
-  return select_ids(arm.selection, reg.train_ids, k, scores=reg.scores, copied_ids=reg.copied, seed=arm.seed)
+  out: dict[str, Any] = {}
+  if arm.selection == "score":
+    policy = str(reg.config.mitigate.on_nonfinite)
+    if policy not in ON_NONFINITE:
+      raise ValueError(f"mitigate.on_nonfinite={policy!r}; expected one of {ON_NONFINITE}")
+    bad = np.sort(np.asarray(reg.train_ids)[~np.isfinite(reg.scores)]).tolist()
+    if bad and policy == "refuse":
+      sc = reg.config.score
+      raise ValueError(
+          f"mitigate {reg.name}: {len(bad)} of {len(reg.train_ids)} training images have no finite "
+          f"{_score_column(reg.config)} in the baseline's scores.csv (ids {bad[:20]}): their solves failed "
+          f"or hit the step budget. Raise config.score.max_steps (now {sc.max_steps}) or loosen score.rtol / "
+          f"score.atol (now {sc.rtol} / {sc.atol}) and rerun --mode=score on the baseline, or set "
+          "mitigate.on_nonfinite='last' to rank them below every finite score")
+    out["nonfinite_score_ids"] = bad
+  out["ids"] = select_ids(arm.selection, reg.train_ids, k, scores=reg.scores, copied_ids=reg.copied,
+                          seed=arm.seed)
+  return out
 
 
 def _perturbed(reg: _Regime, arm: Arm, ids: np.ndarray, log: Callable[[str], None]) -> tuple[str, str, dict]:
@@ -385,7 +414,8 @@ def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None]) ->
   if os.path.exists(path):
     return io.load_json(path)
   start = time.perf_counter()
-  ids = _selected(reg, arm)
+  sel = selection(reg, arm)
+  ids = sel["ids"]
   if arm.selection != "none" and len(ids) == 0:
     log(f"[memvol] mitigate {reg.name}: {arm.name} selects no image (the baseline copied none); "
         "it is the same as `none`")
@@ -399,7 +429,8 @@ def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None]) ->
   rec: dict[str, Any] = {"regime": arm.regime, "arm": arm.name, "group": arm.group,
                          "selection": arm.selection, "modification": arm.modification or "none",
                          "q": arm.q, "seed": arm.seed, "num_selected": int(len(ids)),
-                         "selected_ids": ids.tolist(), "num_samples": int(cfg.sample.num_samples),
+                         "selected_ids": ids.tolist(),
+                         **{k: v for k, v in sel.items() if k != "ids"}, "num_samples": int(cfg.sample.num_samples),
                          "sde_steps": int(cfg.sample.sde_steps), "train_steps": int(cfg.train.num_steps),
                          **copy_counts(folder, ids),
                          "final_loss": final_loss(folder)}
@@ -509,6 +540,11 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
               f"Baseline ({base['workdir']}, {base['num_samples']} samples x {base['sde_steps']} steps): "
               f"{base['copies']} copies, {base['copied_images']} images copied of {base['num_train']}; "
               f"FD {report.fmt(base.get('fd'))}, selection column `{base['score_column']}`.", ""]
+    bad = base.get("nonfinite_score_ids", [])
+    if bad:
+      lines += [f"{len(bad)} training images have a non-finite selection score (ids "
+                f"{', '.join(str(i) for i in bad[:20])}{' ...' if len(bad) > 20 else ''}): `score` arms ranked "
+                "them below every finite score (mitigate.on_nonfinite = 'last').", ""]
     header = ["group", "seeds", "k", "copies", "copied images", "copies sel / unsel",
               "images sel / unsel", "targeted", "FD", "KID", "precision", "recall", "final loss"]
     rows = []

@@ -50,6 +50,43 @@ def test_random_selection_seeded_exact_k_and_copied_none():
     mitigate.select_ids("best", ids, 2)
 
 
+def _scores_workdir(wd, values, statuses):
+  rows = [{"id": i, "split": "train", "label": 0, "dup_count": 1, "hutchinson_log_volume": v,
+           "hutchinson_status": st} for i, (v, st) in enumerate(zip(values, statuses))]
+  rows.append({"id": 99, "split": "heldout", "label": 0, "dup_count": 0, "hutchinson_log_volume": "inf",
+               "hutchinson_status": "1"})
+  io.save_csv(os.path.join(wd, "scores", "scores.csv"), rows)
+
+
+def test_nonfinite_selection_scores_are_refused_or_ranked_last_and_reported(tmp_path):
+  """A solve that hit max_steps (L = inf, status 1) or failed with a finite L (status 2) is
+  never silently ranked last: `refuse` names the images and the setting, `last` reports them."""
+  import types
+  wd = str(tmp_path)
+  c = get_base_config()
+  c.score.estimators = ("hutchinson",)
+  _scores_workdir(wd, ["5", "inf", "9", "7000", "nan", "8"], ["0", "1", "0", "2", "0", "0"])
+  ids = np.arange(6)
+  s = mitigate.baseline_scores(c, wd, ids)
+  assert s[[0, 2, 5]].tolist() == [5.0, 9.0, 8.0] and not np.isfinite(s[[1, 3, 4]]).any()
+  reg = types.SimpleNamespace(config=c, train_ids=ids, scores=s, copied=np.zeros(0, np.int64), name="r")
+  arm = mitigate.Arm("r", "score", "drop", 0.5, 1)
+  assert c.mitigate.on_nonfinite == "refuse"
+  with pytest.raises(ValueError, match=r"3 of 6 .*hutchinson_log_volume.*\[1, 3, 4\].*score.max_steps"):
+    mitigate.selection(reg, arm)
+  assert mitigate.selection(reg, mitigate.Arm("r", "random", "drop", 0.5, 1))["ids"].size == 3  # not ranked
+  c.mitigate.on_nonfinite = "last"
+  sel = mitigate.selection(reg, arm)
+  assert sel["ids"].tolist() == [0, 2, 5] and sel["nonfinite_score_ids"] == [1, 3, 4]
+  c.mitigate.on_nonfinite = "drop"
+  with pytest.raises(ValueError, match="on_nonfinite"):
+    mitigate.selection(reg, arm)
+  base = {"workdir": wd, "num_samples": 8, "sde_steps": 4, "copies": 0, "copied_images": 0, "num_train": 6,
+          "score_column": "hutchinson_log_volume", "nonfinite_score_ids": [1, 3, 4]}
+  md = mitigate.render_markdown(mitigate.summarise([_rec("none", "none", "none", 1, 3)], {"r": base}), [])
+  assert "3 training images have a non-finite selection score (ids 1, 3, 4)" in md
+
+
 # --- data modifications --------------------------------------------------------------
 
 
@@ -289,6 +326,7 @@ def test_stage_end_to_end_and_resume_arm_by_arm(tmp_path):
     assert a["copies"] == a["copies_selected"] + a["copies_unselected"]
     assert np.isfinite(a["fd"]) and np.isfinite(a["final_loss"])
   assert {a["num_selected"] for a in summary["arms"] if a["selection"] != "none"} == {4}
+  assert all(a["nonfinite_score_ids"] == [] for a in summary["arms"] if a["selection"] == "score")
   assert os.path.exists(os.path.join(root, "report.md")) and os.path.exists(os.path.join(root, "copies_vs_quality.png"))
   assert os.path.exists(os.path.join(root, "b", "baseline", "scores", "scores.csv"))
   # dropped ids are out of that arm's training stream, per its own recorded split
