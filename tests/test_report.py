@@ -175,7 +175,9 @@ def test_report_nan_scores_and_undefined_statistics(tmp_path):
   # one memorised singleton left: its Welch test is undefined -> null, listed in `undefined`
   ms = h["memorised_vs_not_singletons"]
   assert ms["n_pos"] == 1 and ms["welch_p"] is None
-  assert "estimators.hutchinson.memorised_vs_not_singletons.welch_p" in s["undefined"]
+  assert s["not_estimated"]["estimators.hutchinson.memorised_vs_not_singletons.welch_p"] == \
+      "a group has fewer than 2 finite values"
+  assert s["undefined"] == [] and _check_report()(wd) == 0   # every null is an expected one
   assert "2 images have a non-finite score" in open(os.path.join(wd, "report", "report.md")).read()
 
 
@@ -245,10 +247,38 @@ def test_headline_finiteness_is_checked_before_nans_become_nulls(tmp_path):
   assert "claims.trained_gt_heldout.welch_p" in s["nonfinite_headline"]
   assert s["claims"]["trained_gt_heldout"]["welch_p"] is None  # what the old check saw: no number
   assert _check_report()(wd) == 1
+  assert s["not_estimated"]["estimators.hutchinson.median_stderr"] == "not estimated by this estimator"
   assert "standard error of L: not estimated (NaN)" in open(os.path.join(wd, "report", "report.md")).read()
   raw = {"a": {"testable": True, "welch_p": math.nan, "mw_p": 0.1, "mean_diff": 1.0, "auroc": math.inf},
          "b": {"testable": False}}
   assert report.headline_nonfinite(raw) == ["claims.a.welch_p", "claims.a.auroc"]
+
+
+def test_check_report_fails_on_any_null_that_is_not_an_expected_one(tmp_path, capsys):
+  """A NaN AUROC bound in a peers table, a NaN Spearman: null in summary.json, not headline
+  numbers, and not expected: the check fails naming them. Expected nulls pass."""
+  wd, cfg = str(tmp_path), _config()
+  cfg.score.estimators = ("hutchinson",)
+  split = make_workdir(wd, copy_some=False)   # nothing copied: Spearman with the copy counts is undefined
+  detect.run(cfg, wd, split=split)
+  s = report.run(cfg, wd, split=split)
+  assert s["not_estimated"]["estimators.hutchinson.spearman_copies_ratio.rho"] == \
+      "the copy count (ratio criterion) is the same for every training image"
+  assert s["undefined"] == [] and _check_report()(wd) == 0
+  path = os.path.join(wd, "report", "summary.json")
+  good = io.load_json(path)
+  for where in (("estimators", "hutchinson", "trained_vs_heldout", "auroc_lo"),
+                ("estimators", "hutchinson", "spearman_dup_count", "rho")):
+    bad = json.loads(json.dumps(good))
+    node = bad
+    for k in where[:-1]:
+      node = node[k]
+    node[where[-1]] = None
+    io.save_json(path, bad)
+    assert _check_report()(wd) == 1
+    assert ".".join(where) in capsys.readouterr().out
+  io.save_json(path, good)
+  assert _check_report()(wd) == 0
 
 
 def _add_peers(wd: str, seed: int = 3) -> dict[str, np.ndarray]:
