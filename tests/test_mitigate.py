@@ -3,6 +3,7 @@ replace), separate workdirs per arm, arm-by-arm resume, statistics and the outpu
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -262,6 +263,70 @@ def test_summarise_groups_and_tests():
   assert t["copies"]["welch_p"] < 0.01 and t["copies"]["mw_u"] == 0.0
   assert np.isnan(t["fd"]["welch_p"])  # no variance: undefined, not an error
   assert len(out["arms"]) == 12
+  # Holm over every Welch p of the regime's tests (one family; Mann-Whitney another)
+  from memvol import stats
+  cells = [(t, m) for t in out["tests"] for m in mitigate.TESTED]
+  raw = [t[m]["welch_p"] for t, m in cells]
+  for (t, m), adj in zip(cells, stats.holm(raw)):
+    assert t[m]["welch_p_holm"] == pytest.approx(adj, nan_ok=True)
+    assert np.isnan(adj) or adj >= t[m]["welch_p"]
+  assert sum(np.isfinite(raw)) > 4
+
+
+def test_targeted_is_a_difference_without_a_p_value():
+  """Score selection does not depend on the seed, so its `targeted` is the same in every
+  seed (sd 0 by construction): a test of it would be meaningless."""
+  recs = [{**_rec("score-drop-q0.1", "score", "drop", s, c), "targeted": 85.0} for s, c in zip((1, 2, 3), (2, 3, 4))]
+  recs += [{**_rec("random-drop-q0.1", "random", "drop", s, c), "targeted": t}
+           for s, c, t in zip((1, 2, 3), (19, 21, 26), (10.0, 30.0, 4.5))]
+  out = mitigate.summarise(recs, {"r": {}})
+  t = out["tests"][0]
+  assert "targeted" not in mitigate.TESTED and "targeted" not in t
+  assert t["targeted_diff"] == pytest.approx(85.0 - np.mean([10.0, 30.0, 4.5]))
+
+
+def test_group_tables_print_the_number_of_finite_values():
+  recs = [_rec("none", "none", "none", s, c, fd) for s, c, fd in zip((1, 2, 3), (20, 22, 24), (1.0, np.nan, 3.0))]
+  out = mitigate.summarise(recs, {"r": _baseline()})
+  g = out["groups"][0]
+  assert (g["copies_n"], g["fd_n"], g["kid_n"]) == (3, 2, 0)
+  assert (g["fd_mean"], g["fd_sd"]) == (2.0, pytest.approx(np.sqrt(2.0)))
+  md = mitigate.render_markdown(out, [])
+  assert "| 22 ± 2 (3) |" in md and "| 2 ± 1.4 (2) |" in md
+
+
+def _baseline(**kw):
+  return {"workdir": "/w", "num_samples": 8, "sde_steps": 4, "copies": 0, "copied_images": 0, "num_train": 6,
+          "score_column": "hutchinson_log_volume", **kw}
+
+
+def _check_mitigate():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "check_mitigate", os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "check_mitigate.py"))
+  check = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(check)
+  return check
+
+
+def test_mitigation_summary_names_expected_nulls_and_check_fails_on_others(tmp_path, capsys):
+  check = _check_mitigate()
+  from memvol import report
+  q = dict(kid=0.1, precision=0.9, recall=0.5, final_loss=0.02,
+           targeted=report.not_estimated("a none arm selects nothing"))   # as with_targeted gives it
+  recs = [{**_rec("none", "none", "none", 1, 20), **q, "arm": "none-seed1"},
+          {**_rec("score-drop-q0.1", "score", "drop", 1, 3), **q, "targeted": 4.0, "arm": "score-drop-q0.1-seed1"}]
+  out = mitigate.summarise(recs, {"r": _baseline()}) | {"num_arms_planned": 2}
+  root = str(tmp_path / "mitigate")
+  mitigate.write_outputs(out, root, log=lambda m: None)
+  s = io.load_json(os.path.join(root, "summary.json"))
+  assert s["undefined"] == [] and s["not_estimated"]["groups[0].copies_sd"] == "fewer than 2 finite values"
+  assert s["not_estimated"]["arms[0].targeted"] == "a none arm selects nothing"
+  assert check.main(str(tmp_path)) == 0
+  capsys.readouterr()
+  out["tests"][0]["copies"]["welch_p"] = math.nan   # a p-value that should exist and does not
+  mitigate.write_outputs(out, root, log=lambda m: None)
+  assert check.main(str(tmp_path)) == 1 and "tests[0].copies.welch_p" in capsys.readouterr().out
 
 
 def test_targeted_counts_the_none_arms_copies_of_the_selection(tmp_path):
@@ -327,6 +392,7 @@ def test_stage_end_to_end_and_resume_arm_by_arm(tmp_path):
     assert np.isfinite(a["fd"]) and np.isfinite(a["final_loss"])
   assert {a["num_selected"] for a in summary["arms"] if a["selection"] != "none"} == {4}
   assert all(a["nonfinite_score_ids"] == [] for a in summary["arms"] if a["selection"] == "score")
+  assert summary["undefined"] == [] and _check_mitigate().main(wd) == 0
   assert os.path.exists(os.path.join(root, "report.md")) and os.path.exists(os.path.join(root, "copies_vs_quality.png"))
   assert os.path.exists(os.path.join(root, "b", "baseline", "scores", "scores.csv"))
   # dropped ids are out of that arm's training stream, per its own recorded split
