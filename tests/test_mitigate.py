@@ -132,6 +132,20 @@ def test_drop_epochs_holds_the_epochs_of_the_kept_images():
   assert plain.train.num_steps == c.train.num_steps and plain.data.drop_ids == arm.data.drop_ids
 
 
+def test_planted_regime_drop_epochs_of_the_score_top_5():
+  """The README's planted figures: the score's top 5 = the 4 duplicates (x8) + 1 singleton,
+  so the 76-item stream keeps 43 items and drop_epochs trains 1500 x 43 / 76 = 849 steps;
+  no 5 distinct images leave 44 (76 - 8a - (5 - a) = 44 has no integer a)."""
+  c = mnist_mitigate.get_config()
+  split = data.make_split(c.data)
+  ids, counts = np.asarray(split.train.ids), split.dup_counts
+  assert len(ids) == 48 and counts.sum() == 76 and (counts == 8).sum() == 4
+  top5 = np.r_[ids[counts == 8], ids[counts == 1][:1]]
+  arm = mitigate.arm_config(c, mitigate.Arm("planted", "score", "drop_epochs", 0.1, 1), top5, split=split)
+  assert len(data.make_split(arm.data).training_stream()[1]) == 43 and arm.train.num_steps == 849
+  assert 44 not in {76 - 8 * a - (5 - a) for a in range(5)}
+
+
 def test_augment_mask_follows_the_stream_and_only_moves_masked_images():
   c = _digits_cfg()
   base = data.make_split(c.data)
