@@ -312,6 +312,20 @@ def _score_column(config: Any) -> str:
   return col or f"{tuple(config.score.estimators)[0]}_log_volume"
 
 
+SCORE_FIELDS = ("log_volume", "stderr", "prior_logp", "logp", "nfe")  # per-estimator scores.csv columns
+
+
+def check_score_column(config: Any) -> None:
+  """ValueError, before any baseline runs, when mitigate.score_column is no column the
+  config's scoring writes (E_<field> for its estimators, peer_<name> for its peers)."""
+  col = _score_column(config)
+  known = [f"{e}_{f}" for e in config.score.estimators for f in SCORE_FIELDS]
+  known += [f"peer_{p}" for p in config.score.get("peers", ())]
+  if col not in known:
+    raise ValueError(f"mitigate.score_column={col!r} is not a column this config's scoring writes; "
+                     f"known: {', '.join(known)}")
+
+
 def baseline_scores(config: Any, workdir: str, train_ids: np.ndarray) -> np.ndarray:
   """The selection column of workdir/scores/scores.csv, aligned with train_ids; NaN where
   the value is missing or its solve failed (an `E_log_volume` column's `E_status` != 0)."""
@@ -459,6 +473,8 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[s
   after each arm, so a long run can be read while it goes (`num_arms_planned` says how
   many arms the plan has)."""
   arms = parse_arms(config.mitigate)
+  for regime in dict.fromkeys(a.regime for a in arms):
+    check_score_column(regime_config(config, regime))
   regimes: dict[str, _Regime] = {}
   baselines: dict[str, dict[str, Any]] = {}
   records = []
