@@ -9,8 +9,9 @@ copy) and replaces the README's marked block
 
   <!-- results:<name> -->  ...  <!-- /results:<name> -->
 
-with the rendered text (appended where the README has no such block yet is an error: put
-the two marker lines where the block belongs first). --check renders every committed copy
+with the rendered text. Where the README has no such block yet, --region START END makes one
+of the text from the line that starts with START up to the line that starts with END (not
+included); without it a missing block is an error. --check renders every committed copy
 and exits 1 naming each README block that differs or is missing. Without --write or
 --check the rendered markdown is printed. Names: `mnist` for --main, `mnist_mitigate` for
 --mitigate unless --name says otherwise.
@@ -213,19 +214,31 @@ def render(copy: dict[str, Any]) -> str:
 
 
 def _block(name: str) -> re.Pattern:
-  return re.compile(rf"(<!-- results:{re.escape(name)} -->\n)(.*?)(\n<!-- /results:{re.escape(name)} -->)", re.S)
+  return re.compile(rf"(<!-- results:{re.escape(name)} -->\n)(.*?)(<!-- /results:{re.escape(name)} -->)", re.S)
 
 
 def readme_block(text: str, name: str) -> str | None:
+  """The text between the block's marker lines (without the newline before the end marker)."""
   m = _block(name).search(text)
-  return None if m is None else m.group(2)
+  return None if m is None else m.group(2).removesuffix("\n")
 
 
 def replace_block(text: str, name: str, body: str) -> str:
   if readme_block(text, name) is None:
     raise ValueError(f"README.md has no block <!-- results:{name} --> ... <!-- /results:{name} -->: "
                      "put the two marker lines where the rendered text belongs")
-  return _block(name).sub(lambda m: m.group(1) + body + m.group(3), text, count=1)
+  return _block(name).sub(lambda m: m.group(1) + body + "\n" + m.group(3), text, count=1)
+
+
+def make_block(text: str, name: str, start: str, end: str) -> str:
+  """text with the lines from the one starting with `start` up to the one starting with
+  `end` (excluded) replaced by an empty block `name`."""
+  lines = text.split("\n")
+  i = next((k for k, l in enumerate(lines) if l.startswith(start)), None)
+  j = next((k for k, l in enumerate(lines) if i is not None and k > i and l.startswith(end)), None)
+  if i is None or j is None:
+    raise ValueError(f"README.md has no line starting with {start!r} followed by one starting with {end!r}")
+  return "\n".join(lines[:i] + [f"<!-- results:{name} -->", f"<!-- /results:{name} -->", ""] + lines[j:])
 
 
 def check(readme: str = README, results: str = RESULTS) -> list[str]:
@@ -259,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--command", default="", help="the command that made the workdir, as the README names it")
   ap.add_argument("--write", action="store_true", help="save the copy and replace the README block")
   ap.add_argument("--check", action="store_true", help="exit 1 when a README block disagrees with its copy")
+  ap.add_argument("--region", nargs=2, metavar=("START", "END"),
+                  help="with --write, where the README has no block yet: make one of these lines")
   args = ap.parse_args(argv)
   if args.check:
     problems = check()
@@ -283,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     print(body)
     return 0
   name = args.name or ("mnist" if kind == "main" else "mnist_mitigate")
-  text = replace_block(open(README).read(), name, body)
+  text = open(README).read()
+  if args.region and readme_block(text, name) is None:
+    text = make_block(text, name, *args.region)
+  text = replace_block(text, name, body)
   os.makedirs(RESULTS, exist_ok=True)
   for target, content in ((os.path.join(RESULTS, f"{name}.summary.json"), json.dumps(copy, indent=1, sort_keys=True) + "\n"),
                           (README, text)):

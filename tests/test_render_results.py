@@ -67,6 +67,9 @@ def test_main_job_tables_come_from_the_summary(tmp_path):
   assert "no block results:demo" in r.check(readme, results)[0]
   with pytest.raises(ValueError, match="no block"):
     r.replace_block("# none\n", "demo", md)
+  made = r.make_block("# t\nMeasured by hand 1.0\n| old |\n\n![fig](f.png)\n", "demo", "Measured", "![fig]")
+  assert made == "# t\n<!-- results:demo -->\n<!-- /results:demo -->\n\n![fig](f.png)\n"
+  assert r.readme_block(r.replace_block(made, "demo", md), "demo") == md
 
 
 def test_mitigation_tables_come_from_the_summary():
