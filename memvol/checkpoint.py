@@ -14,15 +14,22 @@ only after their successor is committed. A checkpoint damaged later (a truncated
 disk error) is found when it is read back: `latest_step` is the newest checkpoint whose
 meta and arrays all read back (as numpy, on any device count), and a damaged newer one is
 moved aside to `{step}.corrupt` with a warning, so training resumes from the previous
-one, never silently from scratch. Restoring into a config whose data/model/sde sections
+one, never silently from scratch. Only errors that prove damage demote a checkpoint
+(missing or unreadable metadata, arrays whose shapes / dtypes disagree between params,
+ema_params and the optimizer state, tensorstore's DATA_LOSS-kind errors); any other read
+error (an I/O hiccup) is retried READ_ATTEMPTS times and then raised naming the folder,
+leaving the checkpoint in place. Restoring into a config whose data/model/sde sections
 differ from the recorded ones is refused, naming the fields.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging as std_logging
 import os
+import re
+import time
 from typing import Any, Mapping
 
 import jax
@@ -79,6 +86,22 @@ def _reader(workdir: str) -> ocp.CheckpointManager | None:
 
 
 _DAMAGE: dict[tuple, str | None] = {}  # (step folder, its files' sizes and mtimes) -> damage
+READ_ATTEMPTS = 3    # reads of a checkpoint before an error that does not prove damage is raised
+RETRY_WAIT_S = 0.5   # wait before the second attempt, doubled before each further one
+# tensorstore / absl status codes that say the bytes themselves are bad or absent
+_DAMAGE_CODES = re.compile(r"\b(DATA_LOSS|NOT_FOUND|INVALID_ARGUMENT|FAILED_PRECONDITION|OUT_OF_RANGE)\b")
+
+
+class _Damaged(Exception):
+  """A checkpoint that read back but is not whole (no metadata, mismatched arrays)."""
+
+
+def _proves_damage(e: BaseException) -> bool:
+  if isinstance(e, (_Damaged, FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError)):
+    return True
+  if isinstance(e, OSError):  # EIO, EAGAIN, ESTALE, ...: the disk or the file system, not the bytes
+    return False
+  return isinstance(e, ValueError) and _DAMAGE_CODES.search(str(e)) is not None
 
 
 def _signature(step_dir: str) -> tuple:
@@ -87,33 +110,60 @@ def _signature(step_dir: str) -> tuple:
       for r, _, fs in os.walk(step_dir) for f in fs for st in [os.stat(os.path.join(r, f))]))
 
 
+def _read_back(step_dir: str) -> None:
+  """Read every array of every array item (as numpy, so any device count works) and the meta
+  JSON; _Damaged when they are not a whole checkpoint."""
+  specs = {}
+  with ocp.PyTreeCheckpointer() as c:
+    for item in ARRAY_ITEMS:
+      md = c.metadata(os.path.join(step_dir, item)).item_metadata
+      if md is None:
+        raise _Damaged(f"{item}: no array metadata")
+      args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), md.tree)
+      tree = c.restore(os.path.join(step_dir, item), args=ocp.args.PyTreeRestore(restore_args=args))
+      specs[item] = [(tuple(np.shape(a)), np.asarray(a).dtype) for a in jax.tree.leaves(tree)]
+  params = specs["params"]
+  if specs["ema_params"] != params:
+    raise _Damaged(f"ema_params {specs['ema_params']} do not match params {params} (shape / dtype)")
+  for spec in specs["opt_state"]:  # Adam's moments repeat the parameters' shapes and dtypes
+    if len(spec[0]) and spec not in params:
+      raise _Damaged(f"opt_state holds an array {spec} that matches no parameter (shape / dtype)")
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as c:
+    meta = c.restore(os.path.join(step_dir, "meta"), args=ocp.args.JsonRestore())
+  if not isinstance(meta, dict) or "step" not in meta:
+    raise _Damaged(f"meta holds {type(meta).__name__} without 'step'")
+
+
 def damage(step_dir: str) -> str | None:
-  """None when the checkpoint folder `step_dir` reads back whole (meta JSON and every array
-  of every array item, restored as numpy so any device count works); otherwise what
-  failed. Cached within the process while no file in the folder changes."""
+  """None when the checkpoint folder `step_dir` reads back whole; otherwise what proves it
+  damaged. A read error that proves nothing is retried (READ_ATTEMPTS) and then raised as
+  OSError naming the folder. Cached within the process while no file in the folder changes."""
   key = _signature(step_dir)
-  if key not in _DAMAGE:
-    old = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)  # orbax warns about per-item metadata it never wrote
-    try:
-      with ocp.PyTreeCheckpointer() as c:
-        for item in ARRAY_ITEMS:
-          md = c.metadata(os.path.join(step_dir, item)).item_metadata
-          if md is None:
-            raise ValueError(f"{item}: no array metadata")
-          tree = md.tree
-          args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-          c.restore(os.path.join(step_dir, item), args=ocp.args.PyTreeRestore(restore_args=args))
-      with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as c:
-        meta = c.restore(os.path.join(step_dir, "meta"), args=ocp.args.JsonRestore())
-      if not isinstance(meta, dict) or "step" not in meta:
-        raise ValueError(f"meta holds {type(meta).__name__} without 'step'")
-      _DAMAGE[key] = None
-    except Exception as e:  # noqa: BLE001  (orbax / tensorstore raise many kinds)
-      _DAMAGE[key] = f"{type(e).__name__}: {str(e)[:300]}"
-    finally:
-      logging.set_verbosity(old)
-  return _DAMAGE[key]
+  if key in _DAMAGE:
+    return _DAMAGE[key]
+  old = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # orbax warns about per-item metadata it never wrote
+  try:
+    for attempt in range(READ_ATTEMPTS):
+      try:
+        _read_back(step_dir)
+        _DAMAGE[key] = None
+        return None
+      except Exception as e:  # noqa: BLE001  (orbax / tensorstore raise many kinds)
+        if _proves_damage(e):
+          _DAMAGE[key] = f"{type(e).__name__}: {str(e)[:300]}"
+          return _DAMAGE[key]
+        error = e
+        logging.warning("reading checkpoint %s failed (%s: %s); attempt %d of %d", step_dir,
+                        type(e).__name__, str(e)[:200], attempt + 1, READ_ATTEMPTS)
+        if attempt + 1 < READ_ATTEMPTS:
+          time.sleep(RETRY_WAIT_S * 2 ** attempt)
+  finally:
+    logging.set_verbosity(old)
+  raise OSError(f"reading checkpoint {step_dir} failed in {READ_ATTEMPTS} attempts "
+                f"({type(error).__name__}: {str(error)[:300]}); the error does not prove the checkpoint "
+                "damaged, so it is left in place: check the disk or file system and rerun (move the "
+                "folder aside by hand if it is damaged)") from error
 
 
 def _newest_readable(mngr: ocp.CheckpointManager, workdir: str) -> int | None:

@@ -387,8 +387,11 @@ def _folder_source(cfg: Any) -> _Source:
   if channels == 0:  # RGB as soon as one image has colour
     modes = set()
     for f in files:
-      with Image.open(os.path.join(path, f)) as im:
-        modes.add(im.mode)
+      try:
+        with Image.open(os.path.join(path, f)) as im:
+          modes.add(im.mode)
+      except OSError as e:
+        raise ValueError(f"{os.path.join(path, f)}: not a readable image ({e})") from e
     channels = 1 if modes <= set(_GREY_MODES) else 3
     logging.info("folder %s: %d images, modes %s -> %d channel(s)", path, len(files), sorted(modes), channels)
 

@@ -30,7 +30,10 @@ unselected, sample quality against the held-out images (quality.py), the final t
 loss, and for `perturb` L of the selected images under the retrained model. Output:
 workdir/mitigate/summary.json (`arms`: one entry per arm and seed; `groups`: mean and sd
 over seeds; `tests`: score vs random at equal k, Welch and Mann-Whitney over seeds, and
-every group against the spread of `none`), report.md and PNGs.
+every group against the spread of `none`; p-values raw and Holm-adjusted over all tests of
+a regime, Welch and Mann-Whitney as two families; `targeted` as a plain difference), report.md
+and PNGs. Expected nulls (an sd of one seed, a metric an arm kind does not measure) are named
+with their reason in summary.json's `not_estimated`, any other null in `undefined`.
 """
 
 from __future__ import annotations
@@ -58,7 +61,10 @@ METRICS = ("copies", "copied_images", "copies_selected", "copies_unselected", "c
            "copied_unselected", "copies_carlini", "fd", "kid", "precision", "recall", "final_loss",
            "L_before_baseline", "L_after_baseline", "psnr", "ssim", "L_selected_retrained",
            "L_perturbed_retrained", "targeted")
-TESTED = ("copies", "copied_images", "targeted", "fd", "kid", "precision", "recall")
+TESTED = ("copies", "copied_images", "fd", "kid", "precision", "recall")   # Welch / MW over seeds, Holm per regime
+# differences of means without a test: `score` selection is the same in every seed, so its
+# `targeted` has sd 0 by construction and a test over seeds would be meaningless
+DIFFERENCES = ("targeted",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +292,9 @@ def with_targeted(workdir: str, records: list[dict[str, Any]]) -> list[dict[str,
   out = []
   for r in records:
     ts = tables.get(r["regime"], [])
-    val = math.nan
+    from memvol import report
+    val = report.not_estimated("a none arm selects nothing" if r["selection"] == "none"
+                               else "the regime has no none arm")
     if r["selection"] != "none" and ts:
       val = float(np.mean([t["copies_ratio"][np.isin(t["id"], r["selected_ids"])].sum() for t in ts]))
     out.append({**r, "targeted": val})
@@ -304,14 +312,32 @@ def _score_column(config: Any) -> str:
   return col or f"{tuple(config.score.estimators)[0]}_log_volume"
 
 
+SCORE_FIELDS = ("log_volume", "stderr", "prior_logp", "logp", "nfe")  # per-estimator scores.csv columns
+
+
+def check_score_column(config: Any) -> None:
+  """ValueError, before any baseline runs, when mitigate.score_column is no column the
+  config's scoring writes (E_<field> for its estimators, peer_<name> for its peers)."""
+  col = _score_column(config)
+  known = [f"{e}_{f}" for e in config.score.estimators for f in SCORE_FIELDS]
+  known += [f"peer_{p}" for p in config.score.get("peers", ())]
+  if col not in known:
+    raise ValueError(f"mitigate.score_column={col!r} is not a column this config's scoring writes; "
+                     f"known: {', '.join(known)}")
+
+
 def baseline_scores(config: Any, workdir: str, train_ids: np.ndarray) -> np.ndarray:
-  """The selection column of workdir/scores/scores.csv, aligned with train_ids."""
+  """The selection column of workdir/scores/scores.csv, aligned with train_ids; NaN where
+  the value is missing or its solve failed (an `E_log_volume` column's `E_status` != 0)."""
+  from memvol import report
   col = _score_column(config)
   rows = io.load_csv(os.path.join(workdir, "scores", "scores.csv"))
   if col not in rows[0]:
     raise ValueError(f"mitigate.score_column={col!r} is not a column of {workdir}/scores/scores.csv "
                      f"(columns: {', '.join(rows[0])})")
-  by_id = {int(r["id"]): float(r[col]) if r[col] not in ("", "nan") else math.nan
+  status = col[: -len("_log_volume")] + "_status" if col.endswith("_log_volume") else None
+  ok = lambda r: status not in r or r[status].strip() in report.SUCCESS_STATUS  # noqa: E731
+  by_id = {int(r["id"]): float(r[col]) if r[col] not in ("", "nan") and ok(r) else math.nan
            for r in rows if r["split"] == "train"}
   missing = [int(i) for i in train_ids if int(i) not in by_id]
   if missing:
@@ -354,15 +380,40 @@ class _Regime:
     rec = {"regime": self.name, "workdir": self.dir, "num_train": len(self.train_ids),
            "num_samples": int(self.config.sample.num_samples), "sde_steps": int(self.config.sample.sde_steps),
            "score_column": _score_column(self.config), "copied_ids": self.copied.tolist(),
+           "nonfinite_score_ids": np.sort(self.train_ids[~np.isfinite(self.scores)]).tolist(),
            **copy_counts(self.dir, np.zeros(0)), "final_loss": final_loss(self.dir)}
     rec.update(self.quality(detect.load_samples(self.config, self.dir)))
     io.save_json(path, rec)
     return rec
 
 
-def _selected(reg: _Regime, arm: Arm) -> np.ndarray:
+ON_NONFINITE = ("refuse", "last")
+
+
+def selection(reg: Any, arm: Arm) -> dict[str, Any]:
+  """{'ids': the arm's selected ids, 'nonfinite_score_ids': training ids whose selection
+  score is not finite (a failed or unfinished solve), for `score` arms}. Such images are
+  never ranked silently: mitigate.on_nonfinite = 'refuse' (ValueError naming them and the
+  setting to change) | 'last' (ranked below every finite score, and reported)."""
   k = num_selected(arm.q, len(reg.train_ids)) if arm.selection in ("score", "random") else 0
-  return select_ids(arm.selection, reg.train_ids, k, scores=reg.scores, copied_ids=reg.copied, seed=arm.seed)
+  out: dict[str, Any] = {}
+  if arm.selection == "score":
+    policy = str(reg.config.mitigate.on_nonfinite)
+    if policy not in ON_NONFINITE:
+      raise ValueError(f"mitigate.on_nonfinite={policy!r}; expected one of {ON_NONFINITE}")
+    bad = np.sort(np.asarray(reg.train_ids)[~np.isfinite(reg.scores)]).tolist()
+    if bad and policy == "refuse":
+      sc = reg.config.score
+      raise ValueError(
+          f"mitigate {reg.name}: {len(bad)} of {len(reg.train_ids)} training images have no finite "
+          f"{_score_column(reg.config)} in the baseline's scores.csv (ids {bad[:20]}): their solves failed "
+          f"or hit the step budget. Raise config.score.max_steps (now {sc.max_steps}) or loosen score.rtol / "
+          f"score.atol (now {sc.rtol} / {sc.atol}) and rerun --mode=score on the baseline, or set "
+          "mitigate.on_nonfinite='last' to rank them below every finite score")
+    out["nonfinite_score_ids"] = bad
+  out["ids"] = select_ids(arm.selection, reg.train_ids, k, scores=reg.scores, copied_ids=reg.copied,
+                          seed=arm.seed)
+  return out
 
 
 def _perturbed(reg: _Regime, arm: Arm, ids: np.ndarray, log: Callable[[str], None]) -> tuple[str, str, dict]:
@@ -385,7 +436,8 @@ def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None]) ->
   if os.path.exists(path):
     return io.load_json(path)
   start = time.perf_counter()
-  ids = _selected(reg, arm)
+  sel = selection(reg, arm)
+  ids = sel["ids"]
   if arm.selection != "none" and len(ids) == 0:
     log(f"[memvol] mitigate {reg.name}: {arm.name} selects no image (the baseline copied none); "
         "it is the same as `none`")
@@ -399,7 +451,8 @@ def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None]) ->
   rec: dict[str, Any] = {"regime": arm.regime, "arm": arm.name, "group": arm.group,
                          "selection": arm.selection, "modification": arm.modification or "none",
                          "q": arm.q, "seed": arm.seed, "num_selected": int(len(ids)),
-                         "selected_ids": ids.tolist(), "num_samples": int(cfg.sample.num_samples),
+                         "selected_ids": ids.tolist(),
+                         **{k: v for k, v in sel.items() if k != "ids"}, "num_samples": int(cfg.sample.num_samples),
                          "sde_steps": int(cfg.sample.sde_steps), "train_steps": int(cfg.train.num_steps),
                          **copy_counts(folder, ids),
                          "final_loss": final_loss(folder)}
@@ -420,6 +473,8 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[s
   after each arm, so a long run can be read while it goes (`num_arms_planned` says how
   many arms the plan has)."""
   arms = parse_arms(config.mitigate)
+  for regime in dict.fromkeys(a.regime for a in arms):
+    check_score_column(regime_config(config, regime))
   regimes: dict[str, _Regime] = {}
   baselines: dict[str, dict[str, Any]] = {}
   records = []
@@ -436,20 +491,45 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[s
 # --- statistics and outputs ----------------------------------------------------------
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-  a = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
+def _finite(values: list[Any]) -> np.ndarray:
+  return np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
+
+
+def _mean_sd(values: list[Any]) -> tuple[float, float, int]:
+  """Mean, sd (ddof 1) and number of the finite values; what they cannot give is NotEstimated."""
+  from memvol import report
+  a = _finite(values)
   if a.size == 0:
-    return math.nan, math.nan
-  return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else math.nan
+    nothing = report.not_estimated("not measured for this group")
+    return nothing, nothing, 0
+  sd = float(a.std(ddof=1)) if a.size > 1 else report.not_estimated("fewer than 2 finite values")
+  return float(a.mean()), sd, int(a.size)
 
 
-def _test(a: list[float], b: list[float]) -> dict[str, float]:
-  try:
-    t, tp = stats.welch(a, b)
-    u, up = stats.mann_whitney(a, b)
-  except ValueError:
-    return {"welch_t": math.nan, "welch_p": math.nan, "mw_u": math.nan, "mw_p": math.nan}
-  return {"welch_t": t, "welch_p": tp, "mw_u": u, "mw_p": up}
+def _test(a: list[Any], b: list[Any]) -> dict[str, float]:
+  """Welch and Mann-Whitney over seeds; NotEstimated (with the reason) where undefined."""
+  from memvol import report
+  fa, fb = _finite(a), _finite(b)
+  why = ("not measured for a group" if min(fa.size, fb.size) == 0 else
+         "a group has fewer than 2 finite values" if min(fa.size, fb.size) < 2 else
+         "both groups are constant" if np.ptp(fa) == 0 and np.ptp(fb) == 0 else "")
+  if min(fa.size, fb.size) == 0:
+    return dict.fromkeys(("welch_t", "welch_p", "mw_u", "mw_p"), report.not_estimated(why))
+  (t, tp), (u, up) = stats.welch(fa, fb), stats.mann_whitney(fa, fb)
+  out = {"welch_t": t, "welch_p": tp, "mw_u": u, "mw_p": up}
+  report._expected_nan(out, tuple(out), why)
+  return out
+
+
+def _holm(tests: list[dict[str, Any]]) -> None:
+  """Add welch_p_holm and mw_p_holm to every metric of `tests` (one regime's): Holm over all
+  of them, Welch and Mann-Whitney as two families."""
+  from memvol import report
+  cells = [t[m] for t in tests for m in TESTED]
+  for key in ("welch_p", "mw_p"):
+    adj = stats.holm([c[key] for c in cells])
+    for c, a in zip(cells, adj):
+      c[key + "_holm"] = float(a) if np.isfinite(a) else c[key]  # a NaN keeps its reason
 
 
 def summarise(records: list[dict[str, Any]], baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -467,8 +547,19 @@ def summarise(records: list[dict[str, Any]], baselines: dict[str, dict[str, Any]
            "modification": rs[0]["modification"], "q": rs[0]["q"], "seeds": [r["seed"] for r in rs],
            "num_selected": [r["num_selected"] for r in rs]}
       for m in METRICS:
-        g[m + "_mean"], g[m + "_sd"] = _mean_sd([r.get(m) for r in rs])
+        g[m + "_mean"], g[m + "_sd"], g[m + "_n"] = _mean_sd([r.get(m) for r in rs])
       groups.append(g)
+    means = {g["group"]: g for g in groups if g["regime"] == regime}
+
+    def diff(a: str, b: str, m: str) -> float:
+      from memvol import report
+      d = means[a][f"{m}_mean"] - means[b][f"{m}_mean"]
+      return d if np.isfinite(d) else report.not_estimated(f"{m} is not measured for a group")
+
+    pair = lambda a, b: {"regime": regime, "a": a, "b": b,  # noqa: E731
+                         **{m: _test(vals(a, m), vals(b, m)) for m in TESTED},
+                         **{f"{m}_diff": diff(a, b, m) for m in DIFFERENCES}}
+    regime_tests = []
     vals = lambda name, m: [r.get(m) for r in by_group.get(name, []) if r.get(m) is not None]  # noqa: E731
     for name, rs in by_group.items():
       others = []
@@ -478,19 +569,29 @@ def summarise(records: list[dict[str, Any]], baselines: dict[str, dict[str, Any]
         others.append(name.replace("-drop_epochs-", "-drop-", 1))
       for other in others:
         if other in by_group:
-          tests.append({"regime": regime, "a": name, "b": other,
-                        **{m: _test(vals(name, m), vals(other, m)) for m in TESTED}})
+          regime_tests.append(pair(name, other))
       if name != "none" and "none" in by_group:
-        tests.append({"regime": regime, "a": name, "b": "none",
-                      **{m: _test(vals(name, m), vals("none", m)) for m in TESTED}})
+        regime_tests.append(pair(name, "none"))
+    _holm(regime_tests)
+    tests += regime_tests
   return {"arms": records, "groups": groups, "tests": tests, "baselines": baselines}
 
 
-def _fmt(mean: float, sd: float, digits: int = 3) -> str:
+def fmt_group(g: dict[str, Any], m: str, digits: int = 3) -> str:
+  """'mean ± sd (n)' of metric m in group g, n = the seeds with a finite value; '-' if none."""
   from memvol import report
-  if not np.isfinite(mean):
+  mean, sd, n = g[m + "_mean"], g[m + "_sd"], g.get(m + "_n")
+  if mean is None or not np.isfinite(mean):
     return "-"
-  return f"{report.fmt(mean, digits)} ± {report.fmt(sd, 2)}" if np.isfinite(sd) else report.fmt(mean, digits)
+  text = f"{report.fmt(mean, digits)} ± {report.fmt(sd, 2)}" if sd is not None and np.isfinite(sd) \
+      else report.fmt(mean, digits)
+  return text + ("" if n is None else f" ({n})")
+
+
+def fmt_p_holm(c: dict[str, Any], key: str) -> str:
+  """'raw (Holm)' of a test cell's p-value `key` (welch_p | mw_p)."""
+  from memvol import report
+  return f"{report.fmt_p(c[key])} ({report.fmt_p(c.get(key + '_holm'))})"
 
 
 def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
@@ -499,7 +600,7 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
            "Arms retrain from scratch with the selected training images modified; copies = samples "
            "that copy a training image (d1/d2 < threshold), copied images = distinct training images "
            "copied; targeted = the copies the `none` arms made of the selected images (what the "
-           "selection aims at); mean ± sd over seeds. FD / KID / precision / recall: classifier features of the "
+           "selection aims at); mean ± sd (n) over seeds, n = the seeds with a finite value. FD / KID / precision / recall: classifier features of the "
            "samples against the held-out images. `copied` selects the baseline's copied images, so "
            "its k differs from ceil(q N).", ""]
   for regime, base in summary["baselines"].items():
@@ -509,33 +610,39 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
               f"Baseline ({base['workdir']}, {base['num_samples']} samples x {base['sde_steps']} steps): "
               f"{base['copies']} copies, {base['copied_images']} images copied of {base['num_train']}; "
               f"FD {report.fmt(base.get('fd'))}, selection column `{base['score_column']}`.", ""]
+    bad = base.get("nonfinite_score_ids", [])
+    if bad:
+      lines += [f"{len(bad)} training images have a non-finite selection score (ids "
+                f"{', '.join(str(i) for i in bad[:20])}{' ...' if len(bad) > 20 else ''}): `score` arms ranked "
+                "them below every finite score (mitigate.on_nonfinite = 'last').", ""]
     header = ["group", "seeds", "k", "copies", "copied images", "copies sel / unsel",
               "images sel / unsel", "targeted", "FD", "KID", "precision", "recall", "final loss"]
     rows = []
     for g in (g for g in summary["groups"] if g["regime"] == regime):
       rows.append([g["group"], str(len(g["seeds"])), "/".join(str(k) for k in sorted(set(g["num_selected"]))),
-                   _fmt(g["copies_mean"], g["copies_sd"]), _fmt(g["copied_images_mean"], g["copied_images_sd"]),
-                   f"{_fmt(g['copies_selected_mean'], g['copies_selected_sd'])} / "
-                   f"{_fmt(g['copies_unselected_mean'], g['copies_unselected_sd'])}",
-                   f"{_fmt(g['copied_selected_mean'], g['copied_selected_sd'])} / "
-                   f"{_fmt(g['copied_unselected_mean'], g['copied_unselected_sd'])}",
-                   _fmt(g["targeted_mean"], g["targeted_sd"]), _fmt(g["fd_mean"], g["fd_sd"]), _fmt(g["kid_mean"], g["kid_sd"]),
-                   _fmt(g["precision_mean"], g["precision_sd"]), _fmt(g["recall_mean"], g["recall_sd"]),
-                   _fmt(g["final_loss_mean"], g["final_loss_sd"], 4)])
+                   fmt_group(g, "copies"), fmt_group(g, "copied_images"),
+                   f"{fmt_group(g, 'copies_selected')} / {fmt_group(g, 'copies_unselected')}",
+                   f"{fmt_group(g, 'copied_selected')} / {fmt_group(g, 'copied_unselected')}",
+                   fmt_group(g, "targeted"), fmt_group(g, "fd"), fmt_group(g, "kid"),
+                   fmt_group(g, "precision"), fmt_group(g, "recall"), fmt_group(g, "final_loss", 4)])
     lines += [report._table(header, rows), ""]
     tests = [t for t in summary["tests"] if t["regime"] == regime]
     if tests:
-      header = ["a vs b"] + [f"{m} (Welch p / MW p)" for m in TESTED]
-      rows = [[f"{t['a']} vs {t['b']}"] + [f"{report.fmt_p(t[m]['welch_p'])} / {report.fmt_p(t[m]['mw_p'])}"
-                                           for m in TESTED] for t in tests]
-      lines += ["Tests over seeds (two-sided):", "", report._table(header, rows), ""]
+      header = ["a vs b"] + [f"{m} (Welch p / MW p)" for m in TESTED] + [f"{m} a - b" for m in DIFFERENCES]
+      rows = [[f"{t['a']} vs {t['b']}"] + [f"{fmt_p_holm(t[m], 'welch_p')} / {fmt_p_holm(t[m], 'mw_p')}"
+                                           for m in TESTED]
+              + [report.fmt(t[f"{m}_diff"], 3) for m in DIFFERENCES] for t in tests]
+      lines += ["Tests over seeds (two-sided): each p-value raw, and in parentheses Holm-adjusted over "
+                f"all {len(tests) * len(TESTED)} tests of this table (Welch and Mann-Whitney as two "
+                "families). `targeted` is a difference of means without a test: `score` selects the same "
+                "images in every seed, so its sd is 0 by construction.", "", report._table(header, rows), ""]
     pert = [g for g in summary["groups"] if g["regime"] == regime and g["modification"] == "perturb"]
     if pert:
       header = ["group", "L before (baseline)", "L after (baseline)", "PSNR dB", "SSIM",
                 "L original (retrained)", "L perturbed (retrained)"]
       keys = ("L_before_baseline", "L_after_baseline", "psnr", "ssim", "L_selected_retrained",
               "L_perturbed_retrained")
-      rows = [[g["group"]] + [_fmt(g[k + "_mean"], g[k + "_sd"], 4) for k in keys] for g in pert]
+      rows = [[g["group"]] + [fmt_group(g, k, 4) for k in keys] for g in pert]
       lines += ["Perturbed images (mean over the selected images, then mean ± sd over seeds; L by the "
                 "scoring estimator; retrained = the arm's own model, trained on the perturbed images):",
                 "", report._table(header, rows), ""]
@@ -576,7 +683,10 @@ def write_outputs(summary: dict[str, Any], folder: str, log: Callable[[str], Non
   fig = os.path.join(folder, "copies_vs_quality.png")
   figure(summary, fig)
   from memvol import report
-  io.save_json(os.path.join(folder, "summary.json"), report._clean(summary, "", []))  # NaN -> null
+  undefined: list[str] = []
+  expected: dict[str, str] = {}
+  clean = report._clean(summary, "", undefined, expected)  # NaN -> null
+  io.save_json(os.path.join(folder, "summary.json"), clean | {"not_estimated": expected, "undefined": undefined})
   with io.atomic_open(os.path.join(folder, "report.md"), "w") as f:
     f.write(render_markdown(summary, [fig]))
   log(f"[memvol] mitigate: summary written to {folder}/summary.json and report.md")

@@ -20,7 +20,10 @@ summary.json keys: primary_estimator, estimators_list, sample_method, num_*, rat
 alpha, alternative, fpr; claims.{trained_gt_heldout, memorised_gt_not, duplicates_gt_singletons};
 estimators.{E}.{comparison key: stats.compare dict + available, supported | reason},
 spearman_*, per_class, num_failed_solves, num_nonfinite, mean_nfe, status_counts;
-estimator_agreement.{"A|B"}.{rho, p, n}; timings_s; undefined (paths of null values); and
+estimator_agreement.{"A|B"}.{rho, p, n}; timings_s; not_estimated ({path: reason} of the nulls
+that are expected: a statistic the data cannot give, such as Welch's p for a group of one, a
+rank correlation with a constant variable, a standard error the estimator does not estimate);
+undefined (paths of every other null: scripts/check_report.py fails on any); and
   peers.scores                      [names]: estimators then peers (row order of the tables)
   peers.costs.{name}                {nfe_per_image (network passes: forward + JVPs),
                                      seconds_per_image, includes_compile}
@@ -38,8 +41,8 @@ Claims tested, per estimator E (score = E_log_volume, larger = easier to reprodu
      vs not among singletons only (is there an effect beyond the planted duplicates?).
 A claim counts as supported when the positive group's mean is larger and the Welch p-value
 (config.report.alternative, two-sided by default) is below 0.01. Every comparison uses
-`memvol.stats.compare`. Undefined statistics (a group of one has no variance) are null in
-summary.json and listed under `undefined`.
+`memvol.stats.compare`. Statistics the data cannot give are null in summary.json and
+named with their reason under `not_estimated`; any other null is listed under `undefined`.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from memvol import detect, io, plotting, stats
 
 ALPHA = 0.01                                   # significance level the claims are judged at
 REQUIRED_SCORE_COLUMNS = ("id", "split", "label", "dup_count")
-SUCCESS_STATUS = ("0", "ok", "")               # E_status values of a successful solve (0: diffrax success)
+SUCCESS_STATUS = ("0",)                        # E_status of a successful solve (diffrax RESULTS code 0)
 COMPARISONS = (  # key, positive group, negative group
     ("trained_vs_heldout", "trained", "held-out"),
     ("memorised_vs_not", "memorised", "not memorised (train)"),
@@ -106,7 +109,12 @@ def load_scores(path: str, estimators: tuple[str, ...]) -> dict[str, np.ndarray]
     raise ValueError(f"{path} is corrupt ({e}); delete it and rerun --mode=score") from e
   for e in estimators:
     if f"{e}_status" in header:
-      out[f"{e}_status"] = np.array([(r[f"{e}_status"] or "").strip() for r in rows])
+      out[f"{e}_status"] = status = np.array([(r[f"{e}_status"] or "").strip() for r in rows])
+      bad = [k for k, v in enumerate(status) if not v.isdigit()]
+      if bad:  # a solve of unknown outcome is neither a success nor a counted failure
+        raise ValueError(f"{path}: column {e}_status is missing or unknown ({status[bad[0]]!r}; expected a "
+                         f"diffrax result code, 0 = success) for {len(bad)} rows, ids "
+                         f"{[int(out['id'][k]) for k in bad[:8]]}; rerun --mode=score")
   out["split"] = np.array([(r["split"] or "").strip() for r in rows])
   bad = sorted(set(out["split"]) - {"train", "heldout"})
   if bad:
@@ -143,6 +151,40 @@ def _align_detect(train_ids: np.ndarray, det: dict[str, np.ndarray], path: str) 
 # --- statistics --------------------------------------------------------------------
 
 
+class NotEstimated(float):
+  """NaN that is expected, with the reason: `_clean` writes it as null and records the reason
+  under summary.json's `not_estimated` (every other null is `undefined`)."""
+
+  reason: str
+
+
+def not_estimated(reason: str) -> float:
+  x = NotEstimated(math.nan)
+  x.reason = reason
+  return x
+
+
+def _expected_nan(d: dict[str, Any], keys: tuple[str, ...], reason: str) -> None:
+  """Mark the NaN values of d[keys] as expected, for `reason` (nothing when it is empty)."""
+  for k in keys:
+    if reason and isinstance(d.get(k), float) and not math.isfinite(d[k]) and not isinstance(d[k], NotEstimated):
+      d[k] = not_estimated(reason)
+
+
+def _spearman(v: np.ndarray, x: np.ndarray, what: str) -> dict[str, Any]:
+  """stats.spearman as {rho, p, n}, its NaN marked expected when the data cannot give it."""
+  rho, p, n = stats.spearman(v, x)
+  out = {"rho": rho, "p": p, "n": n}
+  keep = np.isfinite(v) & np.isfinite(x)
+  if n < 3:
+    _expected_nan(out, ("rho", "p"), "fewer than 3 images with a finite score")
+  elif np.ptp(x[keep]) == 0:
+    _expected_nan(out, ("rho", "p"), f"{what} is the same for every training image")
+  elif np.ptp(v[keep]) == 0:
+    _expected_nan(out, ("rho", "p"), "the score is the same for every training image")
+  return out
+
+
 def _compare_or_reason(pos: np.ndarray, neg: np.ndarray, names: tuple[str, str], rc) -> dict[str, Any]:
   """stats.compare, or {'available': False, 'reason': ...} when a group is empty."""
   for vals, name in ((pos, names[0]), (neg, names[1])):
@@ -154,6 +196,9 @@ def _compare_or_reason(pos: np.ndarray, neg: np.ndarray, names: tuple[str, str],
                       fpr=float(rc.fpr), alternative=str(rc.alternative))
   out["available"] = True
   out["supported"] = bool(out["mean_diff"] > 0 and out["welch_p"] < ALPHA)
+  if min(out["n_pos"], out["n_neg"]) < 2:
+    _expected_nan(out, ("welch_t", "welch_p", "std_pos", "std_neg", "cohens_d", "hedges_g"),
+                  "a group has fewer than 2 finite values")
   return out
 
 
@@ -181,10 +226,11 @@ def estimator_stats(v: np.ndarray, is_train: np.ndarray, det: dict[str, np.ndarr
   vt = v[is_train]
   groups = comparison_groups(v, is_train, det)
   out: dict[str, Any] = {k: _compare_or_reason(*groups[k], (p, n), rc) for k, p, n in COMPARISONS}
-  for key, x in (("spearman_copies_ratio", det["copies_ratio"]), ("spearman_copies_carlini", det["copies_carlini"]),
-                 ("spearman_dup_count", det["dup_count"]), ("spearman_min_distance", det["min_distance"])):
-    rho, p, n = stats.spearman(vt, x.astype(np.float64))
-    out[key] = {"rho": rho, "p": p, "n": n}
+  for key, x, what in (("spearman_copies_ratio", det["copies_ratio"], "the copy count (ratio criterion)"),
+                       ("spearman_copies_carlini", det["copies_carlini"], "the copy count (Carlini)"),
+                       ("spearman_dup_count", det["dup_count"], "the planted duplicate count"),
+                       ("spearman_min_distance", det["min_distance"], "the distance to the closest sample")):
+    out[key] = _spearman(vt, x.astype(np.float64), what)
   out["per_class"] = per_class_stats(v, is_train, labels, det["copies_ratio"] > 0, rc)
   return out
 
@@ -208,16 +254,28 @@ def per_class_stats(v, is_train, labels, mem_train, rc) -> list[dict[str, Any]]:
       row["auroc"] = stats.auroc(a_f, b_f)
       row["auroc_lo"], row["auroc_hi"] = stats.auroc_bootstrap_ci(
           a_f, b_f, int(rc.num_bootstrap), seed=int(rc.bootstrap_seed) + c + 1)
+    for n, group, keys in ((a_f.size, "training", ("mean_train", "se_train")),
+                           (b_f.size, "held-out", ("mean_heldout", "se_heldout"))):
+      _expected_nan(row, keys + ("auroc", "auroc_lo", "auroc_hi") if n == 0 else keys[1:],
+                    f"{'no' if n == 0 else 'fewer than 2'} {group} images of the class with a finite score"
+                    if n < 2 else "")
     rows.append(row)
   return rows
 
 
-def _clean(obj: Any, path: str, undefined: list[str]) -> Any:
-  """NaN / inf -> None (recorded in `undefined`), numpy scalars -> Python."""
+def _clean(obj: Any, path: str, undefined: list[str], expected: dict[str, str] | None = None) -> Any:
+  """NaN / inf -> None, numpy scalars -> Python. A NotEstimated NaN is recorded with its
+  reason in `expected` ({path: reason}); every other NaN, inf or None in `undefined`."""
   if isinstance(obj, dict):
-    return {k: _clean(v, f"{path}.{k}" if path else k, undefined) for k, v in obj.items()}
+    return {k: _clean(v, f"{path}.{k}" if path else k, undefined, expected) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return [_clean(v, f"{path}[{i}]", undefined) for i, v in enumerate(obj)]
+    return [_clean(v, f"{path}[{i}]", undefined, expected) for i, v in enumerate(obj)]
+  if obj is None:
+    undefined.append(path)
+    return None
+  if isinstance(obj, NotEstimated) and expected is not None:
+    expected[path] = obj.reason
+    return None
   if isinstance(obj, (bool, np.bool_)):
     return bool(obj)
   if isinstance(obj, (int, np.integer)):
@@ -591,7 +649,8 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
     st["num_nonfinite"] = int((~np.isfinite(v) & ~failed).sum())
     if f"{e}_stderr" in scores:  # NaN = not estimated (subspace, paper, one probe)
       se = scores[f"{e}_stderr"][~failed]
-      st["median_stderr"] = float(np.nanmedian(se)) if np.isfinite(se).any() else math.nan
+      st["median_stderr"] = (float(np.nanmedian(se)) if np.isfinite(se).any()
+                             else not_estimated("not estimated by this estimator"))
     if f"{e}_nfe" in scores:
       st["mean_nfe"] = float(np.nanmean(scores[f"{e}_nfe"])) if np.isfinite(scores[f"{e}_nfe"]).any() else math.nan
     if f"{e}_status" in scores:
@@ -649,8 +708,10 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
   if nonfinite:
     logging.warning("report: headline numbers not finite: %s", ", ".join(nonfinite))
   undefined: list[str] = []
+  expected: dict[str, str] = {}
   summary = _clean({**info, "claims": claims, "estimators": per_est, "estimator_agreement": agreement,
-                    "timings_s": timings, **peer_summary}, "", undefined)
+                    "timings_s": timings, **peer_summary}, "", undefined, expected)
+  summary["not_estimated"] = expected
   summary["undefined"] = undefined
   summary["nonfinite_headline"] = nonfinite
   text = render_markdown(config, info, per_est, agreement, figures, notes, timings, det, scores, is_train,
@@ -819,10 +880,16 @@ def _peer_columns(path: str, names: list[str]) -> dict[str, np.ndarray]:
 
 
 def _cost(nfe: np.ndarray | None, timing: dict[str, Any] | None) -> dict[str, Any]:
+  """nfe_per_image, seconds_per_image and (when timed) includes_compile; what was not
+  measured is marked NotEstimated."""
   t = timing or {}
-  return {"nfe_per_image": float(np.nanmean(nfe)) if nfe is not None and np.isfinite(nfe).any() else math.nan,
-          "seconds_per_image": t.get("seconds_per_image", math.nan) if t.get("seconds_per_image") is not None
-          else math.nan, "includes_compile": t.get("includes_compile")}
+  out = {"nfe_per_image": float(np.nanmean(nfe)) if nfe is not None and np.isfinite(nfe).any()
+         else not_estimated("no network-evaluation count in scores.csv")}
+  if t.get("seconds_per_image") is None:
+    out["seconds_per_image"] = not_estimated("not timed (no entry in scores/manifest.json)")
+  else:
+    out["seconds_per_image"], out["includes_compile"] = t["seconds_per_image"], t.get("includes_compile", False)
+  return out
 
 
 def peers_section(config, workdir: str, scores_path: str, values: dict[str, np.ndarray], is_train: np.ndarray,
@@ -914,7 +981,7 @@ def _peer_table(comp: dict[str, dict[str, Any]], costs: dict[str, dict[str, Any]
     nfe = k["nfe_per_image"]
     sec = k["seconds_per_image"]
     cost = [bold(fmt(nfe, 4), fin(nfe) and nfe == nfe_best),
-            bold(f"{sec:.3g}" + ("*" if k["includes_compile"] else ""), sec == sec_best) if fin(sec) else "n/a"]
+            bold(f"{sec:.3g}" + ("*" if k.get("includes_compile") else ""), sec == sec_best) if fin(sec) else "n/a"]
     if not c["available"]:
       rows.append([f"`{name}`", f"n/a: {c['reason']}", "-", "-"] + cost)
       continue
@@ -977,7 +1044,7 @@ def agreement_section(workdir: str, timing: dict[str, Any], folder: str) -> tupl
     out["estimators"][e] = {"rho": rho, "p": p, "n": n, **c, "mean_log_volume": float(np.nanmean(vals[e]))}
     sec = c["seconds_per_image"]
     table.append([f"`{e}`", fmt(rho, 3), fmt_p(p), str(n), fmt(c["nfe_per_image"]),
-                  "n/a" if not math.isfinite(sec) else f"{sec:.3g}" + ("*" if c["includes_compile"] else ""),
+                  "n/a" if not math.isfinite(sec) else f"{sec:.3g}" + ("*" if c.get("includes_compile") else ""),
                   fmt(float(np.nanmean(vals[e])))])
   md = ["## Estimator agreement on a training subset", "",
         f"The first {len(rows)} training images scored again with {', '.join(f'`{e}`' for e in ests)}; Spearman "

@@ -19,6 +19,8 @@ Definitions
 * Cohen's d: (mean_pos - mean_neg) / pooled sd, pooled with n - 1 weights; Hedges' g:
   d (1 - 3 / (4 (n_pos + n_neg) - 9)).
 * Spearman: `scipy.stats.spearmanr` on the pairs where both values are finite.
+* Holm: the step-down Bonferroni correction of a family of m p-values (controls the
+  family-wise error rate): with p_(1) <= ... <= p_(m), adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)).
 
 Statistics that are undefined for the data (a group of one has no variance, a constant
 variable no rank correlation) come back as NaN rather than an error.
@@ -201,3 +203,17 @@ def compare(pos: Any, neg: Any, *, num_bootstrap: int = 1000, seed: int = 0,
       "cohens_d": cohens_d(p, n), "hedges_g": hedges_g(p, n),
       "alternative": alternative,
   }
+
+
+def holm(p: Any) -> np.ndarray:
+  """Holm-adjusted p-values of one family, in the input order [m]; NaN entries (no test)
+  stay NaN and are not counted in m."""
+  a = np.asarray(p, np.float64).reshape(-1)
+  out = np.full(a.shape, math.nan)
+  keep = np.flatnonzero(np.isfinite(a))
+  if ((a[keep] < 0) | (a[keep] > 1)).any():
+    raise ValueError(f"p-values must be in [0, 1], got {a[keep][(a[keep] < 0) | (a[keep] > 1)].tolist()}")
+  order = keep[np.argsort(a[keep], kind="stable")]
+  m = order.size
+  out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * a[order]))
+  return out

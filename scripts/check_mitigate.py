@@ -1,5 +1,6 @@
 """Check a finished mitigation run (CI): every planned arm is in summary.json with the
-issue's fields, its counts are whole and its quality numbers finite, and the figure exists.
+required fields, its counts are whole and its quality numbers finite, every null of
+summary.json is one it names under `not_estimated` (with the reason), and the figure exists.
 
   python scripts/check_mitigate.py WORKDIR        # exit 0 when sound, 1 with the reason
 """
@@ -8,6 +9,9 @@ import json
 import math
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from check_report import unexpected_nulls  # noqa: E402
 
 REQUIRED = ("selection", "modification", "seed", "num_selected", "copies", "copied_images")
 FINITE = ("fd", "kid", "precision", "recall", "final_loss")
@@ -28,11 +32,17 @@ def main(workdir: str) -> int:
     if missing or bad or counts:
       print(f"arm {a.get('arm')}: missing {missing}, not finite {bad}, bad counts {counts}")
       return 1
+  nulls = unexpected_nulls(summary)
+  if nulls:
+    print(f"{folder}/summary.json: {len(nulls)} nulls that are not expected (not in not_estimated): "
+          + ", ".join(nulls[:20]))
+    return 1
   pngs = [f for f in os.listdir(folder) if f.endswith(".png")]
   if not pngs or not os.path.exists(os.path.join(folder, "report.md")):
     print(f"{folder}: no report.md or no PNG")
     return 1
-  print(f"{folder}: {len(arms)} arms, all fields present and finite; {len(pngs)} PNGs")
+  print(f"{folder}: {len(arms)} arms, all fields present and finite, "
+        f"{len(summary.get('not_estimated', {}))} expected nulls; {len(pngs)} PNGs")
   return 0
 
 

@@ -1,9 +1,11 @@
-"""Check that a workdir's report exists and its headline numbers are finite.
+"""Check that a workdir's report exists and every number in its summary.json is finite.
 
   python scripts/check_report.py runs/quick
 
 Exits non-zero, naming what is missing or not finite (and, when scores.csv has peer_
-columns, the peers comparison tables). Values are not judged.
+columns, the peers comparison tables). A null passes only when summary.json names it under
+`not_estimated` (a statistic the data cannot give, with the reason); any other null, and
+any headline number the report found not finite, fails. Values are not judged.
 """
 
 from __future__ import annotations
@@ -26,6 +28,24 @@ def _numbers(obj, path=""):
       yield from _numbers(v, f"{path}[{i}]")
   elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
     yield path, float(obj)
+
+
+def nulls(obj, path=""):
+  """Paths of the nulls in a JSON tree."""
+  if isinstance(obj, dict):
+    for k, v in obj.items():
+      yield from nulls(v, f"{path}.{k}" if path else str(k))
+  elif isinstance(obj, (list, tuple)):
+    for i, v in enumerate(obj):
+      yield from nulls(v, f"{path}[{i}]")
+  elif obj is None:
+    yield path
+
+
+def unexpected_nulls(summary: dict) -> list[str]:
+  """The nulls of `summary` that its `not_estimated` does not name (itself left out)."""
+  expected = summary.get("not_estimated", {})
+  return [p for p in nulls({k: v for k, v in summary.items() if k != "not_estimated"}) if p not in expected]
 
 
 def main(workdir: str) -> int:
@@ -57,11 +77,13 @@ def main(workdir: str) -> int:
     if missing:
       print(f"{summary} lacks the peers comparisons {missing}")
       return 1
-  # NaN is written as null (not a number above): the report lists its headline ones
+  # NaN is written as null: only the nulls named in not_estimated are expected
   bad = [(p, v) for p, v in nums if not math.isfinite(v)]
-  bad += [(p, math.nan) for p in data.get("nonfinite_headline", [])]
+  bad += [(p, None) for p in unexpected_nulls(data)]
+  bad += [(p, math.nan) for p in data.get("nonfinite_headline", []) if (p, None) not in bad]
   pngs = [f for f in os.listdir(os.path.join(workdir, "report")) if f.endswith(".png")]
-  print(f"{summary}: {len(nums)} numbers, {len(bad)} not finite; {len(pngs)} PNGs")
+  print(f"{summary}: {len(nums)} numbers, {len(bad)} not finite, "
+        f"{len(data.get('not_estimated', {}))} expected nulls; {len(pngs)} PNGs")
   for p, v in bad:
     print(f"  not finite: {p} = {v}")
   return 1 if bad or not pngs else 0

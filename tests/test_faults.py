@@ -57,7 +57,10 @@ def _arrays(path: str) -> dict[str, np.ndarray]:
 STAGES = {  # stage: (config changes giving 6 batches, part files, merged output, its array keys)
     "sample": (dict(sample__num_samples=48, sample__sde_steps=300), "samples/parts/sde/*.npz",
                "samples/samples_sde.npz"),
-    "score": (dict(score__batch_size=4, score__num_steps=60), "scores/parts/exact/*.npz", "scores/scores.csv"),
+    # no peers: the kills land in the volume estimator's batches, and each of the five processes
+    # would otherwise compile and run seven peer scores after them (most of the test's time)
+    "score": (dict(score__batch_size=4, score__num_steps=60, score__peers=()), "scores/parts/exact/*.npz",
+              "scores/scores.csv"),
 }
 
 
@@ -226,6 +229,66 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   with pytest.raises(ValueError, match=r"no checkpoint in .* reads back: .*/30, .*/20 are corrupt"):
     ckpt_lib.latest_step(wd)
   assert sorted(os.listdir(ckpt_lib.checkpoint_dir(wd))) == ["20.corrupt", "20.corrupt.1", "30.corrupt"]
+
+
+def _small_checkpoints(wd: str, steps=(1, 2), rows: int = 4) -> str:
+  """Checkpoints of a two-array tree at `steps` (no training); the checkpoints folder."""
+  m = ckpt_lib.open_manager(wd)
+  p = {"w": np.ones((rows, 3), np.float32), "b": np.zeros(3, np.float32)}
+  for step in steps:
+    ckpt_lib.save(m, step, p, p, {"mu": p}, {"step": step})
+  m.close()
+  return ckpt_lib.checkpoint_dir(wd)
+
+
+def _failing_restore(error: Exception, times: int):
+  calls = {"n": 0}
+  real = ocp.PyTreeCheckpointer.restore
+
+  def restore(self, directory, *args, **kwargs):
+    if f"{os.sep}2{os.sep}" in str(directory):  # only the newest checkpoint, step 2
+      calls["n"] += 1
+      if calls["n"] <= times:
+        raise error
+    return real(self, directory, *args, **kwargs)
+  return restore, calls
+
+
+@pytest.mark.parametrize("kind", ["missing metadata", "unreadable meta", "shape mismatch", "orbax data loss"])
+def test_only_proven_corruption_demotes_a_checkpoint(tmp_path, monkeypatch, kind):
+  ck = _small_checkpoints(str(tmp_path / "wd"))
+  newest = os.path.join(ck, "2")
+  if kind == "missing metadata":
+    os.remove(os.path.join(newest, "params", "_METADATA"))
+  elif kind == "unreadable meta":
+    with open(os.path.join(newest, "meta", "metadata"), "w") as f:
+      f.write("{truncated")
+  elif kind == "shape mismatch":  # params of another model: ema_params and opt_state no longer match
+    other = _small_checkpoints(str(tmp_path / "other"), steps=(2,), rows=5)
+    shutil.rmtree(os.path.join(newest, "params"))
+    shutil.copytree(os.path.join(other, "2", "params"), os.path.join(newest, "params"))
+  else:  # what tensorstore raises for a damaged chunk
+    restore, _ = _failing_restore(ValueError("DATA_LOSS: Error reading chunk: checksum mismatch"), 1 << 30)
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", restore)
+  assert ckpt_lib.latest_step(str(tmp_path / "wd")) == 1
+  assert sorted(os.listdir(ck)) == ["1", "2.corrupt"]
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"),
+                                   ValueError("UNAVAILABLE: Error reading local file: Resource temporarily unavailable")])
+def test_other_read_errors_are_retried_then_raised_naming_the_path(tmp_path, monkeypatch, error):
+  wd = str(tmp_path / "wd")
+  ck = _small_checkpoints(wd)
+  monkeypatch.setattr(ckpt_lib, "RETRY_WAIT_S", 0.0)
+  restore, calls = _failing_restore(error, 2)  # a hiccup: fails twice, then reads
+  monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", restore)
+  assert ckpt_lib.latest_step(wd) == 2 and sorted(os.listdir(ck)) == ["1", "2"] and calls["n"] > 2
+  restore, calls = _failing_restore(error, 1 << 30)  # persistent: raised, nothing moved
+  monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", restore)
+  ckpt_lib._DAMAGE.clear()  # forget that it read back whole a moment ago
+  with pytest.raises(OSError, match=rf"{os.path.join(ck, '2')}.*{ckpt_lib.READ_ATTEMPTS} attempts"):
+    ckpt_lib.latest_step(wd)
+  assert sorted(os.listdir(ck)) == ["1", "2"] and calls["n"] == ckpt_lib.READ_ATTEMPTS
 
 
 # --- a full disk and an unwritable workdir ---------------------------------------------

@@ -3,6 +3,7 @@ replace), separate workdirs per arm, arm-by-arm resume, statistics and the outpu
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -50,6 +51,43 @@ def test_random_selection_seeded_exact_k_and_copied_none():
     mitigate.select_ids("best", ids, 2)
 
 
+def _scores_workdir(wd, values, statuses):
+  rows = [{"id": i, "split": "train", "label": 0, "dup_count": 1, "hutchinson_log_volume": v,
+           "hutchinson_status": st} for i, (v, st) in enumerate(zip(values, statuses))]
+  rows.append({"id": 99, "split": "heldout", "label": 0, "dup_count": 0, "hutchinson_log_volume": "inf",
+               "hutchinson_status": "1"})
+  io.save_csv(os.path.join(wd, "scores", "scores.csv"), rows)
+
+
+def test_nonfinite_selection_scores_are_refused_or_ranked_last_and_reported(tmp_path):
+  """A solve that hit max_steps (L = inf, status 1) or failed with a finite L (status 2) is
+  never silently ranked last: `refuse` names the images and the setting, `last` reports them."""
+  import types
+  wd = str(tmp_path)
+  c = get_base_config()
+  c.score.estimators = ("hutchinson",)
+  _scores_workdir(wd, ["5", "inf", "9", "7000", "nan", "8"], ["0", "1", "0", "2", "0", "0"])
+  ids = np.arange(6)
+  s = mitigate.baseline_scores(c, wd, ids)
+  assert s[[0, 2, 5]].tolist() == [5.0, 9.0, 8.0] and not np.isfinite(s[[1, 3, 4]]).any()
+  reg = types.SimpleNamespace(config=c, train_ids=ids, scores=s, copied=np.zeros(0, np.int64), name="r")
+  arm = mitigate.Arm("r", "score", "drop", 0.5, 1)
+  assert c.mitigate.on_nonfinite == "refuse"
+  with pytest.raises(ValueError, match=r"3 of 6 .*hutchinson_log_volume.*\[1, 3, 4\].*score.max_steps"):
+    mitigate.selection(reg, arm)
+  assert mitigate.selection(reg, mitigate.Arm("r", "random", "drop", 0.5, 1))["ids"].size == 3  # not ranked
+  c.mitigate.on_nonfinite = "last"
+  sel = mitigate.selection(reg, arm)
+  assert sel["ids"].tolist() == [0, 2, 5] and sel["nonfinite_score_ids"] == [1, 3, 4]
+  c.mitigate.on_nonfinite = "drop"
+  with pytest.raises(ValueError, match="on_nonfinite"):
+    mitigate.selection(reg, arm)
+  base = {"workdir": wd, "num_samples": 8, "sde_steps": 4, "copies": 0, "copied_images": 0, "num_train": 6,
+          "score_column": "hutchinson_log_volume", "nonfinite_score_ids": [1, 3, 4]}
+  md = mitigate.render_markdown(mitigate.summarise([_rec("none", "none", "none", 1, 3)], {"r": base}), [])
+  assert "3 training images have a non-finite selection score (ids 1, 3, 4)" in md
+
+
 # --- data modifications --------------------------------------------------------------
 
 
@@ -92,6 +130,20 @@ def test_drop_epochs_holds_the_epochs_of_the_kept_images():
   assert arm.train.num_steps == round(c.train.num_steps * kept / full)   # epochs = steps x batch / stream
   plain = mitigate.arm_config(c, mitigate.Arm("r", "score", "drop", 0.1, 1), drop, split=base)
   assert plain.train.num_steps == c.train.num_steps and plain.data.drop_ids == arm.data.drop_ids
+
+
+def test_planted_regime_drop_epochs_of_the_score_top_5():
+  """The README's planted figures: the score's top 5 = the 4 duplicates (x8) + 1 singleton,
+  so the 76-item stream keeps 43 items and drop_epochs trains 1500 x 43 / 76 = 849 steps;
+  no 5 distinct images leave 44 (76 - 8a - (5 - a) = 44 has no integer a)."""
+  c = mnist_mitigate.get_config()
+  split = data.make_split(c.data)
+  ids, counts = np.asarray(split.train.ids), split.dup_counts
+  assert len(ids) == 48 and counts.sum() == 76 and (counts == 8).sum() == 4
+  top5 = np.r_[ids[counts == 8], ids[counts == 1][:1]]
+  arm = mitigate.arm_config(c, mitigate.Arm("planted", "score", "drop_epochs", 0.1, 1), top5, split=split)
+  assert len(data.make_split(arm.data).training_stream()[1]) == 43 and arm.train.num_steps == 849
+  assert 44 not in {76 - 8 * a - (5 - a) for a in range(5)}
 
 
 def test_augment_mask_follows_the_stream_and_only_moves_masked_images():
@@ -225,6 +277,70 @@ def test_summarise_groups_and_tests():
   assert t["copies"]["welch_p"] < 0.01 and t["copies"]["mw_u"] == 0.0
   assert np.isnan(t["fd"]["welch_p"])  # no variance: undefined, not an error
   assert len(out["arms"]) == 12
+  # Holm over every Welch p of the regime's tests (one family; Mann-Whitney another)
+  from memvol import stats
+  cells = [(t, m) for t in out["tests"] for m in mitigate.TESTED]
+  raw = [t[m]["welch_p"] for t, m in cells]
+  for (t, m), adj in zip(cells, stats.holm(raw)):
+    assert t[m]["welch_p_holm"] == pytest.approx(adj, nan_ok=True)
+    assert np.isnan(adj) or adj >= t[m]["welch_p"]
+  assert sum(np.isfinite(raw)) > 4
+
+
+def test_targeted_is_a_difference_without_a_p_value():
+  """Score selection does not depend on the seed, so its `targeted` is the same in every
+  seed (sd 0 by construction): a test of it would be meaningless."""
+  recs = [{**_rec("score-drop-q0.1", "score", "drop", s, c), "targeted": 85.0} for s, c in zip((1, 2, 3), (2, 3, 4))]
+  recs += [{**_rec("random-drop-q0.1", "random", "drop", s, c), "targeted": t}
+           for s, c, t in zip((1, 2, 3), (19, 21, 26), (10.0, 30.0, 4.5))]
+  out = mitigate.summarise(recs, {"r": {}})
+  t = out["tests"][0]
+  assert "targeted" not in mitigate.TESTED and "targeted" not in t
+  assert t["targeted_diff"] == pytest.approx(85.0 - np.mean([10.0, 30.0, 4.5]))
+
+
+def test_group_tables_print_the_number_of_finite_values():
+  recs = [_rec("none", "none", "none", s, c, fd) for s, c, fd in zip((1, 2, 3), (20, 22, 24), (1.0, np.nan, 3.0))]
+  out = mitigate.summarise(recs, {"r": _baseline()})
+  g = out["groups"][0]
+  assert (g["copies_n"], g["fd_n"], g["kid_n"]) == (3, 2, 0)
+  assert (g["fd_mean"], g["fd_sd"]) == (2.0, pytest.approx(np.sqrt(2.0)))
+  md = mitigate.render_markdown(out, [])
+  assert "| 22 ± 2 (3) |" in md and "| 2 ± 1.4 (2) |" in md
+
+
+def _baseline(**kw):
+  return {"workdir": "/w", "num_samples": 8, "sde_steps": 4, "copies": 0, "copied_images": 0, "num_train": 6,
+          "score_column": "hutchinson_log_volume", **kw}
+
+
+def _check_mitigate():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "check_mitigate", os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "check_mitigate.py"))
+  check = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(check)
+  return check
+
+
+def test_mitigation_summary_names_expected_nulls_and_check_fails_on_others(tmp_path, capsys):
+  check = _check_mitigate()
+  from memvol import report
+  q = dict(kid=0.1, precision=0.9, recall=0.5, final_loss=0.02,
+           targeted=report.not_estimated("a none arm selects nothing"))   # as with_targeted gives it
+  recs = [{**_rec("none", "none", "none", 1, 20), **q, "arm": "none-seed1"},
+          {**_rec("score-drop-q0.1", "score", "drop", 1, 3), **q, "targeted": 4.0, "arm": "score-drop-q0.1-seed1"}]
+  out = mitigate.summarise(recs, {"r": _baseline()}) | {"num_arms_planned": 2}
+  root = str(tmp_path / "mitigate")
+  mitigate.write_outputs(out, root, log=lambda m: None)
+  s = io.load_json(os.path.join(root, "summary.json"))
+  assert s["undefined"] == [] and s["not_estimated"]["groups[0].copies_sd"] == "fewer than 2 finite values"
+  assert s["not_estimated"]["arms[0].targeted"] == "a none arm selects nothing"
+  assert check.main(str(tmp_path)) == 0
+  capsys.readouterr()
+  out["tests"][0]["copies"]["welch_p"] = math.nan   # a p-value that should exist and does not
+  mitigate.write_outputs(out, root, log=lambda m: None)
+  assert check.main(str(tmp_path)) == 1 and "tests[0].copies.welch_p" in capsys.readouterr().out
 
 
 def test_targeted_counts_the_none_arms_copies_of_the_selection(tmp_path):
@@ -289,6 +405,8 @@ def test_stage_end_to_end_and_resume_arm_by_arm(tmp_path):
     assert a["copies"] == a["copies_selected"] + a["copies_unselected"]
     assert np.isfinite(a["fd"]) and np.isfinite(a["final_loss"])
   assert {a["num_selected"] for a in summary["arms"] if a["selection"] != "none"} == {4}
+  assert all(a["nonfinite_score_ids"] == [] for a in summary["arms"] if a["selection"] == "score")
+  assert summary["undefined"] == [] and _check_mitigate().main(wd) == 0
   assert os.path.exists(os.path.join(root, "report.md")) and os.path.exists(os.path.join(root, "copies_vs_quality.png"))
   assert os.path.exists(os.path.join(root, "b", "baseline", "scores", "scores.csv"))
   # dropped ids are out of that arm's training stream, per its own recorded split

@@ -71,7 +71,7 @@ def make_workdir(wd: str, copy_some: bool = True, seed: int = 0, n: int = 40):
     for k, e in enumerate(ESTS):
       lv = base[i] * (1.0 + 0.1 * k) + 0.2 * rng.normal()
       r.update({f"{e}_log_volume": lv, f"{e}_stderr": 0.1, f"{e}_prior_logp": -90.0,
-                f"{e}_logp": lv - 90.0, f"{e}_nfe": 120, f"{e}_status": "ok"})
+                f"{e}_logp": lv - 90.0, f"{e}_nfe": 120, f"{e}_status": "0"})
     rows.append(r)
   io.save_csv(os.path.join(wd, "scores", "scores.csv"), rows)
   ts = np.linspace(1e-3, 1.0, 20)
@@ -118,7 +118,7 @@ def test_report_end_to_end(tmp_path):
   assert h["spearman_copies_ratio"]["rho"] > 0.3
   assert s["estimator_agreement"]["hutchinson|exact"]["rho"] > 0.9
   assert {r["label"] for r in h["per_class"]} <= set(range(10)) and len(h["per_class"]) >= 5
-  assert h["status_counts"] == {"ok": 80} and h["mean_nfe"] == 120
+  assert h["status_counts"] == {"0": 80} and h["mean_nfe"] == 120
   for v in _numbers(s):
     assert math.isfinite(v)
 
@@ -170,12 +170,14 @@ def test_report_nan_scores_and_undefined_statistics(tmp_path):
   s = report.run(cfg, wd, split=split)
   h = s["estimators"]["hutchinson"]
   assert h["num_nonfinite"] == 2 and h["num_failed_solves"] == 1 and h["trained_vs_heldout"]["n_pos"] == 37
-  assert h["trained_vs_heldout"]["mean_pos"] < 100 and h["status_counts"] == {"2": 1, "ok": 79}
+  assert h["trained_vs_heldout"]["mean_pos"] < 100 and h["status_counts"] == {"0": 79, "2": 1}
   assert "num_save_times = 0" in open(os.path.join(wd, "report", "report.md")).read()
   # one memorised singleton left: its Welch test is undefined -> null, listed in `undefined`
   ms = h["memorised_vs_not_singletons"]
   assert ms["n_pos"] == 1 and ms["welch_p"] is None
-  assert "estimators.hutchinson.memorised_vs_not_singletons.welch_p" in s["undefined"]
+  assert s["not_estimated"]["estimators.hutchinson.memorised_vs_not_singletons.welch_p"] == \
+      "a group has fewer than 2 finite values"
+  assert s["undefined"] == [] and _check_report()(wd) == 0   # every null is an expected one
   assert "2 images have a non-finite score" in open(os.path.join(wd, "report", "report.md")).read()
 
 
@@ -193,7 +195,7 @@ def test_report_errors(tmp_path):
   for content, match in ((b"", "no rows"), (good.splitlines()[0].encode() + b"\n", "no rows"),
                          (b"\x00\xff\xfe garbage \x89PNG", "unreadable|lacks columns"),
                          (good.replace("train,", "trian,", 1).encode(), "'split' has values"),
-                         (good.replace("ok", "ok", 1).replace(",0.1,", ",zz,", 1).encode(), "corrupt")):
+                         (good.replace(",0.1,", ",zz,", 1).encode(), "corrupt")):
     with open(scores, "wb") as f:
       f.write(content)
     with pytest.raises(ValueError, match=match):
@@ -214,6 +216,20 @@ def test_report_errors(tmp_path):
   assert not os.path.exists(os.path.join(wd, "report", "report.md"))
 
 
+@pytest.mark.parametrize("status", ["", "ok", "max_steps"])
+def test_missing_or_unknown_status_is_an_error_not_success(tmp_path, status):
+  wd, cfg = str(tmp_path), _config()
+  split = make_workdir(wd)
+  path = os.path.join(wd, "scores", "scores.csv")
+  rows = io.load_csv(path)
+  rows[7]["exact_status"] = status
+  io.save_csv(path, rows)
+  detect.run(cfg, wd, split=split)
+  with pytest.raises(ValueError, match=rf"exact_status.*{rows[7]['id']}"):
+    report.run(cfg, wd, split=split)
+  assert not os.path.exists(os.path.join(wd, "report", "summary.json"))
+
+
 def test_headline_finiteness_is_checked_before_nans_become_nulls(tmp_path):
   """Identical scores in both groups: Welch's p is NaN. The raw number is caught (summary's
   nonfinite_headline) and CI's check fails, although summary.json holds only a null."""
@@ -231,10 +247,38 @@ def test_headline_finiteness_is_checked_before_nans_become_nulls(tmp_path):
   assert "claims.trained_gt_heldout.welch_p" in s["nonfinite_headline"]
   assert s["claims"]["trained_gt_heldout"]["welch_p"] is None  # what the old check saw: no number
   assert _check_report()(wd) == 1
+  assert s["not_estimated"]["estimators.hutchinson.median_stderr"] == "not estimated by this estimator"
   assert "standard error of L: not estimated (NaN)" in open(os.path.join(wd, "report", "report.md")).read()
   raw = {"a": {"testable": True, "welch_p": math.nan, "mw_p": 0.1, "mean_diff": 1.0, "auroc": math.inf},
          "b": {"testable": False}}
   assert report.headline_nonfinite(raw) == ["claims.a.welch_p", "claims.a.auroc"]
+
+
+def test_check_report_fails_on_any_null_that_is_not_an_expected_one(tmp_path, capsys):
+  """A NaN AUROC bound in a peers table, a NaN Spearman: null in summary.json, not headline
+  numbers, and not expected: the check fails naming them. Expected nulls pass."""
+  wd, cfg = str(tmp_path), _config()
+  cfg.score.estimators = ("hutchinson",)
+  split = make_workdir(wd, copy_some=False)   # nothing copied: Spearman with the copy counts is undefined
+  detect.run(cfg, wd, split=split)
+  s = report.run(cfg, wd, split=split)
+  assert s["not_estimated"]["estimators.hutchinson.spearman_copies_ratio.rho"] == \
+      "the copy count (ratio criterion) is the same for every training image"
+  assert s["undefined"] == [] and _check_report()(wd) == 0
+  path = os.path.join(wd, "report", "summary.json")
+  good = io.load_json(path)
+  for where in (("estimators", "hutchinson", "trained_vs_heldout", "auroc_lo"),
+                ("estimators", "hutchinson", "spearman_dup_count", "rho")):
+    bad = json.loads(json.dumps(good))
+    node = bad
+    for k in where[:-1]:
+      node = node[k]
+    node[where[-1]] = None
+    io.save_json(path, bad)
+    assert _check_report()(wd) == 1
+    assert ".".join(where) in capsys.readouterr().out
+  io.save_json(path, good)
+  assert _check_report()(wd) == 0
 
 
 def _add_peers(wd: str, seed: int = 3) -> dict[str, np.ndarray]:

@@ -136,3 +136,16 @@ def test_compare_is_nan_safe_and_consistent():
     stats.compare(p, n, alternative="bigger")
   with pytest.raises(ValueError, match="1-D"):
     stats.compare(np.ones((2, 2)), n)
+
+
+def test_holm_by_hand():
+  # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max
+  adj = stats.holm([0.01, 0.04, 0.03, 0.005])
+  np.testing.assert_allclose(adj, [0.03, 0.06, 0.06, 0.02], rtol=1e-12)
+  # NaN (no test) is kept and not counted in m = 2
+  adj = stats.holm([0.02, np.nan, 0.5])
+  np.testing.assert_allclose(adj, [0.04, np.nan, 0.5], rtol=1e-12)
+  np.testing.assert_array_equal(stats.holm([0.6, 0.7]), [1.0, 1.0])   # capped at 1
+  assert stats.holm([]).shape == (0,)
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    stats.holm([0.5, 1.5])

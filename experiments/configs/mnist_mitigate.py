@@ -74,7 +74,8 @@ def _arms(regimes, core_only=False):
     rest += [f"{r}:score:augment:0.1", f"{r}:random:augment:0.1",
              f"{r}:score:perturb:0.1", f"{r}:random:perturb:0.1"]
     if r == "planted":
-      # dropping the duplicates shrinks the stream 76 -> 44: the same with the epochs held;
+      # dropping the top 5 (the 4 duplicates and a singleton) shrinks the stream 76 -> 43
+      # (1500 -> 849 steps with the epochs held);
       # no `copied` oracle here: the baseline's copied digits are the score's top k (the 4
       # planted duplicates) plus one or two singletons, so it would repeat score x drop
       rest.append(f"{r}:score:drop_epochs:0.1")

@@ -1,0 +1,93 @@
+"""scripts/render_results.py: the README's results blocks are rendered from summary.json
+(main job and mitigation), and the README agrees with the committed copies."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from memvol import detect, mitigate, report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script():
+  spec = importlib.util.spec_from_file_location("render_results", os.path.join(ROOT, "scripts", "render_results.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_readme_blocks_agree_with_the_committed_summaries():
+  r = _script()
+  assert r.check() == []
+
+
+def test_main_job_tables_come_from_the_summary(tmp_path):
+  import test_report
+  r = _script()
+  wd, cfg = str(tmp_path / "wd"), test_report._config()
+  os.makedirs(wd)
+  split = test_report.make_workdir(wd)
+  test_report._add_peers(wd)
+  cfg.score.peers = ("loss", "sima", "logp")
+  detect.run(cfg, wd, split=split)
+  s = report.run(cfg, wd, split=split)
+  copy = {"kind": "main", **r.extract_main(json.loads(json.dumps(s))), "hardware": "2 CPU cores", "command": "command 1"}
+  md = r.render(copy)
+  tv = s["estimators"]["hutchinson"]["trained_vs_heldout"]
+  assert (f"| trained vs held-out | 40 / 40 | {tv['mean_pos']:.1f} vs {tv['mean_neg']:.1f} | "
+          f"{r.fmt_p(tv['welch_p'])} | {r.fmt_p(tv['mw_p'])} | {tv['auroc']:.3f} [{tv['auroc_lo']:.3f}, "
+          f"{tv['auroc_hi']:.3f}] |") in md
+  assert "Measured on 2 CPU cores with command 1" in md and "of 6 distinct images: 4 of the 4 planted" in md
+  assert "train 12 s, sample 3 s, score 7 s (0.4 min in all)" in md
+  assert f"| `sima` | {s['peers']['comparisons']['trained_vs_heldout']['sima']['auroc']:.3f} |" in md
+  assert "Estimator agreement on 8 training images: `paper`" in md
+  # --write into a README with the block; --check then agrees, and fails once a number is edited
+  readme, results = str(tmp_path / "README.md"), str(tmp_path / "results")
+  os.makedirs(results)
+  with open(readme, "w") as f:
+    f.write("# x\n\n<!-- results:demo -->\nold\n<!-- /results:demo -->\n\nafter\n")
+  with open(readme) as f:
+    text = r.replace_block(f.read(), "demo", md)
+  with open(readme, "w") as f:
+    f.write(text)
+  with open(os.path.join(results, "demo.summary.json"), "w") as f:
+    json.dump(copy, f)
+  assert r.check(readme, results) == [] and text.endswith("\n<!-- /results:demo -->\n\nafter\n")
+  with open(readme, "w") as f:
+    f.write(text.replace(f"{tv['auroc']:.3f}", "0.999", 1))
+  assert "differs" in r.check(readme, results)[0]
+  with open(readme, "w") as f:
+    f.write("# no block\n")
+  assert "no block results:demo" in r.check(readme, results)[0]
+  with pytest.raises(ValueError, match="no block"):
+    r.replace_block("# none\n", "demo", md)
+  made = r.make_block("# t\nMeasured by hand 1.0\n| old |\n\n![fig](f.png)\n", "demo", "Measured", "![fig]")
+  assert made == "# t\n<!-- results:demo -->\n<!-- /results:demo -->\n\n![fig](f.png)\n"
+  assert r.readme_block(r.replace_block(made, "demo", md), "demo") == md
+
+
+def test_mitigation_tables_come_from_the_summary():
+  r = _script()
+  recs = []
+  for group, sel, mod, copies in (("none", "none", "none", (20, 22, 24)), ("score-drop-q0.1", "score", "drop", (2, 3, 4)),
+                                  ("random-drop-q0.1", "random", "drop", (19, 21, 26))):
+    for seed, c in zip((1, 2, 3), copies):
+      recs.append({"regime": "r", "group": group, "selection": sel, "modification": mod, "q": 0.1, "seed": seed,
+                   "num_selected": 0 if sel == "none" else 3, "copies": c, "copied_images": c // 2,
+                   "fd": 100.0 + c, "precision": 0.9, "recall": 0.5,
+                   "targeted": 8.0 if sel == "score" else float(seed) if sel == "random" else np.nan})
+  base = {"r": {"num_samples": 256, "copies": 30, "copied_images": 4, "num_train": 48}}
+  s = json.loads(json.dumps(report._clean(mitigate.summarise(recs, base), "", [], {})))
+  md = r.render({"kind": "mitigate", **r.extract_mitigate(s)})
+  assert "**r** (baseline: 30 copies of 256, 4 of 48 images copied)" in md
+  assert "| score-drop-q0.1 | 3 | 3 ± 1 (3) | 1.33 ± 0.58 (3) | 8 ± 0 (3) |" in md
+  t = next(t for t in s["tests"] if t["b"] == "random-drop-q0.1")
+  assert (f"| score-drop-q0.1 vs random-drop-q0.1 | {r.fmt_p(t['copies']['welch_p'])} "
+          f"({r.fmt_p(t['copies']['welch_p_holm'])}) |") in md
+  assert "| 6 |" in md   # targeted: 8 - mean(1, 2, 3), a difference without a test
