@@ -28,7 +28,7 @@ N = len(TABLE.ids)
 def config(**score):
   c = get_base_config()
   c.score.update(dict(estimators=("exact", "hutchinson"), batch_size=4, rtol=1e-3, atol=1e-3,
-                      num_probes=2, num_save_times=5, peers=(), agreement_subset=0))
+                      num_probes=2, profile_times=(1e-3, 0.01, 0.1, 0.5, 1.0), peers=(), agreement_subset=0))
   c.score.update(score)
   return c
 
@@ -85,7 +85,7 @@ def test_scores_csv_and_curves(tmp_path, model):
 def test_exact_matches_the_gaussian_closed_form(tmp_path, model):
   g = analytic.random_gaussian_eps(jax.random.PRNGKey(1), SHAPE, SDE, std_range=(0.1, 0.8))
   model["eps"] = g
-  scoring.run(config(estimators=("exact",), rtol=1e-5, atol=1e-5, num_save_times=0), str(tmp_path), log=quiet)
+  scoring.run(config(estimators=("exact",), rtol=1e-5, atol=1e-5, profile_times=0), str(tmp_path), log=quiet)
   rows = io.load_csv(os.path.join(str(tmp_path), "scores", "scores.csv"))
   np.testing.assert_allclose([float(r["exact_log_volume"]) for r in rows],
                              float(g.log_volume(SDE.eps, SDE.T)), rtol=2e-4)
@@ -318,7 +318,7 @@ def test_real_workdir_train_sample_score(tmp_path):
   c = digits.get_config("quick")
   c.train.num_steps = 40
   c.sample.update(dict(methods=("sde", "ode"), num_samples=6, batch_size=4, sde_steps=30))
-  c.score.update(dict(estimators=("exact", "hutchinson"), batch_size=12, num_save_times=3))
+  c.score.update(dict(estimators=("exact", "hutchinson"), batch_size=12, profile_times=3))
   d = str(tmp_path)
   for stage in ("train", "sample", "score"):
     pipeline.run(c, d, stage, log=quiet)
