@@ -29,8 +29,11 @@ All functions are numpy, on the host, over [N, S] profiles.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+
+from memvol import sde as sde_lib
 
 
 def window_edges(ts: np.ndarray, t0: float, t1: float) -> np.ndarray:
@@ -59,9 +62,11 @@ def excess(L_t: np.ndarray, bound_t: np.ndarray) -> np.ndarray:
 def first_above(exc: np.ndarray, ts: np.ndarray) -> np.ndarray:
   """[N] the first profile time with excess > 0, NaN when none (or the row is not finite)."""
   exc = np.asarray(exc, np.float64)
+  if exc.shape[1] == 0:
+    return np.full(exc.shape[0], math.nan)
   above = exc > 0
   first = np.where(above.any(axis=1), np.argmax(above, axis=1), -1)
-  out = np.where(first >= 0, np.asarray(ts, np.float64)[np.maximum(first, 0)] if len(ts) else math.nan, math.nan)
+  out = np.where(first >= 0, np.asarray(ts, np.float64)[np.maximum(first, 0)], math.nan)
   return np.where(np.isfinite(exc).all(axis=1), out, math.nan)
 
 
@@ -73,3 +78,42 @@ def capped(dL: np.ndarray, dL_max: np.ndarray) -> np.ndarray:
 def column_time(t: float) -> str:
   """A profile time as it appears in column names: 4 significant digits."""
   return f"{float(t):.4g}"
+
+
+def bound_dim(estimator: str, dim: int, K: int) -> int:
+  """The dimension the bound counts: D for a full trace, the frame size K for subspace / paper."""
+  return min(int(K), int(dim)) if estimator in ("subspace", "paper") else int(dim)
+
+
+def bound(sde: sde_lib.SDE, t0: float, ts: np.ndarray, dim: int) -> np.ndarray:
+  """[len(ts)] L_max(t) = dim log(sigma(t) / sigma(t0)), float64."""
+  ts = np.asarray(ts, np.float64)
+  log_std = lambda t: np.log(np.asarray(sde.std(np.asarray(t, np.float64)), np.float64))  # noqa: E731
+  return dim * (log_std(ts) - log_std(t0)) if ts.size else np.zeros(0)
+
+
+def summarise(sde: sde_lib.SDE, t0: float, t1: float, ts: np.ndarray, L_t: np.ndarray, L: np.ndarray,
+              dim: int) -> dict[str, Any]:
+  """Everything the profile says per image, from profiles L_t [N, S] at ts [S] and L [N]:
+  ts, bound_t [S], excess [N, S], t_above [N], edges [W + 1], windows [N, W], window_bound [W],
+  L_capped [N]."""
+  ts = np.asarray(ts, np.float64)
+  L = np.asarray(L, np.float64)
+  L_t = np.asarray(L_t, np.float64).reshape(L.size, ts.size)
+  bt = bound(sde, t0, ts, dim)
+  exc = excess(L_t, bt)
+  edges = window_edges(ts, t0, t1)
+  wb = np.diff(bound(sde, t0, edges, dim))
+  dL = windows(L_t, L, ts, t1)
+  return {"ts": ts, "bound_t": bt, "excess": exc, "t_above": first_above(exc, ts), "edges": edges,
+          "windows": dL, "window_bound": wb, "L_capped": capped(dL, wb)}
+
+
+def column_names(prefix: str, ts: np.ndarray) -> dict[str, list[str]]:
+  """scores.csv column names of the profile: {'L': [prefix_L@t ..], 'excess': [prefix_excess@t ..],
+  't_above': [prefix_t_above], 'L_capped': [prefix_L_capped]}; ValueError if two times print alike."""
+  names = [column_time(t) for t in ts]
+  if len(set(names)) != len(names):
+    raise ValueError(f"profile times {list(ts)} are too close to name one column each (4 digits)")
+  return {"L": [f"{prefix}_L@{n}" for n in names], "excess": [f"{prefix}_excess@{n}" for n in names],
+          "t_above": [f"{prefix}_t_above"], "L_capped": [f"{prefix}_L_capped"]}

@@ -56,9 +56,11 @@ def test_scores_csv_and_curves(tmp_path, model):
   d = str(tmp_path)
   scoring.run(config(), d, log=quiet)
   rows = io.load_csv(os.path.join(d, "scores", "scores.csv"))
+  ts = (1e-3, 0.01, 0.1, 0.5, 1.0)
   cols = ["id", "split", "label", "dup_count"] + [
-      f"{e}_{c}" for e in ("exact", "hutchinson")
-      for c in ("log_volume", "stderr", "prior_logp", "logp", "nfe", "jvps", "status")]
+      c for e in ("exact", "hutchinson")
+      for c in [f"{e}_{c}" for c in ("log_volume", "stderr", "prior_logp", "logp", "nfe", "jvps", "status")]
+      + [f"{e}_L@{t:.4g}" for t in ts] + [f"{e}_excess@{t:.4g}" for t in ts] + [f"{e}_t_above", f"{e}_L_capped"]]
   assert list(rows[0]) == cols
   assert [int(r["id"]) for r in rows] == TABLE.ids.tolist()  # train then held-out, split ids
   assert [r["split"] for r in rows] == TABLE.split.tolist()
@@ -72,12 +74,25 @@ def test_scores_csv_and_curves(tmp_path, model):
   # a memoriser of the training images: trained images grow more volume than held-out ones
   assert lv[:6].min() > lv[6:].max()
   assert np.all(np.abs(hv - lv) < 6 * np.array([float(r["hutchinson_stderr"]) for r in rows]) + 1.0)
-  curves = io.load_npz(os.path.join(d, "scores", "curves_exact.npz"))
+  curves = io.load_npz(os.path.join(d, "scores", "profile_exact.npz"))
   np.testing.assert_array_equal(curves["ids"], TABLE.ids)
   assert curves["L_t"].shape == (N, 5) and curves["ts"].shape == (5,)
   np.testing.assert_allclose(curves["ts"][[0, -1]], [SDE.eps, SDE.T])
   np.testing.assert_allclose(curves["L_t"][:, -1], lv, rtol=1e-5)  # L(T) is the score
   np.testing.assert_allclose(curves["L_t"][:, 0], 0.0, atol=1e-5)
+  # the bound's columns: excess = L(t) - D log(sigma(t)/sigma(eps)), capped score <= L and <= L_max(T)
+  d_img = int(np.prod(SHAPE))
+  bound = np.array([d_img * float(np.log(SDE.std(t) / SDE.std(SDE.eps))) for t in ts])
+  np.testing.assert_allclose(curves["bound_t"], bound, rtol=1e-5)
+  exc = np.array([[float(r[f"exact_excess@{t:.4g}"]) for t in ts] for r in rows])
+  L_cols = np.array([[float(r[f"exact_L@{t:.4g}"]) for t in ts] for r in rows])
+  np.testing.assert_allclose(exc, L_cols - bound, rtol=1e-4, atol=1e-3)
+  capped = np.array([float(r["exact_L_capped"]) for r in rows])
+  assert np.all(capped <= lv + 1e-4) and np.all(capped <= bound[-1] + 1e-3)
+  above = np.array([float(r["exact_t_above"]) for r in rows])
+  first = [ts[int(np.argmax(e > 0))] if (e > 0).any() else np.nan for e in exc]
+  np.testing.assert_array_equal(np.isnan(above), np.isnan(first))
+  np.testing.assert_allclose(above[~np.isnan(above)], np.array(first)[~np.isnan(above)])
   assert scoring.is_complete(config(), d)
   assert not scoring.is_complete(config(rtol=1e-4), d)
 
@@ -89,7 +104,7 @@ def test_exact_matches_the_gaussian_closed_form(tmp_path, model):
   rows = io.load_csv(os.path.join(str(tmp_path), "scores", "scores.csv"))
   np.testing.assert_allclose([float(r["exact_log_volume"]) for r in rows],
                              float(g.log_volume(SDE.eps, SDE.T)), rtol=2e-4)
-  assert io.load_npz(os.path.join(str(tmp_path), "scores", "curves_exact.npz"))["L_t"].shape == (N, 0)
+  assert io.load_npz(os.path.join(str(tmp_path), "scores", "profile_exact.npz"))["L_t"].shape == (N, 0)
 
 
 def _values(workdir):
@@ -136,8 +151,8 @@ def test_killed_run_resumes_to_the_same_file(tmp_path, model, monkeypatch):
   assert len(calls) == 3  # only hutchinson's 3 batches
   assert read(d) == read(ref)
   for e in ("exact", "hutchinson"):
-    a, b = (io.load_npz(os.path.join(w, "scores", f"curves_{e}.npz")) for w in (ref, d))
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    a, b = (io.load_npz(os.path.join(w, "scores", f"profile_{e}.npz")) for w in (ref, d))
+    assert all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") for k in a)
   calls.clear()
   scoring.run(config(), d, log=quiet)  # complete: nothing recomputed
   assert calls == []
