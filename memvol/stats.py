@@ -201,3 +201,18 @@ def compare(pos: Any, neg: Any, *, num_bootstrap: int = 1000, seed: int = 0,
       "cohens_d": cohens_d(p, n), "hedges_g": hedges_g(p, n),
       "alternative": alternative,
   }
+
+
+def holm(pvalues: Any) -> np.ndarray:
+  """Holm-Bonferroni adjusted p-values of one family of tests (NaN entries stay NaN and do
+  not count towards the family size): p_(i) -> max_{j <= i} min(1, (m - j + 1) p_(j))."""
+  p = np.asarray(pvalues, np.float64)
+  out = np.full(p.shape, math.nan)
+  ok = np.flatnonzero(np.isfinite(p))
+  m = ok.size
+  if m == 0:
+    return out
+  order = ok[np.argsort(p[ok], kind="stable")]
+  adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+  out[order] = adj
+  return out

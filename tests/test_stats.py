@@ -136,3 +136,10 @@ def test_compare_is_nan_safe_and_consistent():
     stats.compare(p, n, alternative="bigger")
   with pytest.raises(ValueError, match="1-D"):
     stats.compare(np.ones((2, 2)), n)
+
+
+def test_holm_against_the_hand_computed_adjustment():
+  p = np.array([0.01, 0.04, np.nan, 0.03, 0.2])
+  # sorted 0.01, 0.03, 0.04, 0.2 (m = 4): 0.04, 0.09, 0.09 (monotone), 0.2
+  np.testing.assert_allclose(stats.holm(p), [0.04, 0.09, np.nan, 0.09, 0.2])
+  assert np.isnan(stats.holm([np.nan])).all()
