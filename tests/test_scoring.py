@@ -345,3 +345,16 @@ def test_real_workdir_train_sample_score(tmp_path):
   assert all(r["exact_status"] == "0" and np.isfinite(float(r["exact_log_volume"])) for r in rows)
   s = io.load_npz(os.path.join(d, "samples", "samples_ode.npz"))
   assert s["images"].shape == (6, *split.train.images.shape[1:])
+
+
+def test_a_preset_is_an_estimator_of_the_same_solve(tmp_path, model):
+  """hutchinson@rank8 (4 Euler steps, 1 probe) scores through the same stage: its own columns
+  and part folder, 8 network passes per image, and an unknown preset fails before scoring."""
+  d = str(tmp_path)
+  scoring.run(config(estimators=("hutchinson@rank8",)), d, log=quiet)
+  rows = io.load_csv(os.path.join(d, "scores", "scores.csv"))
+  assert all(int(r["hutchinson@rank8_nfe"]) + int(r["hutchinson@rank8_jvps"]) == 8 for r in rows)
+  assert np.isfinite([float(r["hutchinson@rank8_L_capped"]) for r in rows]).all()
+  assert os.path.isdir(os.path.join(d, "scores", "parts", "hutchinson@rank8"))
+  with pytest.raises(ValueError, match="preset"):
+    scoring.run(config(estimators=("hutchinson@fast",)), str(tmp_path / "x"), log=quiet)
