@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from memvol import data, io, loading, models, parallel, report, scoring, stats, volume  # noqa: E402
+from memvol import profile as profile_lib  # noqa: E402
 from memvol import sde as sde_lib  # noqa: E402
 
 # name -> overrides of the job's score options ("reference": none). Presets by name.
@@ -107,6 +108,50 @@ def row_of(name: str, rec: dict[str, np.ndarray], ref: dict[str, np.ndarray], is
           "spearman": rho, "rel_err_of_mean": float(abs(np.mean(L) - np.mean(Lr)) / abs(np.mean(Lr))),
           "median_rel_err": float(np.median(rel)), "max_rel_err": float(np.max(rel)),
           "num_failed": int(np.sum(rec["status"] != 0)), "auroc": aurocs}
+
+
+def reference_profile(config, table, ref: dict[str, np.ndarray], is_train, det) -> tuple[str, dict]:
+  """Where the reference's L is made and where its signal lives: per window of its profile the
+  bound, mean dL of trained / held-out images, the per-window AUROC (Holm-corrected
+  Mann-Whitney p over the windows, report._window_tests) and the fraction of trained images
+  above the bound at the window's end."""
+  opts = options_of(config, "reference")
+  if "L_t" not in ref or opts.save_ts is None:
+    return "", {}
+  dim = profile_lib.bound_dim(opts.estimator, int(np.prod(table.images.shape[1:])), opts.K)
+  z = profile_lib.summarise(opts.sde, opts.t_start, opts.t_end, np.asarray(opts.save_ts), ref["L_t"],
+                            ref["log_volume"], dim)
+  ok = ref["status"] == 0
+  groups = {"trained_vs_heldout": (is_train & ok, ~is_train & ok)}
+  if det is not None:
+    mem = np.zeros(is_train.size, bool)
+    mem[np.flatnonzero(is_train)] = det["copies_ratio"] > 0
+    groups["memorised_vs_not"] = (mem & ok, is_train & ~mem & ok)
+  tests = {k: report._window_tests(z["windows"], *g) for k, g in groups.items()}
+  head = ["window (t)", "bound", "mean dL trained", "mean dL held-out", "trained above bound at end"] + [
+      f"AUROC {k} (Holm p)" for k in tests]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  frac = [float(np.mean(z["excess"][is_train & ok, k] > 0)) for k in range(z["excess"].shape[1])]
+  for k in range(z["windows"].shape[1]):
+    cells = [f"({z['edges'][k]:.4g}, {z['edges'][k + 1]:.4g}]", f"{z['window_bound'][k]:.1f}",
+             f"{np.mean(z['windows'][is_train & ok, k]):.1f}", f"{np.mean(z['windows'][~is_train & ok, k]):.1f}",
+             f"{frac[k]:.2f}" if k < len(frac) else ""]
+    cells += [f"{tests[c][0][k]:.3f} ({report.fmt_p(tests[c][1][k])})" for c in tests]
+    lines.append("| " + " | ".join(cells) + " |")
+  ever = np.isfinite(z["t_above"])
+  summary = {"edges": z["edges"].tolist(), "window_bound": z["window_bound"].tolist(),
+             "fraction_trained_above_at_t": frac,
+             "fraction_ever_above": {"trained": float(np.mean(ever[is_train & ok])),
+                                     "held-out": float(np.mean(ever[~is_train & ok]))},
+             "median_t_above_trained": float(np.median(z["t_above"][is_train & ok & ever])) if (is_train & ok & ever).any()
+             else float("nan"),
+             "window_auroc": {k: v[0].tolist() for k, v in tests.items()},
+             "L_capped_auroc_trained_vs_heldout": stats.auroc(z["L_capped"][is_train & ok], z["L_capped"][~is_train & ok])}
+  text = ("Reference profile (" + f"{int(ok.sum())} images): ever above the bound: trained "
+          f"{summary['fraction_ever_above']['trained']:.2f}, held-out {summary['fraction_ever_above']['held-out']:.2f}; "
+          f"median first time above (trained) {summary['median_t_above_trained']:.4g}; capped-score AUROC trained vs "
+          f"held-out {summary['L_capped_auroc_trained_vs_heldout']:.3f}.\n\n")
+  return text + "\n".join(lines) + "\n", summary
 
 
 def markdown(rows: list[dict], ref_passes: float) -> str:
@@ -183,11 +228,14 @@ def main(argv=None) -> None:
   ref = results["reference"]
   rows = [row_of(n, results[n], ref, is_train, det) for n in names]
   md = markdown(rows, rows[0]["passes_per_image"])
+  prof_md, prof = reference_profile(config, table, ref, is_train, det)
+  md += "\n" + prof_md
   print(md)
   with io.atomic_open(os.path.join(out, "table.md"), "w") as f:
     f.write(md)
   io.save_json(os.path.join(out, "results.json"), {"workdir": args.workdir, "num_images": int(len(table.ids)),
-                                                   "memorisation_labels": det is not None, "rows": rows})
+                                                   "memorisation_labels": det is not None, "rows": rows,
+                                                   "reference_profile": prof})
 
 
 if __name__ == "__main__":
