@@ -53,9 +53,8 @@ the profile's excess over the bound is the integral itself.
 
 Presets (`PRESETS`, an estimator named `hutchinson@<preset>`; `parse_estimator`) are named
 settings of the same hutchinson solve: `rank*` are cheap ranking statistics whose values are
-NOT volumes (a few fixed steps overshoot L by up to 2x); `accurate` is a fixed-step solve
-meant to give L itself (BUILD.md, scripts/bench_cheap_l.py, measures both against the
-adaptive reference).
+NOT volumes (a few fixed steps overshoot L by up to 2x). scripts/bench_cheap_l.py measures
+them and fixed-step candidates for an accurate L against the adaptive reference (BUILD.md).
 
 Each image is its own ODE with its own steps and error control (jax.vmap over images,
 never one ODE over the batch); one network forward pass per right-hand side evaluation
