@@ -75,7 +75,7 @@ def log_volume(eps_fn: Any, x0: Array, probes: Array, opts: volume.VolumeOptions
   numbers as volume.batch_log_volume with these options, integrated by a jax.lax.scan
   whose steps are rematerialised (jax.checkpoint) in the reverse pass."""
   sde, dtype = opts.sde, x0.dtype
-  ts = jnp.asarray(volume.time_grid(sde, opts.t_start, opts.t_end, opts.num_steps), dtype)
+  ts = jnp.asarray(volume.time_grid(sde, opts.t_start, opts.t_end, opts.num_steps, opts.time_grid), dtype)
 
   def vf(t, x):
     eps, jvp = jax.linearize(lambda z: eps_fn(z, t), x)

@@ -1,6 +1,6 @@
 """The report: do trained and memorised images have larger log volume growth?
 
-`run(config, workdir)` reads the workdir's results (scores/scores.csv, scores/curves_E.npz,
+`run(config, workdir)` reads the workdir's results (scores/scores.csv, scores/profile_E.npz,
 detect/detect.csv, the samples, the split, timings.json) and writes
 
   report/report.md      Findings first (both claims with p-values), then tables, then figures
@@ -15,6 +15,11 @@ estimator and peer; AUROC [bootstrap CI], TPR@FPR, Welch p, network passes per i
 per image; best per column in bold), peers_roc_{comparison}.png (ROC curves of every score
 overlaid), peers_spearman.png (Spearman matrix between scores, all images); and, from
 scores/agreement.csv, the estimator agreement on the training subset (agreement.png).
+Volume growth through time (`profile_section`, from scores/profile_E.npz): per estimator with a
+profile, the per-window AUROC table, the bound table (excess and fraction above per group), the
+first crossing times, the capped score against L, and E_profile.png; summary.json
+profile.{E}.{ts, bound_t, bound_dim, window_edges, window_bound, mean_L_t, fraction_above_bound,
+fraction_ever_above, median_t_above, window_auroc, window_mw_p_holm, capped.{comparison}.{L, L_capped}}.
 
 summary.json keys: primary_estimator, estimators_list, sample_method, num_*, ratio_threshold,
 alpha, alternative, fpr; claims.{trained_gt_heldout, memorised_gt_not, duplicates_gt_singletons};
@@ -547,7 +552,7 @@ def _curves(e: str, path: str, scores: dict[str, np.ndarray], is_train: np.ndarr
     raise ValueError(f"{path}: L_t has shape {L.shape}, expected [len(ids), len(ts)] = "
                      f"[{z['ids'].size}, {ts.size}]; rerun --mode=score")
   if ts.size == 0:
-    return "No L(t) points were saved (config.score.num_save_times = 0): curves skipped."
+    return "No L(t) points were saved (config.score.profile_times = 0): curves skipped."
   split_of = {(str(sp), int(i)): k for k, (sp, i) in enumerate(zip(scores["split"], scores["id"]))}
   if "split" in z:
     keys = list(zip((str(x) for x in z["split"]), z["ids"].astype(np.int64).tolist()))
@@ -580,7 +585,7 @@ def settings(config, workdir: str) -> dict[str, Any]:
            "detect.csv": os.path.join(workdir, "detect", "detect.csv"),
            "nn.npz": os.path.join(workdir, "detect", "nn.npz"),
            "samples": detect.samples_path(config, workdir)}
-  files.update({f"curves_{e}.npz": os.path.join(workdir, "scores", f"curves_{e}.npz") for e in ests})
+  files.update({f"profile_{e}.npz": os.path.join(workdir, "scores", f"profile_{e}.npz") for e in ests})
   return {"report": io.config_to_dict(config.report), "estimators": ests,
           "detect": {k: io.config_to_dict(config.detect)[k] for k in ("sample_method", "ratio_threshold")},
           "data": io.config_to_dict(config.data),
@@ -673,7 +678,7 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
     figures[e].append(("Top-k and bottom-k training images beside their closest generated sample",
                        os.path.basename(p)))
     p = os.path.join(folder, f"{e}_curves.png")
-    note = _curves(e, os.path.join(workdir, "scores", f"curves_{e}.npz"), scores, is_train, failed, det, p)
+    note = _curves(e, os.path.join(workdir, "scores", f"profile_{e}.npz"), scores, is_train, failed, det, p)
     if note:
       notes[e].append(note)
     else:
@@ -688,6 +693,8 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
     agreement_figure(ests, values, is_train, agreement, os.path.join(folder, "agreement.png"))
 
   peer_summary, peer_md = peers_section(config, workdir, scores_path, values, is_train, det, folder)
+  prof_summary, prof_md = profile_section(config, workdir, scores, is_train, det, folder)
+  peer_summary, peer_md = {**peer_summary, **prof_summary}, peer_md + "\n" + prof_md
   mem = det["copies_ratio"] > 0
   info = {
       "primary_estimator": ests[0], "estimators_list": ests,
@@ -1063,3 +1070,181 @@ def agreement_section(workdir: str, timing: dict[str, Any], folder: str) -> tupl
   plotting.save_figure(fig, os.path.join(folder, "agreement_subset.png"))
   md += ["![Agreement on the training subset](agreement_subset.png)", ""]
   return out, md
+
+
+# --- volume growth through time: the profile and the bound ---------------------------
+
+
+def _profile_groups(is_train: np.ndarray, det: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
+  """Row masks over the scored images (failed solves left out) of the profile's groups."""
+  mem, dup = np.zeros(is_train.size, bool), np.zeros(is_train.size, bool)
+  mem[np.flatnonzero(is_train)] = det["copies_ratio"] > 0
+  dup[np.flatnonzero(is_train)] = det["dup_count"] > 1
+  return {"trained": is_train & ok, "held-out": ~is_train & ok, "memorised": mem & ok,
+          "not memorised": is_train & ~mem & ok, "planted duplicates": dup & ok}
+
+
+def _window_tests(x: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per column of x [N, W]: AUROC of pos vs neg rows and the Holm-adjusted (over the W
+  columns) two-sided Mann-Whitney p. NaN where a group is empty."""
+  au, p = np.full(x.shape[1], math.nan), np.full(x.shape[1], math.nan)
+  if pos.any() and neg.any():
+    for k in range(x.shape[1]):
+      a, b = x[pos, k], x[~np.isnan(x[:, k]) & neg, k]
+      a = a[np.isfinite(a)]
+      if a.size and b.size:
+        au[k] = stats.auroc(a, b)
+        p[k] = stats.mann_whitney(a, b)[1]
+  return au, stats.holm(p)
+
+
+def _window_list(v: np.ndarray) -> list[float]:
+  """Per-window values for summary.json, a NaN (a group of the comparison with no finite
+  value in the window, _window_tests) named as expected."""
+  return [float(x) if np.isfinite(x) else not_estimated("a group of the comparison has no finite value")
+          for x in v]
+
+
+def profile_figure(e: str, z: dict[str, np.ndarray], groups: dict[str, np.ndarray], aucs: dict[str, np.ndarray],
+                   path: str) -> None:
+  """Left: mean L(t) per group and the bound L_max(t). Middle: excess L - L_max, mean +- 1 sd,
+  memorised vs not (and held-out). Right: per-window AUROC against t."""
+  plt = plotting.pyplot()
+  ts = z["ts"]
+  colors = {"trained": COLORS["trained"], "held-out": COLORS["held-out"], "memorised": COLORS["memorised"],
+            "not memorised": "#2ca02c", "planted duplicates": COLORS["duplicates"]}
+  fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4))
+  for name, m in groups.items():
+    if m.any():
+      a1.plot(ts, np.nanmean(z["L_t"][m], 0), color=colors[name], lw=1.5, label=f"{name} (n={int(m.sum())})")
+  a1.plot(ts, z["bound_t"], color="k", lw=1.2, ls="--", label="bound D log(sigma(t)/sigma(eps))")
+  a1.set_ylabel(f"cumulative L(t) ({e}), nats")
+  a1.set_title("mean profile per group", fontsize=10)
+  a1.legend(fontsize=7, frameon=False)
+  for name in ("memorised", "not memorised", "held-out"):
+    m = groups[name]
+    if m.any():
+      mu, sd = np.nanmean(z["excess"][m], 0), np.nanstd(z["excess"][m], 0)
+      a2.plot(ts, mu, color=colors[name], lw=1.5, label=name)
+      a2.fill_between(ts, mu - sd, mu + sd, color=colors[name], alpha=0.15)
+  a2.axhline(0, color="k", lw=0.8, ls="--")
+  a2.set_ylabel("excess L(t) - L_max(t), nats")
+  a2.set_title("excess over the bound: mean \u00b1 1 sd (> 0: network error)", fontsize=10)
+  a2.legend(fontsize=7, frameon=False)
+  mid = np.sqrt(z["edges"][:-1] * z["edges"][1:]) if z["edges"][0] > 0 else 0.5 * (z["edges"][:-1] + z["edges"][1:])
+  for key, label, color in (("trained_vs_heldout", "trained vs held-out", COLORS["trained"]),
+                            ("memorised_vs_not", "memorised vs not", COLORS["memorised"])):
+    a3.plot(mid, aucs[key], "o-", color=color, lw=1.3, ms=3, label=f"{label} (window)")
+    a3.plot(ts, aucs[f"{key}_cum"], ":", color=color, lw=1.3, label=f"{label} (cumulative L(t))")
+  a3.axhline(0.5, color="0.5", lw=0.8, ls=":")
+  a3.set_ylim(0, 1)
+  a3.set_ylabel("AUROC")
+  a3.set_title("where in t the signal lives", fontsize=10)
+  a3.legend(fontsize=7, frameon=False)
+  for ax in (a1, a2, a3):
+    ax.set_xlabel("t")
+    if ts.size and ts.min() > 0 and ts.max() / ts.min() > 50:
+      ax.set_xscale("log")
+  fig.tight_layout()
+  plotting.save_figure(fig, path)
+
+
+def profile_section(config, workdir: str, scores: dict[str, np.ndarray], is_train: np.ndarray,
+                    det: dict[str, np.ndarray], folder: str) -> tuple[dict[str, Any], str]:
+  """Volume growth through time, per estimator with a profile (scores/profile_E.npz,
+  memvol/profile.py): where in t the membership and memorisation signals live (per-window
+  AUROC, Mann-Whitney p Holm-corrected over the windows of one comparison), the excess over
+  the bound and the fraction of each group above it, the first crossing times, and the capped
+  score against L. ({'profile': {E: ...}} for summary.json, markdown); empty without profiles."""
+  from memvol import volume  # presets: named settings of the volume engine
+  rc = config.report
+  summary: dict[str, Any] = {}
+  md: list[str] = []
+  for e in [str(x) for x in config.score.estimators]:
+    path = os.path.join(workdir, "scores", f"profile_{e}.npz")
+    if not os.path.exists(path):
+      continue
+    z = io.load_npz(path)
+    if z["ts"].size == 0 or "excess" not in z:
+      continue
+    if not (np.array_equal(z["ids"], scores["id"]) and np.array_equal(z["split"].astype(str), scores["split"])):
+      raise ValueError(f"{path} is not in the row order of scores.csv; rerun --mode=score")
+    ok = (np.isin(scores[f"{e}_status"], SUCCESS_STATUS) if f"{e}_status" in scores else np.ones(is_train.size, bool))
+    ok &= np.isfinite(z["L_t"]).all(axis=1)
+    g = _profile_groups(is_train, det, ok)
+    ts, edges, dim = z["ts"], z["edges"], int(z["bound_dim"])
+    L = scores[f"{e}_log_volume"]
+    aucs, pvals = {}, {}
+    for key, pos, neg in (("trained_vs_heldout", g["trained"], g["held-out"]),
+                          ("memorised_vs_not", g["memorised"], g["not memorised"])):
+      aucs[key], pvals[key] = _window_tests(z["windows"], pos, neg)
+      aucs[f"{key}_cum"], pvals[f"{key}_cum"] = _window_tests(z["L_t"], pos, neg)
+    empty = not_estimated("the group is empty")
+    frac = {name: [float(np.mean(z["excess"][m, k] > 0)) if m.any() else empty for k in range(ts.size)]
+            for name, m in g.items()}
+    ever = {name: float(np.mean(np.isfinite(z["t_above"][m]))) if m.any() else empty for name, m in g.items()}
+    t_cross = {name: float(np.median(z["t_above"][m][np.isfinite(z["t_above"][m])]))
+               if m.any() and np.isfinite(z["t_above"][m]).any()
+               else empty if not m.any() else not_estimated("no image of the group is above the bound")
+               for name, m in g.items()}
+    capped = np.where(ok, z["L_capped"], math.nan)
+    full = np.where(ok, L, math.nan)
+    cap_cmp = {}
+    for key, pos, neg in COMPARISONS:
+      cap_cmp[key] = {"L": _compare_or_reason(*comparison_groups(full, is_train, det)[key], (pos, neg), rc),
+                      "L_capped": _compare_or_reason(*comparison_groups(capped, is_train, det)[key], (pos, neg), rc)}
+    p = os.path.join(folder, f"{e}_profile.png")
+    profile_figure(e, z, g, aucs, p)
+    summary[e] = {"ts": ts.tolist(), "bound_t": z["bound_t"].tolist(), "bound_dim": dim,
+                  "window_edges": edges.tolist(), "window_bound": z["window_bound"].tolist(),
+                  "mean_L_t": {n: (np.nanmean(z["L_t"][m], 0).tolist() if m.any() else empty) for n, m in g.items()},
+                  "fraction_above_bound": frac, "fraction_ever_above": ever, "median_t_above": t_cross,
+                  "window_auroc": {k: _window_list(v) for k, v in aucs.items()},
+                  "window_mw_p_holm": {k: _window_list(v) for k, v in pvals.items()},
+                  "capped": cap_cmp}
+    base, preset = volume.parse_estimator(e)
+    md += [f"## Volume growth through time (`{e}`)", "",
+           f"The profile L(t) = L(eps -> t) at {ts.size} times geometric in sigma (config.score.profile_times), "
+           f"from the same solve as L, against the bound L_max(t) = {dim} log(sigma(t) / sigma(eps)) that every true "
+           f"score respects (memvol/sde.py; {fmt(z['bound_t'][-1])} nats at T): whatever lies above it is the "
+           "network's error, not volume. Windows are (t_{k-1}, t_k]; window AUROCs rank the growth dL_k inside the "
+           "window, cumulative ones L(t_k). p: two-sided Mann-Whitney, Holm-corrected over the windows of one "
+           "comparison (windows of the cumulative columns separately)."]
+    if preset and preset.startswith("rank"):
+      md += ["", f"`{e}` is a rank preset: a few fixed steps, so its values are a ranking statistic, not a volume; "
+             "its excess over the bound is mostly discretisation error (BUILD.md, cheap L)."]
+    md += ["", "**Where in t the signal lives**", ""]
+    rows = []
+    for k in range(edges.size - 1):
+      cum = k < ts.size
+      rows.append([f"({edges[k]:.4g}, {edges[k + 1]:.4g}]", fmt(z["window_bound"][k], 3)]
+                  + [fmt(np.nanmean(z["windows"][g[n], k]), 3) if g[n].any() else "n/a"
+                     for n in ("trained", "held-out", "memorised", "not memorised")]
+                  + [f"{fmt(aucs[c][k], 3)} ({fmt_p(pvals[c][k])})" for c in ("trained_vs_heldout", "memorised_vs_not")]
+                  + ([fmt(aucs[f"{c}_cum"][k], 3) for c in ("trained_vs_heldout", "memorised_vs_not")] if cum else ["", ""]))
+    md.append(_table(["window (t)", "bound dL_max", "mean dL trained", "held-out", "memorised", "not memorised",
+                      "AUROC trained vs held-out (Holm p)", "AUROC memorised vs not (Holm p)",
+                      "cumulative AUROC trained vs held-out", "cumulative AUROC memorised vs not"], rows))
+    md += ["", "**The bound: excess L(t) - L_max(t) and the fraction of each group above it**", ""]
+    names = list(g)
+    md.append(_table(["t", "L_max(t)"] + [f"mean excess {n}" for n in ("trained", "held-out", "memorised", "not memorised")]
+                     + [f"above: {n}" for n in names],
+                     [[f"{t:.4g}", fmt(z["bound_t"][k], 4)]
+                      + [fmt(np.nanmean(z["excess"][g[n], k]), 3) if g[n].any() else "n/a"
+                         for n in ("trained", "held-out", "memorised", "not memorised")]
+                      + [fmt(frac[n][k], 3) for n in names] for k, t in enumerate(ts)]))
+    md += ["", "Ever above the bound (at some profile time) and the median first profile time above it: "
+           + "; ".join(f"{n} {fmt(ever[n], 3)} (median t {fmt(t_cross[n], 3)})" for n in names) + ".", "",
+           "**A score that respects the bound**: L_capped = sum over windows of min(dL_k, dL_max,k) (memvol/profile.py: "
+           "equal to L for every true score, never above L_max(T), and L minus the error the bound proves window "
+           "by window).", ""]
+    md.append(_table(["comparison", "AUROC L", "AUROC L_capped", "Welch p L", "Welch p L_capped", "mean L_capped (pos / neg)"],
+                     [[f"{pos} vs {neg}"]
+                      + ([fmt(cap_cmp[k]["L"]["auroc"], 3), fmt(cap_cmp[k]["L_capped"]["auroc"], 3),
+                          fmt_p(cap_cmp[k]["L"]["welch_p"]), fmt_p(cap_cmp[k]["L_capped"]["welch_p"]),
+                          f"{fmt(cap_cmp[k]['L_capped']['mean_pos'])} / {fmt(cap_cmp[k]['L_capped']['mean_neg'])}"]
+                         if cap_cmp[k]["L"]["available"] and cap_cmp[k]["L_capped"]["available"]
+                         else [cap_cmp[k]["L"].get("reason", cap_cmp[k]["L_capped"].get("reason", "n/a"))] + [""] * 4)
+                      for k, pos, neg in COMPARISONS]))
+    md += ["", f"![Profile, excess over the bound and per-window AUROC ({e})]({os.path.basename(p)})", ""]
+  return ({"profile": summary} if summary else {}), "\n".join(md)

@@ -12,8 +12,15 @@ batch size or the device count. Process 0 merges everything into
   scores/scores.csv     id, split, label, dup_count, then per estimator E:
                         E_log_volume, E_stderr, E_prior_logp, E_logp, E_nfe, E_jvps,
                         E_status
-  scores/curves_E.npz   ids [N], split [N], ts [S], L_t [N, S] (cumulative L(t); S = 0
-                        when config.score.num_save_times is 0)
+                        and, when the estimator has a profile (config.score.profile_times,
+                        memvol/profile.py): E_L@t (cumulative L(t0 -> t)) and E_excess@t
+                        (L(t) - L_max(t)) at each profile time t, E_t_above (the first
+                        profile time above the bound, NaN: never), E_L_capped (the
+                        bound-respecting score)
+  scores/profile_E.npz  ids [N], split [N], ts [S], L_t [N, S] (the profile; S = 0 when
+                        config.score.profile_times is 0), bound_t [S], excess [N, S],
+                        t_above [N], edges [W + 1], windows [N, W], window_bound [W],
+                        L_capped [N], bound_dim
   scores/manifest.json  the settings of every estimator, peer and agreement run (what
                         is_complete checks) and seconds_per_image of each.
 
@@ -49,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memvol import io, parallel, parts, peers, volume
+from memvol import profile as profile_lib
 from memvol import sde as sde_lib
 
 _SCORE_STREAM = 1  # fold_in(PRNGKey(config.seed), _SCORE_STREAM): the scoring key
@@ -98,13 +106,21 @@ def estimators_of(config: Any) -> tuple[str, ...]:
   if not ests:
     raise ValueError("config.score.estimators is empty; name at least one of "
                      + ", ".join(volume.ESTIMATORS))
-  unknown = [e for e in ests if e not in volume.ESTIMATORS]
+  unknown = [e for e in ests if not _known_estimator(e)]
   if unknown or len(set(ests)) != len(ests):
     raise ValueError(f"config.score.estimators {list(ests)}: each must be one of "
-                     f"{volume.ESTIMATORS}, named once")
+                     f"{volume.ESTIMATORS} or hutchinson@<preset> ({sorted(volume.PRESETS)}), named once")
   if int(config.score.batch_size) < 1:
     raise ValueError(f"config.score.batch_size must be >= 1, got {config.score.batch_size}")
   return ests
+
+
+def _known_estimator(name: str) -> bool:
+  try:
+    volume.parse_estimator(name)
+  except ValueError:
+    return False
+  return True
 
 
 def options(config: Any, estimator: str) -> volume.VolumeOptions:
@@ -172,8 +188,18 @@ def parts_folder(workdir: str, estimator: str) -> str:
   return os.path.join(workdir, "scores", "parts", estimator)
 
 
-def curves_path(workdir: str, estimator: str) -> str:
-  return os.path.join(workdir, "scores", f"curves_{estimator}.npz")
+def profile_path(workdir: str, estimator: str) -> str:
+  return os.path.join(workdir, "scores", f"profile_{estimator}.npz")
+
+
+def options_from_settings(s: dict[str, Any]) -> volume.VolumeOptions:
+  """The VolumeOptions a settings record (`settings`) was made from."""
+  sde_d = dict(s["sde"])
+  cls = {c.__name__: c for c in sde_lib._SDES.values()}[sde_d.pop("class")]
+  o = dict(s["options"])
+  if o.get("save_ts") is not None:
+    o["save_ts"] = tuple(o["save_ts"])
+  return volume.VolumeOptions(sde=cls(**sde_d), **o)
 
 
 def _fmt(v: Any) -> str:
@@ -189,7 +215,7 @@ def peer_key(config: Any) -> jax.Array:
 
 def logp_source(ests: tuple[str, ...]) -> str | None:
   """The first full-trace estimator (its E_logp is the `logp` peer), or None."""
-  return next((e for e in ests if e in FULL_TRACE), None)
+  return next((e for e in ests if volume.parse_estimator(e)[0] in FULL_TRACE), None)
 
 
 def peers_of(config: Any, ests: tuple[str, ...]) -> tuple[str, ...]:
@@ -376,7 +402,7 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> None:
 
 def merge(workdir: str, table: ImageTable, ests: tuple[str, ...], all_settings: dict[str, Any],
           batch_size: int, log: Callable[[str], None] = print, *, plan: Plan | None = None) -> None:
-  """Write scores.csv, curves_E.npz, agreement.csv and manifest.json from the part files
+  """Write scores.csv, profile_E.npz, agreement.csv and manifest.json from the part files
   (deterministic: the same parts give byte-identical CSV and npz files)."""
   paths = _paths(workdir)
   n = len(table.ids)
@@ -396,7 +422,7 @@ def merge(workdir: str, table: ImageTable, ests: tuple[str, ...], all_settings: 
     timing[est] = seconds_per_image(rec)
     ts = np.asarray(all_settings[est]["options"]["save_ts"] or [], np.float64)
     L_t = rec["L_t"] if "L_t" in rec else np.zeros((n, 0), np.float32)
-    io.save_npz(curves_path(workdir, est), ids=table.ids, split=table.split.astype("U7"), ts=ts, L_t=L_t)
+    _merge_profile(workdir, table, est, all_settings[est], rec, ts, L_t, rows, columns)
     failed = int(np.sum(rec["status"] != 0))
     if failed:
       log(f"[memvol] WARNING score {est}: {failed} of {n} solves did not succeed (status != 0 in "
@@ -426,6 +452,26 @@ def merge(workdir: str, table: ImageTable, ests: tuple[str, ...], all_settings: 
   io.save_json(paths["manifest"], {"estimators": list(ests), "batch_size": batch_size,
                                    "settings": all_settings, **extra, "seconds_per_image": timing})
   log(f"[memvol] scores written to {paths['csv']}")
+
+
+def _merge_profile(workdir: str, table: ImageTable, est: str, s: dict[str, Any], rec: dict[str, np.ndarray],
+                   ts: np.ndarray, L_t: np.ndarray, rows: list[dict[str, str]], columns: list[str]) -> None:
+  """profile_E.npz and, when there is a profile, its scores.csv columns (module docstring)."""
+  opts = options_from_settings(s)
+  dim = profile_lib.bound_dim(opts.estimator, int(np.prod(table.images.shape[1:])), opts.K)
+  summ = profile_lib.summarise(opts.sde, opts.t_start, opts.t_end, ts, L_t, rec["log_volume"], dim)
+  io.save_npz(profile_path(workdir, est), ids=table.ids, split=table.split.astype("U7"), L_t=L_t,
+              bound_dim=np.asarray(dim), **summ)
+  if ts.size == 0:
+    return
+  names = profile_lib.column_names(est, ts)
+  cols = {"L": L_t.astype(np.float64), "excess": summ["excess"], "t_above": summ["t_above"][:, None],
+          "L_capped": summ["L_capped"][:, None]}
+  for kind, mat in cols.items():
+    for j, col in enumerate(names[kind]):
+      columns.append(col)
+      for i, row in enumerate(rows):
+        row[col] = _fmt(np.float32(mat[i, j]))
 
 
 def _add_columns(rows: list[dict[str, str]], columns: list[str], rec: dict[str, np.ndarray],
@@ -475,7 +521,7 @@ def _merged(workdir: str, ests: tuple[str, ...], all_settings: dict[str, Any], p
   agreement runs and settings."""
   paths = _paths(workdir)
   if not (os.path.exists(paths["csv"]) and os.path.exists(paths["manifest"])
-          and all(os.path.exists(curves_path(workdir, e)) for e in ests)):
+          and all(os.path.exists(profile_path(workdir, e)) for e in ests)):
     return False
   if pl is not None and pl.subset is not None and not os.path.exists(agreement_path(workdir)):
     return False

@@ -18,6 +18,38 @@ the probability-flow ODE drift
 
 The linear part of div v integrates in closed form: D (log a(t1) - log a(t0)).
 
+**The volume bound** (`log_volume_bound`). For ANY data distribution the optimal noise
+predictor is eps*(x, t) = (x - a E[x0 | x_t = x]) / sigma, and Tweedie's second identity
+d E[x0 | x_t] / dx = a Cov[x0 | x_t] / sigma^2 gives its Jacobian
+
+    d eps* / dx = (I - a^2 C / sigma^2) / sigma,      C = Cov[x0 | x_t = x] >= 0,
+
+so tr(d eps*/dx) <= D / sigma, with equality exactly when C = 0 (the posterior is a point:
+a perfect memoriser at a training image). Put into div v and use g^2 = d sigma^2/dt -
+2 f_lin sigma^2, i.e. g^2 / (2 sigma^2) = d log sigma/dt - f_lin:
+
+    div v = D f_lin + g^2 / (2 sigma) tr(d eps*/dx) <= D f_lin + D g^2 / (2 sigma^2)
+          = D d log sigma / dt,
+
+along every trajectory, hence for every image and every t0 < t
+
+    L(t0 -> t) = integral_t0^t div v dt <= L_max(t) = D log(sigma(t) / sigma(t0)).
+
+The drift's Jacobian f_lin I + g^2/(2 sigma^2) (I - a^2 C / sigma^2) is symmetric with
+every eigenvalue <= d log sigma / dt, so the growth of any K-dimensional volume (the
+`subspace` / `paper` estimators) obeys the same bound with K in place of D. Only the
+marginal identity for g^2 is used, so the bound holds as stated for VP (sigma^2 = 1 - a^2,
+4.558 nats per dimension from eps = 1e-3 to T = 1), sub-VP (sigma = 1 - a^2, a larger
+ratio) and VE (a = 1, f_lin = 0: L_max = D (t - t0) log(sigma_max / sigma_min), 8.5 nats
+per dimension over [0, 1] at the defaults, so it binds far less). It is a property of the
+true score: a network's eps_theta may have tr(d eps/dx) > D / sigma, and whatever L it
+accumulates above L_max is the network's error, not a volume. Writing tr J = D / sigma +
+r gives the split used by the trace estimators' control variate:
+
+    L(t0 -> t) = L_max(t) + integral_t0^t eps_coeff(s) (tr J - D / sigma(s)) ds,
+
+where the integral (the "excess") is <= 0 for every true score.
+
 All functions take scalar or array `t` and broadcast. Networks see time as 999 t
 (`time_input`), as the paper's code does (for VE too, so one network family serves all).
 """
@@ -112,6 +144,16 @@ class SDE(abc.ABC):
   def integrated_linear_div(self, t0: Array, t1: Array, dim: int) -> Array:
     """integral_{t0}^{t1} D f_lin(t) dt = D (log a(t1) - log a(t0)), in nats."""
     return dim * (self.log_mean_coeff(t1) - self.log_mean_coeff(t0))
+
+  def log_std(self, t: Array) -> Array:
+    """log sigma(t)."""
+    return jnp.log(self.std(t))
+
+  def log_volume_bound(self, t0: Array, t1: Array, dim: int) -> Array:
+    """L_max = D log(sigma(t1) / sigma(t0)) in nats: the largest log volume growth from t0 to
+    t1 any true score can produce (module docstring); = integral of D f_lin + D g^2 / (2
+    sigma^2), the divergence of the PF drift with tr(d eps / dx) = D / sigma."""
+    return dim * (self.log_std(t1) - self.log_std(t0))
 
   def reverse_sde_step(self, eps: Array, x: Array, t: Array, dt: Array, z: Array) -> Array:
     """One Euler-Maruyama step of the reverse SDE from t to t - dt (dt > 0):

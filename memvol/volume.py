@@ -34,6 +34,28 @@ extra ODE state beside x. Estimators (`estimator=`):
   theirs does. Their evaluation also scores each image's horizontal flip: that is the
   caller's choice of x0, not this function's.
 
+The profile: `save_ts` (from config `score.profile_times`, default 16 times uniform in log sigma
+from t0 to t1, `profile_times`) gives the cumulative L(t0 -> t_k) at each time from the SAME
+solve (diffrax SaveAt(ts) with dense output; subspace and paper interpolate their per-step
+sums), so the windowed values and the excess over the bound L_max(t_k) cost nothing extra.
+
+`control_variate=True` (exact, hutchinson) integrates tr J - |v|^2 / sigma instead of tr J
+and adds the closed form of what it took out: with tr(I / sigma) = D / sigma the linear drift
+and that identity part together integrate to L_max(t) = D log(sigma(t) / sigma(t0))
+(`sde.log_volume_bound`), so
+
+    L(t0 -> t) = L_max(t) + integral_t0^t eps_coeff(s) (v^T J v - |v|^2 / sigma(s)) ds.
+
+Unbiased (E|v|^2 = D); the same as plain Hutchinson for Rademacher probes in exact arithmetic,
+but the integrand left to the solver is the network's deviation from a perfect memoriser,
+which is ~ 1 / sigma^2 smaller near t0 than tr J: fixed-step solves lose far less to it, and
+the profile's excess over the bound is the integral itself.
+
+Presets (`PRESETS`, an estimator named `hutchinson@<preset>`; `parse_estimator`) are named
+settings of the same hutchinson solve: `rank*` are cheap ranking statistics whose values are
+NOT volumes (a few fixed steps overshoot L by up to 2x). scripts/bench_cheap_l.py measures
+them and fixed-step candidates for an accurate L against the adaptive reference (BUILD.md).
+
 Each image is its own ODE with its own steps and error control (jax.vmap over images,
 never one ODE over the batch); one network forward pass per right-hand side evaluation
 (`jax.linearize` at x, then the linear map vmapped over probes / basis / frame vectors).
@@ -78,6 +100,17 @@ EXACT_DEFAULT_CHUNK = 64  # basis vectors per JVP chunk of `exact` when chunk_si
 # on a bare ODETerm (the subspace loop), none inside diffeqsolve, whose wrapped term makes
 # it fall back to dt0 = 0.01 (both counted against a callback counter in the tests).
 _STEP_SELECT_EVALS = {"diffeqsolve": 0, "controller": 2}
+# Fixed-step time grids: blend = half uniform in t, half in log sigma; log_sigma = uniform in log sigma.
+TIME_GRIDS = {"blend": 0.5, "log_sigma": 1.0}
+PROFILE_TIMES_DEFAULT = 16
+# Named settings of the hutchinson solve (estimator "hutchinson@<name>"); passes per image =
+# network forward evaluations + JVPs. rank*: ranking statistics, not volumes.
+PRESETS: dict[str, dict[str, Any]] = {
+    "rank8": dict(solver="euler", adaptive=False, num_steps=4, num_probes=1, time_grid="blend",
+                  control_variate=False),    # 4 evaluations x (1 + 1 probe) = 8 passes
+    "rank32": dict(solver="heun", adaptive=False, num_steps=8, num_probes=1, time_grid="blend",
+                   control_variate=False),   # 16 x 2 = 32 passes
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +126,11 @@ class VolumeOptions:
   K: frame size (subspace, paper); radius, paper_steps: paper.
   chunk_size: vectors vmapped together per image (basis / probes / frame / paper points);
     None = all at once, except `exact`, which then uses 64.
-  save_ts: times at which the cumulative L(t) is also returned. max_steps: solver budget.
+  time_grid: blend | log_sigma, the fixed-step grid (`time_grid`).
+  control_variate: exact / hutchinson integrate tr J - D / sigma and add L_max in closed
+    form (module docstring).
+  save_ts: times at which the cumulative L(t) (the profile) is also returned. max_steps:
+    solver budget.
   precision: highest | high | default, the matmul / convolution precision the compiled
     solve runs at (numerics.py; "highest" = float32, what a CPU computes).
   """
@@ -117,6 +154,8 @@ class VolumeOptions:
   save_ts: tuple[float, ...] | None = None
   max_steps: int = 4096
   precision: str = "highest"
+  time_grid: str = "blend"
+  control_variate: bool = False
 
   def __post_init__(self):
     setf = functools.partial(object.__setattr__, self)
@@ -136,6 +175,9 @@ class VolumeOptions:
                        f"or one of {VARIANCE_REDUCTIONS}")
     setf("variance_reduction", vr)
     setf("adaptive", bool(self.adaptive))
+    setf("control_variate", bool(self.control_variate))
+    if self.time_grid not in TIME_GRIDS:
+      raise ValueError(f"unknown time_grid {self.time_grid!r}; expected one of {sorted(TIME_GRIDS)}")
     if self.adaptive and self.estimator != "paper" and not _STAGES[self.solver][0] > 1:
       raise ValueError(f"solver {self.solver!r} has no error estimate, so it cannot take "
                        "adaptive steps: pass adaptive=False or another solver")
@@ -189,8 +231,11 @@ class VolumeOptions:
   def from_config(cls, cfg: Mapping[str, Any], estimator: str, *, sde: sde_lib.SDE | None = None,
                   **overrides) -> "VolumeOptions":
     """Options from the `score` config section (experiments/configs/base.py) or from a whole
-    config (then its `sde` section gives the SDE). `sde` overrides; else VP-SDE.
-    `num_save_times` n > 0 gives save_ts = linspace(t0, t1, n)."""
+    config (then its `sde` section gives the SDE). `sde` overrides; else VP-SDE. `estimator`
+    may name a preset, "hutchinson@<name>" (PRESETS: its settings replace the config's).
+    `profile_times`: an int n > 0 gives save_ts = profile_times(sde, t0, t1, n), a sequence
+    gives the times themselves, 0 or () none."""
+    estimator, preset = parse_estimator(estimator)
     if "score" in cfg:
       if sde is None and "sde" in cfg:
         sde = sde_lib.from_config(cfg["sde"])
@@ -204,14 +249,14 @@ class VolumeOptions:
               variance_reduction=get("variance_reduction", None), K=get("K", 100),
               radius=get("radius", 0.05), paper_steps=get("paper_steps", 1000),
               chunk_size=get("chunk_size", None), max_steps=get("max_steps", 4096),
-              precision=get("precision", "highest"))
+              precision=get("precision", "highest"), time_grid=get("time_grid", "blend"),
+              control_variate=get("control_variate", False))
+    kw.update(PRESETS[preset] if preset else {})
     kw.update(overrides)
     if "save_ts" not in overrides:
-      n = int(get("num_save_times", 0) or 0)
-      if n > 0:
-        t0 = sde.eps if kw["t0"] is None else kw["t0"]
-        t1 = sde.T if kw["t1"] is None else kw["t1"]
-        kw["save_ts"] = tuple(np.linspace(float(t0), float(t1), n).tolist())
+      t0 = float(sde.eps if kw["t0"] is None else kw["t0"])
+      t1 = float(sde.T if kw["t1"] is None else kw["t1"])
+      kw["save_ts"] = resolve_profile_times(get("profile_times", PROFILE_TIMES_DEFAULT), sde, t0, t1)
     return cls(**kw)
 
 
@@ -227,7 +272,9 @@ class VolumeResult:
     ODE log-likelihood (NaN for subspace/paper, whose L is not a full log-determinant);
   nfe, num_jvps, num_steps, num_rejected, status [B] ints (status: diffrax RESULTS code,
     0 = success; 1 = max_steps reached); x_T [B, *shape];
-  L_t [B, S] cumulative L at save_ts [S] (None when not requested).
+  L_t [B, S]: the profile, cumulative L(t0 -> save_ts[s]) in nats from the same solve (the
+    K-direction version for subspace/paper; None when not requested); L_t[:, s] - L_max(save_ts[s])
+    (`sde.log_volume_bound`) is the excess over the bound.
   """
 
   log_volume: np.ndarray
@@ -247,7 +294,7 @@ class VolumeResult:
 # --- time grids and error norms ------------------------------------------------------
 
 @functools.lru_cache(maxsize=64)
-def _time_grid_cached(sde: sde_lib.SDE, t0: float, t1: float, n: int) -> np.ndarray:
+def _time_grid_cached(sde: sde_lib.SDE, t0: float, t1: float, n: int, weight: float = 0.5) -> np.ndarray:
   with jax.ensure_compile_time_eval():
     log_std = lambda t: np.log(np.asarray(sde.std(jnp.asarray(t)), np.float64))  # noqa: E731
     l0, l1 = float(log_std(t0)), float(log_std(t1))
@@ -255,7 +302,7 @@ def _time_grid_cached(sde: sde_lib.SDE, t0: float, t1: float, n: int) -> np.ndar
 
     def s(t):
       u = (t - t0) / (t1 - t0)
-      return 0.5 * (u + (log_std(t) - l0) / span) if abs(span) > 1e-12 else u
+      return (1 - weight) * u + weight * (log_std(t) - l0) / span if abs(span) > 1e-12 else u
 
     target = np.linspace(0.0, 1.0, n + 1)
     lo, hi = np.full(n + 1, t0), np.full(n + 1, t1)
@@ -268,14 +315,55 @@ def _time_grid_cached(sde: sde_lib.SDE, t0: float, t1: float, n: int) -> np.ndar
   return grid
 
 
-def time_grid(sde: sde_lib.SDE, t0: float, t1: float, n: int) -> np.ndarray:
-  """n + 1 times from t0 to t1 for fixed-step solves [n + 1], float64: uniform in
-  s(t) = ((t - t0)/(t1 - t0) + (log sigma(t) - log sigma(t0))/(log sigma(t1) - log sigma(t0))) / 2,
-  so steps are short where sigma is small (near t = eps the drift's Jacobian grows like
-  1 / sigma^2) and no step exceeds 2 (t1 - t0) / n. Uniform in t for VE."""
+def time_grid(sde: sde_lib.SDE, t0: float, t1: float, n: int, kind: str = "blend") -> np.ndarray:
+  """n + 1 times from t0 to t1 for fixed-step solves [n + 1], float64, uniform in
+  s(t) = (1 - w) (t - t0)/(t1 - t0) + w (log sigma(t) - log sigma(t0))/(log sigma(t1) - log sigma(t0)),
+  w = TIME_GRIDS[kind]: `blend` (w = 1/2) makes steps short where sigma is small (near t = eps
+  the drift's Jacobian grows like 1 / sigma^2) with no step over 2 (t1 - t0) / n; `log_sigma`
+  (w = 1) makes every step raise the bound L_max by the same D log(sigma(t1)/sigma(t0)) / n, the
+  variable in which a memoriser's integrand is constant. Both are uniform in t for VE."""
   if n < 1 or not t0 < t1:
     raise ValueError(f"time_grid needs n >= 1 and t0 < t1; got n={n}, t0={t0}, t1={t1}")
-  return _time_grid_cached(sde, float(t0), float(t1), int(n)).copy()
+  if kind not in TIME_GRIDS:
+    raise ValueError(f"unknown time_grid {kind!r}; expected one of {sorted(TIME_GRIDS)}")
+  return _time_grid_cached(sde, float(t0), float(t1), int(n), TIME_GRIDS[kind]).copy()
+
+
+def profile_times(sde: sde_lib.SDE, t0: float, t1: float, n: int = PROFILE_TIMES_DEFAULT) -> tuple[float, ...]:
+  """n times t_1 < ... < t_n = t1, geometric in sigma: log sigma(t_k) = log sigma(t0) + (k / n)
+  (log sigma(t1) - log sigma(t0)), k = 1..n (t0 itself, where L = 0, left out). Each window
+  (t_{k-1}, t_k] has the same bound D log(sigma(t1) / sigma(t0)) / n."""
+  return tuple(float(t) for t in time_grid(sde, t0, t1, n, "log_sigma")[1:])
+
+
+def resolve_profile_times(value, sde: sde_lib.SDE, t0: float, t1: float) -> tuple[float, ...] | None:
+  """config.score.profile_times as save_ts: an int n > 0 -> profile_times(sde, t0, t1, n);
+  a sequence -> those times; 0, None or () -> None. ValueError naming the value otherwise."""
+  if value is None or isinstance(value, str) and value.strip() in ("", "0"):
+    return None
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    if value < 0:
+      raise ValueError(f"score.profile_times must be an int >= 0 or a sequence of times; got {value!r}")
+    return profile_times(sde, t0, t1, int(value)) if value > 0 else None
+  try:
+    ts = tuple(float(v) for v in value)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"score.profile_times must be an int >= 0 or a sequence of times; got {value!r}") from e
+  return ts or None
+
+
+def parse_estimator(name: str) -> tuple[str, str | None]:
+  """("hutchinson", "rank8") from "hutchinson@rank8"; (name, None) without a preset.
+  ValueError naming an unknown estimator or preset."""
+  base, _, preset = str(name).partition("@")
+  if base not in ESTIMATORS:
+    raise ValueError(f"unknown estimator {base!r}; expected one of {ESTIMATORS}")
+  if not preset:
+    return base, None
+  if base != "hutchinson" or preset not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}: presets are hutchinson@<name> with <name> one of "
+                     f"{sorted(PRESETS)}")
+  return base, preset
 
 
 def _rms(x: Array) -> Array:
@@ -300,7 +388,7 @@ def _frame_norm(err) -> Array:
 def _controller(opts: VolumeOptions, t0: Array, t1: Array, norm, dtype):
   if opts.adaptive:
     return diffrax.PIDController(rtol=opts.rtol, atol=opts.atol, norm=norm)
-  grid = jnp.asarray(time_grid(opts.sde, opts.t_start, opts.t_end, opts.num_steps), dtype)
+  grid = jnp.asarray(time_grid(opts.sde, opts.t_start, opts.t_end, opts.num_steps, opts.time_grid), dtype)
   return diffrax.StepTo(ts=grid.at[0].set(t0).at[-1].set(t1))
 
 
@@ -329,6 +417,10 @@ def _trace_solve(eps_fn, x0: Array, k_img: Array, opts: VolumeOptions) -> dict[s
   n = 1 if exact else opts.num_probes
   probes = None if exact else trace.sample_probes(k_img, n, shape, dtype, opts.probe)
   sketch = trace.sample_probes(k_img, n, shape, dtype, opts.probe, offset=n) if hutchpp else None
+  cv = opts.control_variate
+  # what the control variate takes out per trace term, times sigma: v_k^T v_k (D for exact / hutch++)
+  identity = (jnp.full((1,), d, dtype) if exact or hutchpp
+              else jnp.sum(jnp.square(probes).reshape(n, -1), axis=1)) if cv else None
 
   def vf(t, y, args):
     del args
@@ -341,6 +433,8 @@ def _trace_solve(eps_fn, x0: Array, k_img: Array, opts: VolumeOptions) -> dict[s
       q = trace.hutchpp(jvp, sketch, probes, chunk)
     else:
       q = trace.hutchinson(jvp, probes, chunk)
+    if cv:
+      q = q - identity / sde.std(t)
     return (sde.pf_drift_from_eps(x, t, eps).astype(dtype), (sde.eps_coeff(t) * q).astype(dtype))
 
   save_ts = () if opts.save_ts is None else opts.save_ts
@@ -351,8 +445,8 @@ def _trace_solve(eps_fn, x0: Array, k_img: Array, opts: VolumeOptions) -> dict[s
       max_steps=opts.max_steps, throw=False)
   xs, ls = sol.ys
   l = ls[-1]
-  lin = sde.integrated_linear_div(t0, t1, d)
-  log_volume = lin + jnp.mean(l)
+  closed = sde.log_volume_bound if cv else sde.integrated_linear_div
+  log_volume = closed(t0, t1, d) + jnp.mean(l)
   if exact:
     stderr = jnp.zeros((), dtype)
   elif n > 1:
@@ -367,7 +461,7 @@ def _trace_solve(eps_fn, x0: Array, k_img: Array, opts: VolumeOptions) -> dict[s
              num_rejected=sol.stats["num_rejected_steps"], status=_status(sol.result), full=True)
   if opts.save_ts is not None:
     s = jnp.asarray(save_ts, dtype)
-    out["L_t"] = sde.integrated_linear_div(t0, s, d) + jnp.mean(ls[:-1], axis=1)
+    out["L_t"] = closed(t0, s, d) + jnp.mean(ls[:-1], axis=1)
   return out
 
 
@@ -562,7 +656,8 @@ def log_volume_growth(eps_fn, x0, *, sde: sde_lib.SDE, key: Array | None = None,
                       probe: str = "rademacher", variance_reduction: str | None = None,
                       K: int = 100, radius: float = 0.05, paper_steps: int = 1000,
                       chunk_size: int | None = None, save_ts=None, image_ids=None,
-                      max_steps: int = 4096, precision: str = "highest") -> VolumeResult:
+                      max_steps: int = 4096, precision: str = "highest", time_grid: str = "blend",
+                      control_variate: bool = False) -> VolumeResult:
   """Log volume growth L of the PF ODE map from t0 to t1 for every image of x0.
 
   eps_fn(x, t): ONE image [*shape] and SDE time t -> [*shape] (a plain function, or a
@@ -577,7 +672,8 @@ def log_volume_growth(eps_fn, x0, *, sde: sde_lib.SDE, key: Array | None = None,
                        probe=probe, variance_reduction=variance_reduction, K=K, radius=radius,
                        paper_steps=paper_steps, chunk_size=chunk_size,
                        save_ts=None if save_ts is None else tuple(np.atleast_1d(save_ts).tolist()),
-                       max_steps=max_steps, precision=precision)
+                       max_steps=max_steps, precision=precision, time_grid=time_grid,
+                       control_variate=control_variate)
   return run(eps_fn, x0, opts, key=key, image_ids=image_ids)
 
 

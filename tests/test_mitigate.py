@@ -374,7 +374,7 @@ def tiny_config():
   t.num_steps, t.batch_size, t.lr, t.warmup_steps, t.log_every, t.ckpt_every, t.sample_every = 12, 8, 3e-3, 2, 4, 4, 0
   c.sample.num_samples, c.sample.sde_steps, c.sample.batch_size = 16, 20, 16
   c.score.batch_size, c.score.adaptive, c.score.solver, c.score.num_steps = 32, False, "heun", 4
-  c.score.num_save_times, c.score.num_probes = 0, 1
+  c.score.profile_times, c.score.num_probes = 0, 1
   c.detect.carlini_n = 4
   mt = c.mitigate
   mt.regimes = ("a", "b")

@@ -78,7 +78,7 @@ def make_workdir(wd: str, copy_some: bool = True, seed: int = 0, n: int = 40):
   for e in ESTS:
     lv = np.array([r[f"{e}_log_volume"] for r in rows])
     extra = {"split": np.array([r["split"] for r in rows])} if e == "exact" else {}
-    io.save_npz(os.path.join(wd, "scores", f"curves_{e}.npz"), ids=ids, ts=ts,
+    io.save_npz(os.path.join(wd, "scores", f"profile_{e}.npz"), ids=ids, ts=ts,
                 L_t=lv[:, None] * np.sqrt(ts)[None, :], **extra)
   io.save_json(os.path.join(wd, "timings.json"), {"train": 12.5, "sample": 3.0, "score": 7.25})
   return split
@@ -138,7 +138,7 @@ def test_report_when_nothing_is_memorised(tmp_path):
   wd, cfg = str(tmp_path), _config()
   cfg.score.estimators = ("hutchinson",)
   split = make_workdir(wd, copy_some=False)
-  os.remove(os.path.join(wd, "scores", "curves_hutchinson.npz"))
+  os.remove(os.path.join(wd, "scores", "profile_hutchinson.npz"))
   detect.run(cfg, wd, split=split)
   s = report.run(cfg, wd, split=split)
   md = open(os.path.join(wd, "report", "report.md")).read()
@@ -164,14 +164,14 @@ def test_report_nan_scores_and_undefined_statistics(tmp_path):
   io.save_csv(path, rows)
   # curves as scoring writes them (with a split array), no points saved
   ids = np.array([int(r["id"]) for r in rows])
-  io.save_npz(os.path.join(wd, "scores", "curves_hutchinson.npz"), ids=ids,
+  io.save_npz(os.path.join(wd, "scores", "profile_hutchinson.npz"), ids=ids,
               split=np.array([r["split"] for r in rows]), ts=np.zeros(0), L_t=np.zeros((len(rows), 0)))
   detect.run(cfg, wd, split=split)
   s = report.run(cfg, wd, split=split)
   h = s["estimators"]["hutchinson"]
   assert h["num_nonfinite"] == 2 and h["num_failed_solves"] == 1 and h["trained_vs_heldout"]["n_pos"] == 37
   assert h["trained_vs_heldout"]["mean_pos"] < 100 and h["status_counts"] == {"0": 79, "2": 1}
-  assert "num_save_times = 0" in open(os.path.join(wd, "report", "report.md")).read()
+  assert "profile_times = 0" in open(os.path.join(wd, "report", "report.md")).read()
   # one memorised singleton left: its Welch test is undefined -> null, listed in `undefined`
   ms = h["memorised_vs_not_singletons"]
   assert ms["n_pos"] == 1 and ms["welch_p"] is None
@@ -338,4 +338,47 @@ def test_report_peers_tables_figures_and_agreement(tmp_path):
   assert "## Estimator agreement on a training subset" in md and "agreement_subset.png" in md
   for f in ["peers_spearman.png", "agreement_subset.png"] + [f"peers_roc_{k}.png" for k in report.PEER_COMPARISONS]:
     assert os.path.getsize(os.path.join(wd, "report", f)) > 5000
+  assert _check_report()(wd) == 0
+
+
+def test_profile_section_bound_fractions_and_window_aurocs(tmp_path):
+  """A profile where memorised images cross the bound from the 5th time on and trained images
+  grow more only from the 7th: the fractions above it, the crossing times, where the
+  AUROC lives, and the capped score are what the construction says."""
+  from memvol import profile as profile_lib
+  from memvol import sde as sde_lib
+  from memvol import volume
+  wd, cfg = str(tmp_path), _config()
+  split = make_workdir(wd)
+  detect.run(cfg, wd, split=split)
+  rows = io.load_csv(os.path.join(wd, "scores", "scores.csv"))
+  sde, dim = sde_lib.VPSDE(), 64
+  ts = np.asarray(volume.profile_times(sde, sde.eps, sde.T, 8))
+  bound = profile_lib.bound(sde, sde.eps, ts, dim)
+  n = len(rows)
+  is_train = np.array([r["split"] == "train" for r in rows])
+  det = report.load_detect(os.path.join(wd, "detect", "detect.csv"))
+  mem = np.zeros(n, bool)
+  mem[:40] = det["copies_ratio"] > 0
+  rng = np.random.default_rng(1)
+  frac = 0.6 + 0.01 * rng.normal(size=(n, 1)) + 0.1 * (is_train[:, None] & (np.arange(8) >= 6)[None, :])
+  L_t = bound[None, :] * frac
+  L_t[mem, 4:] = bound[4:] + 5.0  # memorised: above the bound from ts[4] on
+  summ = profile_lib.summarise(sde, sde.eps, sde.T, ts, L_t, L_t[:, -1], dim)
+  io.save_npz(os.path.join(wd, "scores", "profile_hutchinson.npz"), ids=np.array([int(r["id"]) for r in rows]),
+              split=np.array([r["split"] for r in rows]), L_t=L_t, bound_dim=np.asarray(dim), **summ)
+  summary = report.run(cfg, wd, split=split)
+  p = summary["profile"]["hutchinson"]
+  assert p["fraction_above_bound"]["memorised"] == [0.0] * 4 + [1.0] * 4
+  assert p["fraction_above_bound"]["held-out"] == [0.0] * 8
+  assert p["fraction_ever_above"]["memorised"] == 1.0 and p["median_t_above"]["memorised"] == float(ts[4])
+  au = p["window_auroc"]["trained_vs_heldout"]
+  assert au[6] == 1.0 and au[7] == 1.0 and abs(au[2] - 0.5) < 0.25  # trained grow more only there
+  assert p["window_auroc"]["memorised_vs_not"][4] == 1.0  # the crossing window
+  capped = summ["L_capped"]
+  assert np.all(capped <= bound[-1] + 1e-9) and np.allclose(capped[~is_train], L_t[~is_train, -1])
+  assert np.all(capped[mem] < L_t[mem, -1] - 4.9)  # the 5 nats above the bound are capped away
+  md = open(os.path.join(wd, "report", "report.md")).read()
+  assert "Where in t the signal lives" in md and "A score that respects the bound" in md
+  assert "](hutchinson_profile.png)" in md and os.path.getsize(os.path.join(wd, "report", "hutchinson_profile.png")) > 5000
   assert _check_report()(wd) == 0

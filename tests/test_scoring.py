@@ -28,7 +28,7 @@ N = len(TABLE.ids)
 def config(**score):
   c = get_base_config()
   c.score.update(dict(estimators=("exact", "hutchinson"), batch_size=4, rtol=1e-3, atol=1e-3,
-                      num_probes=2, num_save_times=5, peers=(), agreement_subset=0))
+                      num_probes=2, profile_times=(1e-3, 0.01, 0.1, 0.5, 1.0), peers=(), agreement_subset=0))
   c.score.update(score)
   return c
 
@@ -56,9 +56,11 @@ def test_scores_csv_and_curves(tmp_path, model):
   d = str(tmp_path)
   scoring.run(config(), d, log=quiet)
   rows = io.load_csv(os.path.join(d, "scores", "scores.csv"))
+  ts = (1e-3, 0.01, 0.1, 0.5, 1.0)
   cols = ["id", "split", "label", "dup_count"] + [
-      f"{e}_{c}" for e in ("exact", "hutchinson")
-      for c in ("log_volume", "stderr", "prior_logp", "logp", "nfe", "jvps", "status")]
+      c for e in ("exact", "hutchinson")
+      for c in [f"{e}_{c}" for c in ("log_volume", "stderr", "prior_logp", "logp", "nfe", "jvps", "status")]
+      + [f"{e}_L@{t:.4g}" for t in ts] + [f"{e}_excess@{t:.4g}" for t in ts] + [f"{e}_t_above", f"{e}_L_capped"]]
   assert list(rows[0]) == cols
   assert [int(r["id"]) for r in rows] == TABLE.ids.tolist()  # train then held-out, split ids
   assert [r["split"] for r in rows] == TABLE.split.tolist()
@@ -72,12 +74,25 @@ def test_scores_csv_and_curves(tmp_path, model):
   # a memoriser of the training images: trained images grow more volume than held-out ones
   assert lv[:6].min() > lv[6:].max()
   assert np.all(np.abs(hv - lv) < 6 * np.array([float(r["hutchinson_stderr"]) for r in rows]) + 1.0)
-  curves = io.load_npz(os.path.join(d, "scores", "curves_exact.npz"))
+  curves = io.load_npz(os.path.join(d, "scores", "profile_exact.npz"))
   np.testing.assert_array_equal(curves["ids"], TABLE.ids)
   assert curves["L_t"].shape == (N, 5) and curves["ts"].shape == (5,)
   np.testing.assert_allclose(curves["ts"][[0, -1]], [SDE.eps, SDE.T])
   np.testing.assert_allclose(curves["L_t"][:, -1], lv, rtol=1e-5)  # L(T) is the score
   np.testing.assert_allclose(curves["L_t"][:, 0], 0.0, atol=1e-5)
+  # the bound's columns: excess = L(t) - D log(sigma(t)/sigma(eps)), capped score <= L and <= L_max(T)
+  d_img = int(np.prod(SHAPE))
+  bound = np.array([d_img * float(np.log(SDE.std(t) / SDE.std(SDE.eps))) for t in ts])
+  np.testing.assert_allclose(curves["bound_t"], bound, rtol=1e-5)
+  exc = np.array([[float(r[f"exact_excess@{t:.4g}"]) for t in ts] for r in rows])
+  L_cols = np.array([[float(r[f"exact_L@{t:.4g}"]) for t in ts] for r in rows])
+  np.testing.assert_allclose(exc, L_cols - bound, rtol=1e-4, atol=1e-3)
+  capped = np.array([float(r["exact_L_capped"]) for r in rows])
+  assert np.all(capped <= lv + 1e-4) and np.all(capped <= bound[-1] + 1e-3)
+  above = np.array([float(r["exact_t_above"]) for r in rows])
+  first = [ts[int(np.argmax(e > 0))] if (e > 0).any() else np.nan for e in exc]
+  np.testing.assert_array_equal(np.isnan(above), np.isnan(first))
+  np.testing.assert_allclose(above[~np.isnan(above)], np.array(first)[~np.isnan(above)])
   assert scoring.is_complete(config(), d)
   assert not scoring.is_complete(config(rtol=1e-4), d)
 
@@ -85,11 +100,11 @@ def test_scores_csv_and_curves(tmp_path, model):
 def test_exact_matches_the_gaussian_closed_form(tmp_path, model):
   g = analytic.random_gaussian_eps(jax.random.PRNGKey(1), SHAPE, SDE, std_range=(0.1, 0.8))
   model["eps"] = g
-  scoring.run(config(estimators=("exact",), rtol=1e-5, atol=1e-5, num_save_times=0), str(tmp_path), log=quiet)
+  scoring.run(config(estimators=("exact",), rtol=1e-5, atol=1e-5, profile_times=0), str(tmp_path), log=quiet)
   rows = io.load_csv(os.path.join(str(tmp_path), "scores", "scores.csv"))
   np.testing.assert_allclose([float(r["exact_log_volume"]) for r in rows],
                              float(g.log_volume(SDE.eps, SDE.T)), rtol=2e-4)
-  assert io.load_npz(os.path.join(str(tmp_path), "scores", "curves_exact.npz"))["L_t"].shape == (N, 0)
+  assert io.load_npz(os.path.join(str(tmp_path), "scores", "profile_exact.npz"))["L_t"].shape == (N, 0)
 
 
 def _values(workdir):
@@ -136,8 +151,8 @@ def test_killed_run_resumes_to_the_same_file(tmp_path, model, monkeypatch):
   assert len(calls) == 3  # only hutchinson's 3 batches
   assert read(d) == read(ref)
   for e in ("exact", "hutchinson"):
-    a, b = (io.load_npz(os.path.join(w, "scores", f"curves_{e}.npz")) for w in (ref, d))
-    assert all(np.array_equal(a[k], b[k]) for k in a)
+    a, b = (io.load_npz(os.path.join(w, "scores", f"profile_{e}.npz")) for w in (ref, d))
+    assert all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") for k in a)
   calls.clear()
   scoring.run(config(), d, log=quiet)  # complete: nothing recomputed
   assert calls == []
@@ -318,7 +333,7 @@ def test_real_workdir_train_sample_score(tmp_path):
   c = digits.get_config("quick")
   c.train.num_steps = 40
   c.sample.update(dict(methods=("sde", "ode"), num_samples=6, batch_size=4, sde_steps=30))
-  c.score.update(dict(estimators=("exact", "hutchinson"), batch_size=12, num_save_times=3))
+  c.score.update(dict(estimators=("exact", "hutchinson"), batch_size=12, profile_times=3))
   d = str(tmp_path)
   for stage in ("train", "sample", "score"):
     pipeline.run(c, d, stage, log=quiet)
@@ -330,3 +345,16 @@ def test_real_workdir_train_sample_score(tmp_path):
   assert all(r["exact_status"] == "0" and np.isfinite(float(r["exact_log_volume"])) for r in rows)
   s = io.load_npz(os.path.join(d, "samples", "samples_ode.npz"))
   assert s["images"].shape == (6, *split.train.images.shape[1:])
+
+
+def test_a_preset_is_an_estimator_of_the_same_solve(tmp_path, model):
+  """hutchinson@rank8 (4 Euler steps, 1 probe) scores through the same stage: its own columns
+  and part folder, 8 network passes per image, and an unknown preset fails before scoring."""
+  d = str(tmp_path)
+  scoring.run(config(estimators=("hutchinson@rank8",)), d, log=quiet)
+  rows = io.load_csv(os.path.join(d, "scores", "scores.csv"))
+  assert all(int(r["hutchinson@rank8_nfe"]) + int(r["hutchinson@rank8_jvps"]) == 8 for r in rows)
+  assert np.isfinite([float(r["hutchinson@rank8_L_capped"]) for r in rows]).all()
+  assert os.path.isdir(os.path.join(d, "scores", "parts", "hutchinson@rank8"))
+  with pytest.raises(ValueError, match="preset"):
+    scoring.run(config(estimators=("hutchinson@fast",)), str(tmp_path / "x"), log=quiet)

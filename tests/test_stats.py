@@ -149,3 +149,10 @@ def test_holm_by_hand():
   assert stats.holm([]).shape == (0,)
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
     stats.holm([0.5, 1.5])
+
+
+def test_holm_against_the_hand_computed_adjustment():
+  p = np.array([0.01, 0.04, np.nan, 0.03, 0.2])
+  # sorted 0.01, 0.03, 0.04, 0.2 (m = 4): 0.04, 0.09, 0.09 (monotone), 0.2
+  np.testing.assert_allclose(stats.holm(p), [0.04, 0.09, np.nan, 0.09, 0.2])
+  assert np.isnan(stats.holm([np.nan])).all()

@@ -223,6 +223,72 @@ def _memoriser_about_k_log_ratio(sde, k, shape, num_scored, euler):
   np.testing.assert_allclose(res.log_volume, k * euler, rtol=0.005)
 
 
+# --- the profile L(t) and the control variate ----------------------------------------------
+
+@pytest.mark.parametrize("case", [dict(estimator="exact"), dict(estimator="hutchinson", num_probes=3),
+                                  dict(estimator="exact", control_variate=True),
+                                  dict(estimator="hutchinson", num_probes=2, control_variate=True)])
+def test_profile_matches_the_closed_form_at_every_time(x64, case):
+  """A diagonal Gaussian: Hutchinson is exact, the profile is the closed form at each t, its
+  last value (t1) is L, and the excess below the bound is what the closed form says."""
+  sde = SDES["vp"]
+  g = _diagonal_gaussian(sde, seed=5)
+  save = volume.profile_times(sde, sde.eps, sde.T, 6)
+  res = volume.log_volume_growth(g, _images(2), sde=sde, key=jax.random.PRNGKey(2), save_ts=save, **case, **TIGHT)
+  closed = np.array([float(g.log_volume(sde.eps, t)) for t in save])
+  np.testing.assert_allclose(res.L_t, np.tile(closed, (2, 1)), rtol=1e-6)
+  np.testing.assert_array_equal(res.L_t[:, -1], res.log_volume)
+  bound = np.array([float(sde.log_volume_bound(sde.eps, t, D)) for t in save])
+  assert np.all(res.L_t < bound)
+
+
+def test_control_variate_is_the_same_estimate_on_a_network(x64):
+  """Rademacher probes: v^T v = D, so the control variate changes the integrand the solver
+  sees, not the estimate (to the tolerance)."""
+  sde, net, x0 = SDES["vp"], _tiny_net(dtype=jnp.float64), _images(2, seed=4)
+  kw = dict(sde=sde, key=jax.random.PRNGKey(5), estimator="hutchinson", num_probes=2)
+  ref = volume.log_volume_growth(net, x0, **kw, **TIGHT)
+  cv = volume.log_volume_growth(net, x0, control_variate=True, **kw, **TIGHT)
+  np.testing.assert_allclose(cv.log_volume, ref.log_volume, rtol=1e-7)
+
+
+def test_control_variate_makes_the_memoriser_exact_at_any_step_count(x64):
+  """One training image, w = 0: eps = (x - a y) / sigma, so tr J = D / sigma and the integrand
+  left with the control variate is 0: one Euler step gives L = L_max exactly (without it, the
+  solver must integrate D g^2 / (2 sigma^2), which one step cannot)."""
+  sde = SDES["vp"]
+  data = _images(1, seed=21)
+  net = analytic.memoriser_eps(data, sde)
+  kw = dict(sde=sde, estimator="hutchinson", num_probes=2, adaptive=False, solver="euler", num_steps=1)
+  bound = float(sde.log_volume_bound(sde.eps, sde.T, D))
+  cv = volume.log_volume_growth(net, data, control_variate=True, **kw)
+  plain = volume.log_volume_growth(net, data, **kw)
+  np.testing.assert_allclose(cv.log_volume, bound, rtol=1e-12)
+  assert abs(plain.log_volume[0] - bound) > 10
+
+
+def test_profile_does_not_depend_on_batch_size():
+  sde = SDES["vp"]
+  net = analytic.memoriser_eps(_images(3, seed=13), sde, width=0.3)
+  x0, ids = _images(3, seed=12), np.array([4, 5, 6])
+  save = volume.profile_times(sde, sde.eps, sde.T, 4)
+  kw = dict(sde=sde, key=jax.random.PRNGKey(3), estimator="hutchinson", num_probes=2, rtol=1e-4, atol=1e-4,
+            save_ts=save)
+  full = volume.log_volume_growth(net, x0, image_ids=ids, **kw)
+  single = volume.log_volume_growth(net, x0[1:2], image_ids=ids[1:2], **kw)
+  assert full.L_t.shape == (3, 4)
+  np.testing.assert_allclose(single.L_t, full.L_t[1:2], rtol=1e-4, atol=1e-3)  # float32, other batch
+
+
+def test_profile_and_presets_compile_once_per_batch_shape():
+  sde = SDES["vp"]
+  save = volume.profile_times(sde, sde.eps, sde.T, 5)
+  for opts in (volume.VolumeOptions(sde=sde, estimator="hutchinson", num_probes=2, rtol=1e-3, atol=1e-3, save_ts=save),
+               volume.VolumeOptions(sde=sde, estimator="hutchinson", save_ts=save, **volume.PRESETS["rank8"])):
+    compile_count.assert_one_compilation_per_batch_shape(
+        lambda net, x, opts=opts: float(volume.run(net, x, opts).L_t[0, 2]), _images)
+
+
 # --- batch, order, compilation, costs ---------------------------------------------------
 
 def test_scores_do_not_depend_on_batch_size_or_order():
@@ -282,8 +348,19 @@ def test_options_from_config_and_hashable():
   cfg = base.get_base_config()
   opts = volume.VolumeOptions.from_config(cfg.score, "hutchinson")
   assert opts.sde == sde_lib.VPSDE() and opts.num_probes == cfg.score.num_probes
-  assert opts.variance_reduction is None and len(opts.save_ts) == cfg.score.num_save_times
-  assert opts.save_ts[0] == opts.t_start and opts.save_ts[-1] == opts.t_end
+  assert opts.variance_reduction is None and len(opts.save_ts) == cfg.score.profile_times
+  assert opts.save_ts[0] > opts.t_start and opts.save_ts[-1] == opts.t_end
+  log_sigma = np.log([float(opts.sde.std(t)) for t in (opts.t_start,) + opts.save_ts])
+  np.testing.assert_allclose(np.diff(log_sigma), np.diff(log_sigma)[0], rtol=1e-5)  # geometric in sigma
+  cfg.score.profile_times = (0.1, 0.5)
+  assert volume.VolumeOptions.from_config(cfg.score, "exact").save_ts == (0.1, 0.5)
+  cfg.score.profile_times = 0
+  assert volume.VolumeOptions.from_config(cfg.score, "exact").save_ts is None
+  rank = volume.VolumeOptions.from_config(cfg.score, "hutchinson@rank8")
+  assert (rank.estimator, rank.solver, rank.adaptive, rank.num_steps, rank.num_probes) == ("hutchinson", "euler", False, 4, 1)
+  for bad in ("hutchinson@nope", "exact@rank8", "trace"):
+    with pytest.raises(ValueError, match="unknown"):
+      volume.VolumeOptions.from_config(cfg.score, bad)
   cfg.sde.name = "ve"
   whole = volume.VolumeOptions.from_config(cfg, "paper", K=8)
   assert isinstance(whole.sde, sde_lib.VESDE) and whole.K == 8 and whole.t_start == whole.sde.eps
@@ -307,6 +384,7 @@ def test_options_from_config_and_hashable():
     (dict(save_ts=(0.5, 0.2)), "non-decreasing"),
     (dict(save_ts=(0.5, 2.0)), r"\[t0, t1\]"),
     (dict(estimator="subspace", K=17), "K=17 exceeds"),
+    (dict(time_grid="cubic"), "unknown time_grid 'cubic'"),
 ])
 def test_bad_options_raise(kwargs, match):
   g = analytic.random_gaussian_eps(jax.random.PRNGKey(1), SHAPE, SDES["vp"])

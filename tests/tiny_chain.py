@@ -18,7 +18,7 @@ OVERRIDES = {
     "train.ckpt_every": 10,
     "sample.methods": ("sde",), "sample.num_samples": 8, "sample.batch_size": 8, "sample.sde_steps": 10,
     "score.estimators": ("exact",), "score.batch_size": 8, "score.adaptive": False, "score.num_steps": 8,
-    "score.num_save_times": 3, "score.solver": "euler",
+    "score.profile_times": 3, "score.solver": "euler",
     "detect.carlini_n": 4, "report.num_bootstrap": 20, "report.top_k": 2,
 }
 

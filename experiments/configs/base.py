@@ -6,6 +6,7 @@ Owners of a section add fields to it here, with a one-line comment each.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -95,7 +96,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # --- score (memvol/scoring.py, memvol/volume.py) -----------------------------------
   c.score = sc = ml_collections.ConfigDict()
-  sc.estimators = ("hutchinson",)  # any of: exact, hutchinson, subspace, paper
+  sc.estimators = ("hutchinson",)  # any of: exact, hutchinson, subspace, paper, hutchinson@<preset> (volume.PRESETS)
   sc.batch_size = 64
   sc.solver = "tsit5"
   sc.adaptive = True
@@ -108,7 +109,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   sc.K = 100                  # subspace / paper frame size
   sc.radius = 0.05            # paper: neighbour radius
   sc.paper_steps = 1000       # paper: Euler steps
-  sc.num_save_times = 50      # points of the cumulative L(t) curve
+  sc.profile_times = config_dict.FieldReference(16, field_type=object)  # int or tuple: the L(t) profile: n times geometric in sigma from eps to T (volume.profile_times), or a tuple of times; 0 = none
+  sc.time_grid = "blend"      # fixed-step grid: blend (half uniform in t, half in log sigma) | log_sigma
+  sc.control_variate = False  # exact / hutchinson: integrate tr J - D / sigma, add the bound in closed form
   sc.chunk_size = 64          # vectors per vmapped JVP chunk (exact basis, probes, frame, paper points)
   sc.max_steps = 4096         # solver step budget per image (status 1 when exhausted)
   sc.use_ema = True

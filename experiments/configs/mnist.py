@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
 
   c.sample.num_samples = 512
   c.sample.methods = ("sde",)
-  c.score.estimators = ("hutchinson",)
+  c.score.estimators = ("hutchinson", "hutchinson@rank8")  # the reference and the 8-pass rank preset
   # Peers (base config) are on. Agreement: at D = 196 on 2 shared CPU cores `paper` (K = 100)
   # costs 101 passes per step, ~0.37 s per image-step (10 steps for 32 images: 120 s), i.e.
   # hours for 32 images x 1000 steps; `exact` costs ~197 passes per solver evaluation (~40x
