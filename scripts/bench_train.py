@@ -9,7 +9,7 @@ train.steps_per_call S: the compile time of the multi-step program (`train.make_
 its first call's time minus a steady call's), then `--steps` updates run as calls of S updates (the stream of
 `--stream` random images on the device, indices drawn on the device), timed to the last
 result, best of --rounds rounds interleaved over the settings (on CPU the updates of a call are dispatched one by one unless --fused=true, see
-train.make_train_loop). "host loop" is the pre-issue-11 loop for comparison: one dispatch per update, the
+train.make_train_loop). "host loop" is the earlier loop, kept for comparison: one dispatch per update, the
 batch gathered on the host from a precomputed permutation and copied to the device, then
 `train.make_train_step` (its compile time is the single step's). Weights and data are
 random: only the shapes matter for speed. Precision: train.precision (default "default").
@@ -74,7 +74,7 @@ def device_runner(name: str, side: int, batch: int, spc: int, stream: int, preci
 def host_runner(name: str, side: int, batch: int, stream: int, precision: str
                 ) -> tuple[float, Callable[[int], float]]:
   """(compile seconds, run(steps) -> seconds) of one dispatch and one host-to-device batch
-  per update (the loop before issue 11)."""
+  per update (the earlier loop)."""
   c, shape, model, tx, mesh = _setup(name, side, batch, 1, precision)
   shard = parallel.batch_sharded(mesh)
   images = np.random.default_rng(0).uniform(-1, 1, (stream,) + shape).astype(np.float32)

@@ -189,7 +189,7 @@ def cost_table(args) -> None:
   right-hand-side evaluation with 4 and 12 JVPs (a linear fit in the JVP count gives the
   cost of K = 100 and of D JVPs). Adaptive estimators' evaluation counts are not run here
   (hours on a CPU): --cost_nfe gives them (default: 1197, what hutchinson took per image on
-  the random-init paper_cifar10 UNet on an H200, issue 11); subspace and exact are assumed
+  the random-init paper_cifar10 UNet on an H200); subspace and exact are assumed
   to take as many."""
   name = args.models.split(",")[0]
   eps_fn, shape, nparams = build(name, sde_lib.VPSDE(), args.keep_zero_init)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accelerator measurements of issue 11 in one call: precision table, training throughput
+# The accelerator measurements BUILD.md still lacks, in one call: precision table, training throughput
 # and the paper-scale cost column, each printed and saved as OUT_DIR/<name>.txt.
 #
 #   bash scripts/gpu_checks.sh [OUT_DIR]          # OUT_DIR defaults to $OUT, else gpu_checks/

@@ -1,4 +1,4 @@
-"""Acting on the score on MNIST 14x14: select, modify, retrain, count copies (issue 7).
+"""Acting on the score on MNIST 14x14: select, modify, retrain, count copies.
 
 Command (from the repo root; the workdir is the `planted` regime's baseline, its chain is
 run first when missing):
@@ -38,7 +38,7 @@ copied x drop (the oracle, k = the baseline's copied count). 24 arms per regime.
 `:core` plans the first three only; a comma list with a regime name (`:core,natural`)
 keeps that regime's arms.
 
-Runtime on 2 CPU cores, measured for the full plan (this session's run, the two shards
+Runtime on 2 CPU cores, measured for the full plan (one run, the two shards
 above side by side, one core each): a baseline 11-12 min (train 1500 steps ~300 s, sample
 256 x 500 steps ~90 s, score 144 images with the peers ~290 s); an arm ~4.5 min (train
 ~230 s at 6.5 steps/s, sample 256 x 250 steps ~40 s, detect 1 s, quality a few s; the
