@@ -13,12 +13,12 @@ At 3000 steps the planted duplicates are copied and most singletons are not; at 
 steps 73 of the 96 digits are copied and every training score sits near the
 exact-memorisation ceiling (196 x 4.56 nats), so the second claim can no longer show.
 
-Expected runtime on 2 CPU cores: ~20-30 min end to end (train ~6-12 min, sample ~5 min,
-score ~5 min, peers ~2-5 min, the 8-image `paper` agreement run ~3-6 min; the last two were
-measured only on heavily shared cores, so the total is an estimate, not a quiet-machine run).
+Expected runtime on 2 CPU cores: ~30 min end to end on quiet cores; 132 min measured on
+cores shared with other jobs (train 3627 s, sample 2508 s, score with peers, the rank preset
+and the 8-image `paper` agreement run 1786 s).
 Expected result (report/report.md), as measured: trained digits 830.8 vs held-out 654.7
 (Welch p 1e-33, AUROC 0.92); 13 digits copied (all 8 planted duplicates + 5 singletons),
-copied vs other training digits 928.1 vs 815.5 (Welch p 6e-05).
+copied vs other training digits 928.3 vs 815.5 (Welch p 6e-05).
 Peers (report.md "Peers on the same checkpoint"; scoring 192 digits with all six took ~5 min on
 heavily shared cores, FLIPD's 197 passes per image most of it), as measured: trained vs held-out
 AUROC PIA 1.000, SimA 1.000, loss 0.996, hutchinson 0.924; memorised vs not loss 0.905,
