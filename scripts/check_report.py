@@ -19,27 +19,26 @@ PEER_COMPARISONS = ("trained_vs_heldout", "memorised_vs_not", "duplicates_vs_sin
                     "memorised_vs_not_singletons")  # = memvol.report.PEER_COMPARISONS
 
 
-def _numbers(obj, path=""):
+def _leaves(obj, path=""):
+  """(path, value) of every leaf of a JSON tree."""
   if isinstance(obj, dict):
     for k, v in obj.items():
-      yield from _numbers(v, f"{path}.{k}" if path else str(k))
+      yield from _leaves(v, f"{path}.{k}" if path else str(k))
   elif isinstance(obj, (list, tuple)):
     for i, v in enumerate(obj):
-      yield from _numbers(v, f"{path}[{i}]")
-  elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-    yield path, float(obj)
+      yield from _leaves(v, f"{path}[{i}]")
+  else:
+    yield path, obj
 
 
-def nulls(obj, path=""):
+def _numbers(obj):
+  """(path, float) of the numbers (not booleans) in a JSON tree."""
+  return ((p, float(v)) for p, v in _leaves(obj) if isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def nulls(obj):
   """Paths of the nulls in a JSON tree."""
-  if isinstance(obj, dict):
-    for k, v in obj.items():
-      yield from nulls(v, f"{path}.{k}" if path else str(k))
-  elif isinstance(obj, (list, tuple)):
-    for i, v in enumerate(obj):
-      yield from nulls(v, f"{path}[{i}]")
-  elif obj is None:
-    yield path
+  return (p for p, v in _leaves(obj) if v is None)
 
 
 def unexpected_nulls(summary: dict) -> list[str]:
