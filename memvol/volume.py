@@ -53,8 +53,9 @@ the profile's excess over the bound is the integral itself.
 
 Presets (`PRESETS`, an estimator named `hutchinson@<preset>`; `parse_estimator`) are named
 settings of the same hutchinson solve: `rank*` are cheap ranking statistics whose values are
-NOT volumes (a few fixed steps overshoot L by up to 2x). scripts/bench_cheap_l.py measures
-them and fixed-step candidates for an accurate L against the adaptive reference (BUILD.md).
+NOT volumes (a few fixed steps overshoot L by up to 2x); `vol108` is a volume at 108 passes
+per image (Richardson of Heun 18 and 9 steps, `richardson`). scripts/bench_cheap_l.py
+measures them against the adaptive reference (BUILD.md).
 
 Each image is its own ODE with its own steps and error control (jax.vmap over images,
 never one ODE over the batch); one network forward pass per right-hand side evaluation
@@ -93,6 +94,8 @@ SOLVERS = {"euler": diffrax.Euler, "heun": diffrax.Heun, "bosh3": diffrax.Bosh3,
 # (stages, first-same-as-last) of each solver: the network evaluations per step.
 _STAGES = {"euler": (1, False), "heun": (2, False), "bosh3": (4, True), "tsit5": (7, True),
            "dopri5": (7, True)}
+# Global order p of each solver: a fixed-step error ~ h^p, what `richardson` cancels.
+_ORDER = {"euler": 1, "heun": 2, "bosh3": 3, "tsit5": 5, "dopri5": 5}
 VARIANCE_REDUCTIONS = ("hutch++",)
 PROBES = trace.PROBES
 EXACT_DEFAULT_CHUNK = 64  # basis vectors per JVP chunk of `exact` when chunk_size is None
@@ -110,6 +113,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                   control_variate=False),    # 4 evaluations x (1 + 1 probe) = 8 passes
     "rank32": dict(solver="heun", adaptive=False, num_steps=8, num_probes=1, time_grid="blend",
                    control_variate=False),   # 16 x 2 = 32 passes
+    # an accurate volume: Richardson of heun 18 and 9 steps, 1 probe; (36 + 18) x 2 = 108 passes
+    "vol108": dict(solver="heun", adaptive=False, num_steps=18, num_probes=1, time_grid="blend",
+                   control_variate=False, richardson=True),
 }
 
 
@@ -129,6 +135,9 @@ class VolumeOptions:
   time_grid: blend | log_sigma, the fixed-step grid (`time_grid`).
   control_variate: exact / hutchinson integrate tr J - D / sigma and add L_max in closed
     form (module docstring).
+  richardson: (exact, hutchinson, fixed steps, even num_steps) also solve on num_steps / 2
+    steps of the same grid with the same probes and return L_n + (L_n - L_n/2) / (2^p - 1),
+    p the solver's order: the h^p term of the error cancels; costs both solves.
   save_ts: times at which the cumulative L(t) (the profile) is also returned. max_steps:
     solver budget.
   precision: highest | high | default, the matmul / convolution precision the compiled
@@ -156,6 +165,7 @@ class VolumeOptions:
   precision: str = "highest"
   time_grid: str = "blend"
   control_variate: bool = False
+  richardson: bool = False
 
   def __post_init__(self):
     setf = functools.partial(object.__setattr__, self)
@@ -176,6 +186,7 @@ class VolumeOptions:
     setf("variance_reduction", vr)
     setf("adaptive", bool(self.adaptive))
     setf("control_variate", bool(self.control_variate))
+    setf("richardson", bool(self.richardson))
     if self.time_grid not in TIME_GRIDS:
       raise ValueError(f"unknown time_grid {self.time_grid!r}; expected one of {sorted(TIME_GRIDS)}")
     if self.adaptive and self.estimator != "paper" and not _STAGES[self.solver][0] > 1:
@@ -196,6 +207,11 @@ class VolumeOptions:
       if int(self.chunk_size) != self.chunk_size or self.chunk_size < 1:
         raise ValueError(f"chunk_size must be None or an integer >= 1; got {self.chunk_size!r}")
       setf("chunk_size", int(self.chunk_size))
+    if self.richardson and (self.adaptive or self.estimator not in ("exact", "hutchinson")
+                            or self.num_steps % 2):
+      raise ValueError("richardson needs adaptive=False, an even num_steps and estimator exact or "
+                       f"hutchinson; got adaptive={self.adaptive}, num_steps={self.num_steps}, "
+                       f"estimator={self.estimator!r}")
     for name in ("t0", "t1"):
       if getattr(self, name) is not None:
         setf(name, float(getattr(self, name)))
@@ -250,7 +266,7 @@ class VolumeOptions:
               radius=get("radius", 0.05), paper_steps=get("paper_steps", 1000),
               chunk_size=get("chunk_size", None), max_steps=get("max_steps", 4096),
               precision=get("precision", "highest"), time_grid=get("time_grid", "blend"),
-              control_variate=get("control_variate", False))
+              control_variate=get("control_variate", False), richardson=get("richardson", False))
     kw.update(PRESETS[preset] if preset else {})
     kw.update(overrides)
     if "save_ts" not in overrides:
@@ -385,10 +401,12 @@ def _frame_norm(err) -> Array:
   return jnp.maximum(_rms(x_err), jnp.sqrt(jnp.mean(per_vector)))
 
 
-def _controller(opts: VolumeOptions, t0: Array, t1: Array, norm, dtype):
+def _controller(opts: VolumeOptions, t0: Array, t1: Array, norm, dtype, num_steps: int | None = None):
+  """PID control (adaptive) or StepTo on the fixed grid of num_steps (default opts.num_steps)."""
   if opts.adaptive:
     return diffrax.PIDController(rtol=opts.rtol, atol=opts.atol, norm=norm)
-  grid = jnp.asarray(time_grid(opts.sde, opts.t_start, opts.t_end, opts.num_steps, opts.time_grid), dtype)
+  n = opts.num_steps if num_steps is None else num_steps
+  grid = jnp.asarray(time_grid(opts.sde, opts.t_start, opts.t_end, n, opts.time_grid), dtype)
   return diffrax.StepTo(ts=grid.at[0].set(t0).at[-1].set(t1))
 
 
@@ -439,11 +457,26 @@ def _trace_solve(eps_fn, x0: Array, k_img: Array, opts: VolumeOptions) -> dict[s
 
   save_ts = () if opts.save_ts is None else opts.save_ts
   ts = jnp.concatenate([jnp.asarray(save_ts, dtype), t1[None]])
-  sol = diffrax.diffeqsolve(
-      diffrax.ODETerm(vf), SOLVERS[opts.solver](), t0, t1, None, (x0, jnp.zeros((n,), dtype)),
-      saveat=diffrax.SaveAt(ts=ts), stepsize_controller=_controller(opts, t0, t1, _trace_norm, dtype),
-      max_steps=opts.max_steps, throw=False)
+
+  def solve(num_steps: int | None = None):
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vf), SOLVERS[opts.solver](), t0, t1, None, (x0, jnp.zeros((n,), dtype)),
+        saveat=diffrax.SaveAt(ts=ts),
+        stepsize_controller=_controller(opts, t0, t1, _trace_norm, dtype, num_steps),
+        max_steps=opts.max_steps, throw=False)
+    return sol, _nfe(opts, sol.stats["num_steps"], reevaluate_first_stage=False, loop="diffeqsolve")
+
+  sol, nfe = solve()
   xs, ls = sol.ys
+  num_accepted, num_rejected, status = (sol.stats["num_accepted_steps"], sol.stats["num_rejected_steps"],
+                                        _status(sol.result))
+  if opts.richardson:  # the same probes on half the steps; the combination cancels the h^p term
+    coarse, nfe_c = solve(opts.num_steps // 2)
+    ls = ls + (ls - coarse.ys[1]) / (2.0 ** _ORDER[opts.solver] - 1.0)
+    nfe = nfe + nfe_c
+    num_accepted = num_accepted + coarse.stats["num_accepted_steps"]
+    num_rejected = num_rejected + coarse.stats["num_rejected_steps"]
+    status = jnp.maximum(status, _status(coarse.result))
   l = ls[-1]
   closed = sde.log_volume_bound if cv else sde.integrated_linear_div
   log_volume = closed(t0, t1, d) + jnp.mean(l)
@@ -453,12 +486,10 @@ def _trace_solve(eps_fn, x0: Array, k_img: Array, opts: VolumeOptions) -> dict[s
     stderr = jnp.std(l, ddof=1) / math.sqrt(n)
   else:
     stderr = jnp.full((), jnp.nan, dtype)
-  attempted = sol.stats["num_steps"]
   jvps_per_eval = d if exact else (3 * n if hutchpp else n)
-  nfe = _nfe(opts, attempted, reevaluate_first_stage=False, loop="diffeqsolve")
   out = dict(log_volume=log_volume, log_volume_stderr=stderr, x_T=xs[-1], nfe=nfe,
-             num_jvps=nfe * jvps_per_eval, num_steps=sol.stats["num_accepted_steps"],
-             num_rejected=sol.stats["num_rejected_steps"], status=_status(sol.result), full=True)
+             num_jvps=nfe * jvps_per_eval, num_steps=num_accepted, num_rejected=num_rejected,
+             status=status, full=True)
   if opts.save_ts is not None:
     s = jnp.asarray(save_ts, dtype)
     out["L_t"] = closed(t0, s, d) + jnp.mean(ls[:-1], axis=1)
@@ -657,7 +688,7 @@ def log_volume_growth(eps_fn, x0, *, sde: sde_lib.SDE, key: Array | None = None,
                       K: int = 100, radius: float = 0.05, paper_steps: int = 1000,
                       chunk_size: int | None = None, save_ts=None, image_ids=None,
                       max_steps: int = 4096, precision: str = "highest", time_grid: str = "blend",
-                      control_variate: bool = False) -> VolumeResult:
+                      control_variate: bool = False, richardson: bool = False) -> VolumeResult:
   """Log volume growth L of the PF ODE map from t0 to t1 for every image of x0.
 
   eps_fn(x, t): ONE image [*shape] and SDE time t -> [*shape] (a plain function, or a
@@ -673,7 +704,7 @@ def log_volume_growth(eps_fn, x0, *, sde: sde_lib.SDE, key: Array | None = None,
                        paper_steps=paper_steps, chunk_size=chunk_size,
                        save_ts=None if save_ts is None else tuple(np.atleast_1d(save_ts).tolist()),
                        max_steps=max_steps, precision=precision, time_grid=time_grid,
-                       control_variate=control_variate)
+                       control_variate=control_variate, richardson=richardson)
   return run(eps_fn, x0, opts, key=key, image_ids=image_ids)
 
 

@@ -348,13 +348,15 @@ def test_real_workdir_train_sample_score(tmp_path):
 
 
 def test_a_preset_is_an_estimator_of_the_same_solve(tmp_path, model):
-  """hutchinson@rank8 (4 Euler steps, 1 probe) scores through the same stage: its own columns
-  and part folder, 8 network passes per image, and an unknown preset fails before scoring."""
+  """hutchinson@rank8 (4 Euler steps, 1 probe) and @vol108 (Richardson of Heun 18 / 9) score
+  through the same stage: their own columns and part folders, 8 and 108 network passes per
+  image, and an unknown preset fails before scoring."""
   d = str(tmp_path)
-  scoring.run(config(estimators=("hutchinson@rank8",)), d, log=quiet)
+  scoring.run(config(estimators=("hutchinson@rank8", "hutchinson@vol108")), d, log=quiet)
   rows = io.load_csv(os.path.join(d, "scores", "scores.csv"))
-  assert all(int(r["hutchinson@rank8_nfe"]) + int(r["hutchinson@rank8_jvps"]) == 8 for r in rows)
-  assert np.isfinite([float(r["hutchinson@rank8_L_capped"]) for r in rows]).all()
-  assert os.path.isdir(os.path.join(d, "scores", "parts", "hutchinson@rank8"))
+  for name, passes in (("hutchinson@rank8", 8), ("hutchinson@vol108", 108)):
+    assert all(int(r[f"{name}_nfe"]) + int(r[f"{name}_jvps"]) == passes for r in rows)
+    assert np.isfinite([float(r[f"{name}_L_capped"]) for r in rows]).all()
+    assert os.path.isdir(os.path.join(d, "scores", "parts", name))
   with pytest.raises(ValueError, match="preset"):
     scoring.run(config(estimators=("hutchinson@fast",)), str(tmp_path / "x"), log=quiet)

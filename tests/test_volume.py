@@ -3,6 +3,7 @@ order independence, one compilation per batch shape, costs, and the ValueErrors.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import equinox as eqx
@@ -93,6 +94,44 @@ def test_fixed_steps_on_the_sigma_grid(x64):
   assert grid[0] == sde.eps and grid[-1] == sde.T and np.all(np.diff(grid) > 0)
   assert np.diff(grid)[0] < 0.02 * np.diff(grid)[-1] and np.max(np.diff(grid)) <= 2 / 40
   np.testing.assert_allclose(np.diff(volume.time_grid(SDES["ve"], 1e-5, 1.0, 10)), (1 - 1e-5) / 10, rtol=1e-6)
+
+
+def test_richardson_cancels_the_leading_error_term(x64):
+  """Heun (order 2) at n and n/2 steps: L_n + (L_n - L_n/2) / 3, and on the Gaussian closed form
+  its error is far below the n-step solve's; the profile is combined the same way."""
+  sde = SDES["vp"]
+  g = analytic.random_gaussian_eps(jax.random.PRNGKey(2), SHAPE, sde, std_range=(0.02, 1.5))
+  x0, save = _images(2), (0.05, 0.5)
+  run = lambda n, **kw: volume.log_volume_growth(g, x0, sde=sde, estimator="exact", solver="heun",  # noqa: E731
+                                                 adaptive=False, num_steps=n, save_ts=save, **kw)
+  fine, coarse, rich = run(18), run(9), run(18, richardson=True)
+  np.testing.assert_allclose(rich.log_volume, fine.log_volume + (fine.log_volume - coarse.log_volume) / 3,
+                             rtol=1e-10)
+  np.testing.assert_allclose(rich.L_t, fine.L_t + (fine.L_t - coarse.L_t) / 3, rtol=1e-10)
+  np.testing.assert_array_equal(rich.nfe, fine.nfe + coarse.nfe)
+  np.testing.assert_array_equal(rich.num_steps, [27, 27])
+  np.testing.assert_allclose(rich.x_T, fine.x_T, rtol=1e-12)
+  truth = float(g.log_volume(sde.eps, sde.T))
+  err_fine, err_rich = np.abs(fine.log_volume - truth), np.abs(rich.log_volume - truth)
+  assert np.all(err_rich < 0.1 * err_fine), (err_fine, err_rich)
+
+
+def test_vol108_preset_is_richardson_of_two_hutchinson_solves_with_one_probe_set(x64):
+  """The preset's probes are the same in both solves (fold_in(key, image id)), so it equals the
+  combination of two separate 1-probe heun solves; 108 passes per image."""
+  sde, net = SDES["vp"], _tiny_net(dtype=jnp.float64)
+  x0, key = _images(3, seed=4).astype(jnp.float64), jax.random.PRNGKey(7)
+  opts = volume.VolumeOptions(sde=sde, **volume.PRESETS["vol108"])
+  rich = volume.run(net, x0, opts, key=key)
+  fine, coarse = (volume.run(net, x0, dataclasses.replace(opts, num_steps=n, richardson=False), key=key)
+                  for n in (18, 9))
+  np.testing.assert_allclose(rich.log_volume, fine.log_volume + (fine.log_volume - coarse.log_volume) / 3,
+                             rtol=1e-10)
+  np.testing.assert_array_equal(rich.nfe + rich.num_jvps, [108] * 3)
+  with pytest.raises(ValueError, match="richardson needs"):
+    volume.VolumeOptions(sde=sde, solver="heun", adaptive=False, num_steps=9, richardson=True)
+  with pytest.raises(ValueError, match="richardson needs"):
+    volume.VolumeOptions(sde=sde, richardson=True)
 
 
 def test_hutchinson_is_exact_on_a_diagonal_jacobian(x64):

@@ -112,6 +112,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   sc.profile_times = config_dict.FieldReference(16, field_type=object)  # int or tuple: the L(t) profile: n times geometric in sigma from eps to T (volume.profile_times), or a tuple of times; 0 = none
   sc.time_grid = "blend"      # fixed-step grid: blend (half uniform in t, half in log sigma) | log_sigma
   sc.control_variate = False  # exact / hutchinson: integrate tr J - D / sigma, add the bound in closed form
+  sc.richardson = False       # fixed steps: also solve on half the steps, cancel the h^p error term (2x cost)
   sc.chunk_size = 64          # vectors per vmapped JVP chunk (exact basis, probes, frame, paper points)
   sc.max_steps = 4096         # solver step budget per image (status 1 when exhausted)
   sc.use_ema = True
