@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memvol import io
+from memvol import workdir as wdir
 
 Array = jax.Array
 
@@ -679,10 +680,6 @@ def _modify(split: Split, data_cfg: Any) -> Split:
 # --- the workdir record ----------------------------------------------------------------
 
 
-def split_path(workdir: str) -> str:
-  return os.path.join(workdir, "data", "split.json")
-
-
 def _image_stats(images: np.ndarray) -> list[list[float]]:
   """[mean, rms] of each image: a fingerprint that survives last-bit float differences."""
   x = images.reshape(len(images), -1).astype(np.float64)
@@ -721,7 +718,7 @@ def prepare(config: Any, workdir: str) -> Split:
   dup_counts, the data config, image shape, per-image fingerprints). When the record
   exists it is verified: ValueError naming the field if the data config or data differ."""
   split = make_split(config.data)
-  path = split_path(workdir)
+  path = wdir.split(workdir)
   new = _record(config, split)
   if os.path.exists(path):
     _check_record(io.load_json(path), new, path)
@@ -732,7 +729,7 @@ def prepare(config: Any, workdir: str) -> Split:
 
 def load_split(config: Any, workdir: str) -> Split:
   """The split recorded in workdir/data/split.json, rebuilt from the source and verified."""
-  path = split_path(workdir)
+  path = wdir.split(workdir)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist; run training first (--mode=train), which "
                             "makes the train / held-out split")

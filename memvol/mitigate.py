@@ -51,7 +51,8 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from memvol import io, pipeline, plotting, stats
+from memvol import detect, io, pipeline, plotting, scoring, stats
+from memvol import workdir as wdir
 
 SELECTIONS = ("score", "random", "copied", "none")
 MODIFICATIONS = ("drop", "drop_epochs", "augment", "perturb")
@@ -196,17 +197,13 @@ def regime_config(config: Any, regime: str) -> ml_collections.ConfigDict:
   return c
 
 
-def root(workdir: str) -> str:
-  return os.path.join(workdir, "mitigate")
-
-
 def baseline_dir(config: Any, workdir: str, regime: str) -> str:
   """The workdir itself for a regime without overrides, else mitigate/<regime>/baseline."""
-  return workdir if not _overrides(config, regime) else os.path.join(root(workdir), regime, "baseline")
+  return workdir if not _overrides(config, regime) else wdir.mitigate_arm(workdir, regime, "baseline")
 
 
 def arm_dir(workdir: str, arm: Arm) -> str:
-  return os.path.join(root(workdir), arm.regime, arm.name)
+  return wdir.mitigate_arm(workdir, arm.regime, arm.name)
 
 
 def epoch_matched_steps(num_steps: int, stream_counts: np.ndarray, train_ids: np.ndarray,
@@ -263,9 +260,8 @@ def run_chain(config: Any, workdir: str, stages: tuple[str, ...], log: Callable[
 
 
 def _detect_table(workdir: str) -> dict[str, np.ndarray]:
-  """workdir/detect/detect.csv as columns (report.load_detect: checked, clear errors)."""
-  from memvol import report
-  return report.load_detect(os.path.join(workdir, "detect", "detect.csv"))
+  """workdir/detect/detect.csv as columns (detect.read_detect: checked, clear errors)."""
+  return detect.read_detect(wdir.detect_csv(workdir))
 
 
 def copy_counts(workdir: str, selected: np.ndarray) -> dict[str, int]:
@@ -329,19 +325,22 @@ def check_score_column(config: Any) -> None:
 def baseline_scores(config: Any, workdir: str, train_ids: np.ndarray) -> np.ndarray:
   """The selection column of workdir/scores/scores.csv, aligned with train_ids; NaN where
   the value is missing or its solve failed (an `E_log_volume` column's `E_status` != 0)."""
-  from memvol import report
   col = _score_column(config)
-  rows = io.load_csv(os.path.join(workdir, "scores", "scores.csv"))
-  if col not in rows[0]:
-    raise ValueError(f"mitigate.score_column={col!r} is not a column of {workdir}/scores/scores.csv "
-                     f"(columns: {', '.join(rows[0])})")
+  path = wdir.scores_csv(workdir)
+  cols = scoring.read_scores(path, tuple(str(e) for e in config.score.estimators),
+                             tuple(str(p) for p in config.score.get("peers", ())))
+  if col not in cols:
+    raise ValueError(f"mitigate.score_column={col!r} is not a column of {path} "
+                     f"(columns read: {', '.join(cols)})")
+  v = cols[col].copy()
   status = col[: -len("_log_volume")] + "_status" if col.endswith("_log_volume") else None
-  ok = lambda r: status not in r or r[status].strip() in report.SUCCESS_STATUS  # noqa: E731
-  by_id = {int(r["id"]): float(r[col]) if r[col] not in ("", "nan") and ok(r) else math.nan
-           for r in rows if r["split"] == "train"}
+  if status in cols:
+    v[~np.isin(cols[status], scoring.SUCCESS_STATUS)] = math.nan
+  is_train = cols["split"] == "train"
+  by_id = dict(zip(cols["id"][is_train].tolist(), v[is_train].tolist()))
   missing = [int(i) for i in train_ids if int(i) not in by_id]
   if missing:
-    raise ValueError(f"{workdir}/scores/scores.csv lacks training ids {missing[:8]}")
+    raise ValueError(f"{path} lacks training ids {missing[:8]}")
   return np.array([by_id[int(i)] for i in train_ids], np.float64)
 
 
@@ -355,7 +354,7 @@ class _Regime:
     from memvol import data
     self.name, self.config = name, regime_config(config, name)
     self.dir = baseline_dir(config, workdir, name)
-    self.folder = os.path.join(root(workdir), name)
+    self.folder = wdir.mitigate_regime(workdir, name)
     log(f"[memvol] mitigate {name}: baseline chain in {self.dir}")
     run_chain(self.config, self.dir, CHAIN, log)
     self.split = data.load_split(self.config, self.dir)
@@ -484,7 +483,7 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[s
     records.append(run_arm(regimes[arm.regime], arm, workdir, log))
     baselines[arm.regime] = regimes[arm.regime].record(log)
     summary = summarise(with_targeted(workdir, records), baselines) | {"num_arms_planned": len(arms)}
-    write_outputs(summary, root(workdir), log)
+    write_outputs(summary, wdir.mitigate_dir(workdir), log)
   return summary
 
 

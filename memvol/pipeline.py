@@ -16,13 +16,13 @@ from typing import Callable
 from absl import logging
 
 from memvol import io, lock, preempt
+from memvol import workdir as wdir
+from memvol.workdir import IDENTITY_SECTIONS
 
 STAGES = ("train", "sample", "score", "detect", "report")
 _MODULES = {"train": "memvol.train", "sample": "memvol.sampling", "score": "memvol.scoring",
             "detect": "memvol.detect", "report": "memvol.report", "mitigate": "memvol.mitigate"}
 MODES = ("all",) + tuple(_MODULES)  # `mitigate` (memvol/mitigate.py) is not part of `all`
-# Sections that define what a workdir holds; changing any of them needs a new workdir.
-IDENTITY_SECTIONS = ("data", "model", "sde")
 
 
 def _module(stage: str, config=None):
@@ -78,7 +78,7 @@ def check_workdir(config, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise OSError(e.errno, f"cannot create the workdir {workdir}: {e.strerror}") from e
-  io.check_config_matches(config, os.path.join(workdir, "config.json"), IDENTITY_SECTIONS,
+  io.check_config_matches(config, wdir.config_record(workdir), IDENTITY_SECTIONS,
                           f"workdir {workdir}")
   if config.model.get("pretrained"):  # record the weights' SHA-256, or refuse other weights
     from memvol import pretrained
@@ -86,7 +86,7 @@ def check_workdir(config, workdir: str) -> None:
 
 
 def _record_time(workdir: str, stage: str, seconds: float) -> None:
-  path = os.path.join(workdir, "timings.json")
+  path = wdir.timings(workdir)
   timings = io.load_json(path) if os.path.exists(path) else {}
   timings[stage] = round(seconds, 2)
   io.save_json(path, timings)

@@ -59,11 +59,11 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from memvol import detect, io, plotting, stats
+from memvol import detect, io, plotting, scoring, stats
+from memvol import workdir as wdir
 
 ALPHA = 0.01                                   # significance level the claims are judged at
-REQUIRED_SCORE_COLUMNS = ("id", "split", "label", "dup_count")
-SUCCESS_STATUS = ("0",)                        # E_status of a successful solve (diffrax RESULTS code 0)
+SUCCESS_STATUS = scoring.SUCCESS_STATUS
 COMPARISONS = (  # key, positive group, negative group
     ("trained_vs_heldout", "trained", "held-out"),
     ("memorised_vs_not", "memorised", "not memorised (train)"),
@@ -75,82 +75,6 @@ PEER_COMPARISONS = ("trained_vs_heldout", "memorised_vs_not", "duplicates_vs_sin
                     "memorised_vs_not_singletons")  # the comparisons of the peers tables
 STAGE_ORDER = ("train", "sample", "score", "detect", "report")
 COLORS = {"trained": "#d62728", "held-out": "#1f77b4", "memorised": "#9467bd", "duplicates": "#ff7f0e"}
-
-
-# --- inputs ------------------------------------------------------------------------
-
-
-def _float(v: str) -> float:
-  v = (v or "").strip()
-  return math.nan if v == "" else float(v)
-
-
-def load_scores(path: str, estimators: tuple[str, ...]) -> dict[str, np.ndarray]:
-  """scores.csv as columns: id, split, label, dup_count (int / str arrays) and for each
-  estimator E the floats E_log_volume (and E_stderr, E_prior_logp, E_logp, E_nfe where
-  present) and the strings E_status. Clear errors when missing, empty or malformed."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: score the images first with --mode=score")
-  try:
-    rows = io.load_csv(path)
-  except (UnicodeDecodeError, ValueError) as e:
-    raise ValueError(f"{path} is empty or unreadable ({e}); delete it and rerun --mode=score") from e
-  header = list(rows[0])
-  need = list(REQUIRED_SCORE_COLUMNS) + [f"{e}_log_volume" for e in estimators]
-  missing = [c for c in need if c not in header]
-  if missing:
-    raise ValueError(f"{path} lacks columns {missing} (has {header}); config.score.estimators="
-                     f"{list(estimators)}: rerun --mode=score with this config")
-  out: dict[str, np.ndarray] = {}
-  try:
-    out["id"] = np.array([int(r["id"]) for r in rows], np.int64)
-    out["label"] = np.array([int(r["label"]) for r in rows], np.int64)
-    out["dup_count"] = np.array([int(r["dup_count"]) for r in rows], np.int64)
-    for e in estimators:
-      for f in ("log_volume", "stderr", "prior_logp", "logp", "nfe"):
-        if f"{e}_{f}" in header:
-          out[f"{e}_{f}"] = np.array([_float(r[f"{e}_{f}"]) for r in rows], np.float64)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{path} is corrupt ({e}); delete it and rerun --mode=score") from e
-  for e in estimators:
-    if f"{e}_status" in header:
-      out[f"{e}_status"] = status = np.array([(r[f"{e}_status"] or "").strip() for r in rows])
-      bad = [k for k, v in enumerate(status) if not v.isdigit()]
-      if bad:  # a solve of unknown outcome is neither a success nor a counted failure
-        raise ValueError(f"{path}: column {e}_status is missing or unknown ({status[bad[0]]!r}; expected a "
-                         f"diffrax result code, 0 = success) for {len(bad)} rows, ids "
-                         f"{[int(out['id'][k]) for k in bad[:8]]}; rerun --mode=score")
-  out["split"] = np.array([(r["split"] or "").strip() for r in rows])
-  bad = sorted(set(out["split"]) - {"train", "heldout"})
-  if bad:
-    raise ValueError(f"{path}: column 'split' has values {bad}; expected 'train' or 'heldout'")
-  return out
-
-
-def load_detect(path: str) -> dict[str, np.ndarray]:
-  """detect.csv as int / float columns (see memvol.detect.DETECT_COLUMNS)."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: label memorised images first with --mode=detect")
-  rows = io.load_csv(path)
-  missing = [c for c in detect.DETECT_COLUMNS if c not in rows[0]]
-  if missing:
-    raise ValueError(f"{path} lacks columns {missing}; delete it and rerun --mode=detect")
-  try:
-    return {c: np.array([_float(r[c]) if c == "min_distance" else int(r[c]) for r in rows])
-            for c in detect.DETECT_COLUMNS}
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{path} is corrupt ({e}); delete it and rerun --mode=detect") from e
-
-
-def _align_detect(train_ids: np.ndarray, det: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
-  """detect columns reordered to `train_ids` (the training rows of scores.csv)."""
-  pos = {int(i): k for k, i in enumerate(det["id"])}
-  missing = [int(i) for i in train_ids if int(i) not in pos]
-  if missing:
-    raise ValueError(f"{path} has no rows for training ids {missing[:10]} listed in scores.csv: the two "
-                     "files come from different splits; rerun --mode=detect (and --mode=score) in this workdir")
-  order = np.array([pos[int(i)] for i in train_ids], np.int64)
-  return {c: v[order] for c, v in det.items()}
 
 
 # --- statistics --------------------------------------------------------------------
@@ -581,11 +505,9 @@ def settings(config, workdir: str) -> dict[str, Any]:
   reads, and digests of its input files (timings.json is left out: it changes on every run
   and only fills the wall-time table)."""
   ests = [str(e) for e in config.score.estimators]
-  files = {"scores.csv": os.path.join(workdir, "scores", "scores.csv"),
-           "detect.csv": os.path.join(workdir, "detect", "detect.csv"),
-           "nn.npz": os.path.join(workdir, "detect", "nn.npz"),
-           "samples": detect.samples_path(config, workdir)}
-  files.update({f"profile_{e}.npz": os.path.join(workdir, "scores", f"profile_{e}.npz") for e in ests})
+  files = {"scores.csv": wdir.scores_csv(workdir), "detect.csv": wdir.detect_csv(workdir),
+           "nn.npz": wdir.nn(workdir), "samples": wdir.samples(workdir, config.detect.sample_method)}
+  files.update({f"profile_{e}.npz": wdir.profile(workdir, e) for e in ests})
   return {"report": io.config_to_dict(config.report), "estimators": ests,
           "detect": {k: io.config_to_dict(config.detect)[k] for k in ("sample_method", "ratio_threshold")},
           "data": io.config_to_dict(config.data),
@@ -595,7 +517,7 @@ def settings(config, workdir: str) -> dict[str, Any]:
 def stale_reason(config, workdir: str) -> str | None:
   """None when report/ holds a report made with this config from the current inputs;
   otherwise why not (for --mode=all)."""
-  return io.stale_reason(os.path.join(workdir, "report"), settings(config, workdir), OUTPUTS)
+  return io.stale_reason(wdir.report_dir(workdir), settings(config, workdir), OUTPUTS)
 
 
 def is_complete(config, workdir: str) -> bool:
@@ -610,20 +532,19 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
   if not ests:
     raise ValueError("config.score.estimators is empty: nothing to report")
   rc = config.report
-  folder = os.path.join(workdir, "report")
+  folder = wdir.report_dir(workdir)
   io.forget_settings(folder)
   record = settings(config, workdir)
-  scores_path = os.path.join(workdir, "scores", "scores.csv")
-  detect_path = os.path.join(workdir, "detect", "detect.csv")
-  scores = load_scores(scores_path, tuple(ests))
+  scores_path, detect_path = wdir.scores_csv(workdir), wdir.detect_csv(workdir)
+  scores = scoring.read_scores(scores_path, tuple(ests), tuple(str(p) for p in config.score.get("peers", ())))
   is_train = scores["split"] == "train"
   if not is_train.any():
     raise ValueError(f"{scores_path} has no training rows; rerun --mode=score")
-  det = _align_detect(scores["id"][is_train], load_detect(detect_path), detect_path)
+  det = detect.align_detect(scores["id"][is_train], detect.read_detect(detect_path), detect_path)
   samples = detect.load_samples(config, workdir)
   if int(det["closest_sample"].max(initial=0)) >= samples.shape[0]:
     raise ValueError(f"{detect_path} refers to sample {int(det['closest_sample'].max())} but "
-                     f"{detect.samples_path(config, workdir)} has {samples.shape[0]}: rerun --mode=detect")
+                     f"{wdir.samples(workdir, config.detect.sample_method)} has {samples.shape[0]}: rerun --mode=detect")
   split = detect.load_split(config, workdir) if split is None else split
   train_pos = {int(i): k for k, i in enumerate(np.asarray(split.train.ids))}
   train_images = np.asarray(split.train.images, np.float32)
@@ -634,9 +555,9 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
                        "another data config: rerun --mode=score in this workdir")
     return train_images[train_pos[i]]
 
-  timings_path = os.path.join(workdir, "timings.json")
+  timings_path = wdir.timings(workdir)
   timings = io.load_json(timings_path) if os.path.exists(timings_path) else {}
-  nn_path = os.path.join(workdir, "detect", "nn.npz")
+  nn_path = wdir.nn(workdir)
   nn = io.load_npz(nn_path) if os.path.exists(nn_path) else {}
 
   per_est: dict[str, Any] = {}
@@ -678,7 +599,7 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
     figures[e].append(("Top-k and bottom-k training images beside their closest generated sample",
                        os.path.basename(p)))
     p = os.path.join(folder, f"{e}_curves.png")
-    note = _curves(e, os.path.join(workdir, "scores", f"profile_{e}.npz"), scores, is_train, failed, det, p)
+    note = _curves(e, wdir.profile(workdir, e), scores, is_train, failed, det, p)
     if note:
       notes[e].append(note)
     else:
@@ -692,7 +613,7 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
   if agreement:
     agreement_figure(ests, values, is_train, agreement, os.path.join(folder, "agreement.png"))
 
-  peer_summary, peer_md = peers_section(config, workdir, scores_path, values, is_train, det, folder)
+  peer_summary, peer_md = peers_section(config, workdir, scores, values, is_train, det, folder)
   prof_summary, prof_md = profile_section(config, workdir, scores, is_train, det, folder)
   peer_summary, peer_md = {**peer_summary, **prof_summary}, peer_md + "\n" + prof_md
   mem = det["copies_ratio"] > 0
@@ -872,20 +793,6 @@ def render_markdown(config, info, per_est, agreement, figures, notes, timings, d
 # --- peers on the same checkpoint ---------------------------------------------------
 
 
-def _peer_columns(path: str, names: list[str]) -> dict[str, np.ndarray]:
-  """peer_{name} and peer_{name}_nfe of scores.csv as floats (names without columns are skipped)."""
-  rows = io.load_csv(path)
-  out = {}
-  for n in names:
-    for col in (f"peer_{n}", f"peer_{n}_nfe"):
-      if col in rows[0]:
-        try:
-          out[col] = np.array([_float(r[col]) for r in rows], np.float64)
-        except (TypeError, ValueError) as e:
-          raise ValueError(f"{path} column {col} is corrupt ({e}); rerun --mode=score") from e
-  return out
-
-
 def _cost(nfe: np.ndarray | None, timing: dict[str, Any] | None) -> dict[str, Any]:
   """nfe_per_image, seconds_per_image and (when timed) includes_compile; what was not
   measured is marked NotEstimated."""
@@ -899,25 +806,25 @@ def _cost(nfe: np.ndarray | None, timing: dict[str, Any] | None) -> dict[str, An
   return out
 
 
-def peers_section(config, workdir: str, scores_path: str, values: dict[str, np.ndarray], is_train: np.ndarray,
-                  det: dict[str, np.ndarray], folder: str) -> tuple[dict[str, Any], str]:
+def peers_section(config, workdir: str, scores: dict[str, np.ndarray], values: dict[str, np.ndarray],
+                  is_train: np.ndarray, det: dict[str, np.ndarray], folder: str) -> tuple[dict[str, Any], str]:
   """The peers comparison (tables, ROC overlays, Spearman matrix) and the estimator agreement:
   ({'peers': ..., 'agreement': ...} for summary.json, markdown). Empty when scores.csv has no
-  peer columns."""
+  peer columns. scores: scoring.read_scores of scores.csv, with the configured peers."""
   names = [str(p) for p in config.score.get("peers", ())]
-  cols = _peer_columns(scores_path, names)
+  cols = scores
   peers = [n for n in names if f"peer_{n}" in cols]
-  manifest_path = os.path.join(workdir, "scores", "manifest.json")
+  manifest_path = wdir.scores_manifest(workdir)
   manifest = io.load_json(manifest_path) if os.path.exists(manifest_path) else {}
   timing = manifest.get("seconds_per_image", {})
-  rows = io.load_csv(scores_path)
+  n_rows = scores["id"].size
   summary: dict[str, Any] = {}
   md: list[str] = []
   if peers:
     scorers = {e: values[e] for e in values}
     costs = {}
     for e in values:
-      nfe = np.array([_float(r.get(f"{e}_nfe", "")) + _float(r.get(f"{e}_jvps", "0")) for r in rows])
+      nfe = scores.get(f"{e}_nfe", np.full(n_rows, math.nan)) + scores.get(f"{e}_jvps", np.zeros(n_rows))
       costs[e] = _cost(nfe, timing.get(e))
     for n in peers:
       scorers[n] = cols[f"peer_{n}"]
@@ -1032,18 +939,15 @@ def spearman_matrix_figure(names: list[str], rho: np.ndarray, path: str) -> None
 def agreement_section(workdir: str, timing: dict[str, Any], folder: str) -> tuple[dict[str, Any], list[str]]:
   """Spearman of each agreement estimator with the primary on the training subset of
   scores/agreement.csv, and its network passes / seconds per image ({} and [] without the file)."""
-  path = os.path.join(workdir, "scores", "agreement.csv")
-  if not os.path.exists(path):
+  path = wdir.agreement_csv(workdir)
+  cols = scoring.read_agreement(path)
+  if not cols:
     return {}, []
-  rows = io.load_csv(path)
-  ests = [c[: -len("_log_volume")] for c in rows[0] if c.endswith("_log_volume") and c != "primary_log_volume"]
-  try:
-    prim = np.array([_float(r["primary_log_volume"]) for r in rows])
-    vals = {e: np.array([_float(r[f"{e}_log_volume"]) for r in rows]) for e in ests}
-    nfe = {e: np.array([_float(r[f"{e}_nfe"]) + _float(r[f"{e}_jvps"]) for r in rows]) for e in ests}
-  except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f"{path} is corrupt ({e}); delete it and rerun --mode=score") from e
-  out = {"n": len(rows), "ids": [int(r["id"]) for r in rows], "estimators": {}}
+  ests = [c[: -len("_log_volume")] for c in cols if c.endswith("_log_volume") and c != "primary_log_volume"]
+  prim = cols["primary_log_volume"]
+  vals = {e: cols[f"{e}_log_volume"] for e in ests}
+  nfe = {e: cols[f"{e}_nfe_total"] for e in ests}
+  out = {"n": int(cols["id"].size), "ids": cols["id"].tolist(), "estimators": {}}
   table = []
   for e in ests:
     rho, p, n = stats.spearman(prim, vals[e])
@@ -1054,7 +958,7 @@ def agreement_section(workdir: str, timing: dict[str, Any], folder: str) -> tupl
                   "n/a" if not math.isfinite(sec) else f"{sec:.3g}" + ("*" if c.get("includes_compile") else ""),
                   fmt(float(np.nanmean(vals[e])))])
   md = ["## Estimator agreement on a training subset", "",
-        f"The first {len(rows)} training images scored again with {', '.join(f'`{e}`' for e in ests)}; Spearman "
+        f"The first {out['n']} training images scored again with {', '.join(f'`{e}`' for e in ests)}; Spearman "
         "correlation of each with the primary estimator's score (scores.csv) and its cost. Does the full-trace "
         "Hutchinson score rank images like the authors' K = 100 metric?", "",
         _table(["estimator", "Spearman rho vs primary", "p", "n", "network passes / image", "seconds / image",
@@ -1161,7 +1065,7 @@ def profile_section(config, workdir: str, scores: dict[str, np.ndarray], is_trai
   summary: dict[str, Any] = {}
   md: list[str] = []
   for e in [str(x) for x in config.score.estimators]:
-    path = os.path.join(workdir, "scores", f"profile_{e}.npz")
+    path = wdir.profile(workdir, e)
     if not os.path.exists(path):
       continue
     z = io.load_npz(path)

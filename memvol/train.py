@@ -54,6 +54,7 @@ from memvol import checkpoint as ckpt_lib
 from memvol import data as data_lib
 from memvol import io, models, numerics, parallel, plotting, preempt, sampling
 from memvol import sde as sde_lib
+from memvol import workdir as wdir
 
 Array = jax.Array
 LOG_COLUMNS = ("step", "loss", "grad_norm", "lr", "steps_per_s", "elapsed_s")
@@ -340,13 +341,9 @@ def _check_train_config(tc: Any, num_devices: int) -> None:
                      f"devices of the data mesh; use a multiple of {num_devices}")
 
 
-def _log_path(workdir: str) -> str:
-  return os.path.join(workdir, "train", "log.csv")
-
-
 def read_log(workdir: str) -> list[dict[str, float]]:
   """Rows of workdir/train/log.csv (step int, the rest float; [] if there is none yet)."""
-  path = _log_path(workdir)
+  path = wdir.train_log(workdir)
   if not os.path.exists(path):
     return []
   with open(path) as f:
@@ -397,7 +394,7 @@ def restore_state(config: Any, workdir: str, mesh: Mesh, step: int | None = None
   """The training state of the checkpoint at `step` (default: latest), replicated over
   `mesh`, and its meta (config checked: ValueError naming differing fields)."""
   meta = ckpt_lib.restore_meta(workdir, step)
-  ckpt_lib.check_config(meta, config, f"{ckpt_lib.checkpoint_dir(workdir)}/{meta['step']}")
+  ckpt_lib.check_config(meta, config, f"{wdir.checkpoints(workdir)}/{meta['step']}")
   image_shape = tuple(meta["image_shape"])
   model = models.get_model(config.model, image_shape)
   rep = parallel.replicated(mesh)
@@ -433,7 +430,7 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
   latest = ckpt_lib.latest_step(workdir)
   if latest is not None:  # refuse a different config before touching the workdir
     ckpt_lib.check_config(ckpt_lib.restore_meta(workdir, latest), config,
-                          f"{ckpt_lib.checkpoint_dir(workdir)}/{latest}")
+                          f"{wdir.checkpoints(workdir)}/{latest}")
   if latest is not None and latest >= int(tc.num_steps):
     logging.info("train: checkpoint at step %d >= num_steps=%d, nothing to do", latest, tc.num_steps)
     return restore_state(config, workdir, mesh)[0]
@@ -523,14 +520,14 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
         t_last, step_last = now, done
         bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}", refresh=False)
         if is_main:
-          io.save_csv(_log_path(workdir), log_rows, LOG_COLUMNS)
+          io.save_csv(wdir.train_log(workdir), log_rows, LOG_COLUMNS)
         if do_ckpt:  # from a copy, so the next call may donate the state while it is written
           mngr.wait_until_finished()
           snapshot = jax.tree.map(jnp.copy, (state.params, state.ema_params, state.opt_state))
           ckpt_lib.save(mngr, done, *snapshot, meta_at(done))
         if do_sample and is_main:
           save_sample_grid(config, model, sde, state.ema_params, image_shape,
-                           os.path.join(workdir, "train", f"samples_step{done}.png"))
+                           os.path.join(wdir.train_dir(workdir), f"samples_step{done}.png"))
         if stop and not final:
           mngr.wait_until_finished()
           raise preempt.Preempted("train", f"step {done}",
@@ -541,7 +538,7 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
     mngr.wait_until_finished()
     mngr.close()
   if is_main and log_rows:
-    save_loss_curve(log_rows, os.path.join(workdir, "train", "loss.png"))
+    save_loss_curve(log_rows, os.path.join(wdir.train_dir(workdir), "loss.png"))
   logging.info("train: %d steps done, final loss %.4f", num_steps,
                log_rows[-1]["loss"] if log_rows else float("nan"))
   return state

@@ -33,9 +33,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from memvol import data, io, loading, models, parallel, report, scoring, stats, volume  # noqa: E402
+from memvol import data, detect, io, loading, models, parallel, report, scoring, stats, volume  # noqa: E402
 from memvol import profile as profile_lib  # noqa: E402
 from memvol import sde as sde_lib  # noqa: E402
+from memvol import workdir as wdir  # noqa: E402
 
 # name -> overrides of the job's score options ("reference": none). Presets by name.
 SETTINGS = {
@@ -199,9 +200,9 @@ def main(argv=None) -> None:
     table = scoring.ImageTable(*(np.asarray(a)[keep] for a in table))
   is_train = table.split == "train"
   det = None
-  det_path = os.path.join(args.workdir, "detect", "detect.csv")
+  det_path = wdir.detect_csv(args.workdir)
   if os.path.exists(det_path):
-    det = report._align_detect(table.ids[is_train], report.load_detect(det_path), det_path)
+    det = detect.align_detect(table.ids[is_train], detect.read_detect(det_path), det_path)
   mesh, key, bs = parallel.local_mesh(), scoring.score_key(config), int(config.score.batch_size)
   pdig, idig = scoring.parts.tree_digest(eps_fn), scoring.parts.digest(table.images, table.ids)
   results = {}
