@@ -51,7 +51,7 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from memvol import detect, io, pipeline, plotting, scoring, stats
+from memvol import data, detect, io, perturb, pipeline, plotting, quality, report, scoring, stats, train
 from memvol import workdir as wdir
 
 SELECTIONS = ("score", "random", "copied", "none")
@@ -288,7 +288,6 @@ def with_targeted(workdir: str, records: list[dict[str, Any]]) -> list[dict[str,
   out = []
   for r in records:
     ts = tables.get(r["regime"], [])
-    from memvol import report
     val = report.not_estimated("a none arm selects nothing" if r["selection"] == "none"
                                else "the regime has no none arm")
     if r["selection"] != "none" and ts:
@@ -298,7 +297,6 @@ def with_targeted(workdir: str, records: list[dict[str, Any]]) -> list[dict[str,
 
 
 def final_loss(workdir: str) -> float:
-  from memvol import train
   rows = train.read_log(workdir)
   return float(rows[-1]["loss"]) if rows else math.nan
 
@@ -351,7 +349,6 @@ class _Regime:
   """A regime's baseline: its config, workdir, split, scores, copied ids and quality model."""
 
   def __init__(self, config: Any, workdir: str, name: str, log: Callable[[str], None]):
-    from memvol import data
     self.name, self.config = name, regime_config(config, name)
     self.dir = baseline_dir(config, workdir, name)
     self.folder = wdir.mitigate_regime(workdir, name)
@@ -365,14 +362,12 @@ class _Regime:
     self._quality = None
 
   def quality(self, samples: np.ndarray) -> dict[str, float]:
-    from memvol import quality
     if self._quality is None:
       self._quality = quality.Reference.build(self.config, self.split, self.folder)
     return self._quality.metrics(samples)
 
   def record(self, log: Callable[[str], None]) -> dict[str, Any]:
     """The baseline's own measurements (its sampling settings may differ from the arms')."""
-    from memvol import detect
     path = os.path.join(self.folder, "baseline.json")
     if os.path.exists(path):
       return io.load_json(path)
@@ -418,7 +413,6 @@ def selection(reg: Any, arm: Arm) -> dict[str, Any]:
 def _perturbed(reg: _Regime, arm: Arm, ids: np.ndarray, log: Callable[[str], None]) -> tuple[str, str, dict]:
   """(path, sha256, record) of the PGD-perturbed selected images under the baseline model,
   cached per selection in mitigate/<regime>/perturb/."""
-  from memvol import perturb
   tag = hashlib.sha1(np.asarray(ids, np.int64).tobytes()).hexdigest()[:12]
   path = os.path.join(reg.folder, "perturb", f"{tag}.npz")
   if not os.path.exists(path):
@@ -429,7 +423,6 @@ def _perturbed(reg: _Regime, arm: Arm, ids: np.ndarray, log: Callable[[str], Non
 
 def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None]) -> dict[str, Any]:
   """Run (or resume) one arm; its record, also written to <arm dir>/arm.json."""
-  from memvol import detect
   folder = arm_dir(workdir, arm)
   path = os.path.join(folder, "arm.json")
   if os.path.exists(path):
@@ -457,7 +450,6 @@ def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None]) ->
                          "final_loss": final_loss(folder)}
   rec.update(reg.quality(detect.load_samples(cfg, folder)))
   if pert is not None:
-    from memvol import perturb
     rec.update(perturb.summary(pert))
     rec.update(perturb.retrained_volumes(cfg, folder, pert))
   rec["wall_s"] = round(time.perf_counter() - start, 1)
@@ -496,7 +488,6 @@ def _finite(values: list[Any]) -> np.ndarray:
 
 def _mean_sd(values: list[Any]) -> tuple[float, float, int]:
   """Mean, sd (ddof 1) and number of the finite values; what they cannot give is NotEstimated."""
-  from memvol import report
   a = _finite(values)
   if a.size == 0:
     nothing = report.not_estimated("not measured for this group")
@@ -507,7 +498,6 @@ def _mean_sd(values: list[Any]) -> tuple[float, float, int]:
 
 def _test(a: list[Any], b: list[Any]) -> dict[str, float]:
   """Welch and Mann-Whitney over seeds; NotEstimated (with the reason) where undefined."""
-  from memvol import report
   fa, fb = _finite(a), _finite(b)
   why = ("not measured for a group" if min(fa.size, fb.size) == 0 else
          "a group has fewer than 2 finite values" if min(fa.size, fb.size) < 2 else
@@ -516,14 +506,13 @@ def _test(a: list[Any], b: list[Any]) -> dict[str, float]:
     return dict.fromkeys(("welch_t", "welch_p", "mw_u", "mw_p"), report.not_estimated(why))
   (t, tp), (u, up) = stats.welch(fa, fb), stats.mann_whitney(fa, fb)
   out = {"welch_t": t, "welch_p": tp, "mw_u": u, "mw_p": up}
-  report._expected_nan(out, tuple(out), why)
+  report.expected_nan(out, tuple(out), why)
   return out
 
 
 def _holm(tests: list[dict[str, Any]]) -> None:
   """Add welch_p_holm and mw_p_holm to every metric of `tests` (one regime's): Holm over all
   of them, Welch and Mann-Whitney as two families."""
-  from memvol import report
   cells = [t[m] for t in tests for m in TESTED]
   for key in ("welch_p", "mw_p"):
     adj = stats.holm([c[key] for c in cells])
@@ -551,7 +540,6 @@ def summarise(records: list[dict[str, Any]], baselines: dict[str, dict[str, Any]
     means = {g["group"]: g for g in groups if g["regime"] == regime}
 
     def diff(a: str, b: str, m: str) -> float:
-      from memvol import report
       d = means[a][f"{m}_mean"] - means[b][f"{m}_mean"]
       return d if np.isfinite(d) else report.not_estimated(f"{m} is not measured for a group")
 
@@ -578,7 +566,6 @@ def summarise(records: list[dict[str, Any]], baselines: dict[str, dict[str, Any]
 
 def fmt_group(g: dict[str, Any], m: str, digits: int = 3) -> str:
   """'mean ± sd (n)' of metric m in group g, n = the seeds with a finite value; '-' if none."""
-  from memvol import report
   mean, sd, n = g[m + "_mean"], g[m + "_sd"], g.get(m + "_n")
   if mean is None or not np.isfinite(mean):
     return "-"
@@ -589,12 +576,10 @@ def fmt_group(g: dict[str, Any], m: str, digits: int = 3) -> str:
 
 def fmt_p_holm(c: dict[str, Any], key: str) -> str:
   """'raw (Holm)' of a test cell's p-value `key` (welch_p | mw_p)."""
-  from memvol import report
   return f"{report.fmt_p(c[key])} ({report.fmt_p(c.get(key + '_holm'))})"
 
 
 def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
-  from memvol import report
   lines = ["# memvol: acting on the score", "",
            "Arms retrain from scratch with the selected training images modified; copies = samples "
            "that copy a training image (d1/d2 < threshold), copied images = distinct training images "
@@ -624,7 +609,7 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
                    f"{fmt_group(g, 'copied_selected')} / {fmt_group(g, 'copied_unselected')}",
                    fmt_group(g, "targeted"), fmt_group(g, "fd"), fmt_group(g, "kid"),
                    fmt_group(g, "precision"), fmt_group(g, "recall"), fmt_group(g, "final_loss", 4)])
-    lines += [report._table(header, rows), ""]
+    lines += [report.markdown_table(header, rows), ""]
     tests = [t for t in summary["tests"] if t["regime"] == regime]
     if tests:
       header = ["a vs b"] + [f"{m} (Welch p / MW p)" for m in TESTED] + [f"{m} a - b" for m in DIFFERENCES]
@@ -634,7 +619,7 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
       lines += ["Tests over seeds (two-sided): each p-value raw, and in parentheses Holm-adjusted over "
                 f"all {len(tests) * len(TESTED)} tests of this table (Welch and Mann-Whitney as two "
                 "families). `targeted` is a difference of means without a test: `score` selects the same "
-                "images in every seed, so its sd is 0 by construction.", "", report._table(header, rows), ""]
+                "images in every seed, so its sd is 0 by construction.", "", report.markdown_table(header, rows), ""]
     pert = [g for g in summary["groups"] if g["regime"] == regime and g["modification"] == "perturb"]
     if pert:
       header = ["group", "L before (baseline)", "L after (baseline)", "PSNR dB", "SSIM",
@@ -644,7 +629,7 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
       rows = [[g["group"]] + [fmt_group(g, k, 4) for k in keys] for g in pert]
       lines += ["Perturbed images (mean over the selected images, then mean ± sd over seeds; L by the "
                 "scoring estimator; retrained = the arm's own model, trained on the perturbed images):",
-                "", report._table(header, rows), ""]
+                "", report.markdown_table(header, rows), ""]
   lines += [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]
   return "\n".join(lines) + "\n"
 
@@ -681,10 +666,9 @@ def figure(summary: dict[str, Any], path: str) -> None:
 def write_outputs(summary: dict[str, Any], folder: str, log: Callable[[str], None] = print) -> None:
   fig = os.path.join(folder, "copies_vs_quality.png")
   figure(summary, fig)
-  from memvol import report
   undefined: list[str] = []
   expected: dict[str, str] = {}
-  clean = report._clean(summary, "", undefined, expected)  # NaN -> null
+  clean = report.jsonable(summary, "", undefined, expected)  # NaN -> null
   io.save_json(os.path.join(folder, "summary.json"), clean | {"not_estimated": expected, "undefined": undefined})
   with io.atomic_open(os.path.join(folder, "report.md"), "w") as f:
     f.write(render_markdown(summary, [fig]))

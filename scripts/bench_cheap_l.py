@@ -114,7 +114,7 @@ def row_of(name: str, rec: dict[str, np.ndarray], ref: dict[str, np.ndarray], is
 def reference_profile(config, table, ref: dict[str, np.ndarray], is_train, det) -> tuple[str, dict]:
   """Where the reference's L is made and where its signal lives: per window of its profile the
   bound, mean dL of trained / held-out images, the per-window AUROC (Holm-corrected
-  Mann-Whitney p over the windows, report._window_tests) and the fraction of trained images
+  Mann-Whitney p over the windows, report.window_tests) and the fraction of trained images
   above the bound at the window's end."""
   opts = options_of(config, "reference")
   if "L_t" not in ref or opts.save_ts is None:
@@ -128,7 +128,7 @@ def reference_profile(config, table, ref: dict[str, np.ndarray], is_train, det) 
     mem = np.zeros(is_train.size, bool)
     mem[np.flatnonzero(is_train)] = det["copies_ratio"] > 0
     groups["memorised_vs_not"] = (mem & ok, is_train & ~mem & ok)
-  tests = {k: report._window_tests(z["windows"], *g) for k, g in groups.items()}
+  tests = {k: report.window_tests(z["windows"], *g) for k, g in groups.items()}
   head = ["window (t)", "bound", "mean dL trained", "mean dL held-out", "trained above bound at end"] + [
       f"AUROC {k} (Holm p)" for k in tests]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
