@@ -477,3 +477,13 @@ def test_two_processes_train_like_one(reference, tmp_path):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   assert ckpt_lib.latest_step(str(tmp_path)) == 12
   assert [r["step"] for r in train.read_log(str(tmp_path))] == [3, 6, 9, 12]
+
+
+def test_random_flip_mirrors_about_half():
+  x = jax.numpy.asarray(np.random.default_rng(0).normal(size=(200, 3, 4, 1)), np.float32)
+  y = np.asarray(train.flip_batch(jax.random.PRNGKey(0), x))
+  x = np.asarray(x)
+  same = np.all(y == x, axis=(1, 2, 3))
+  mirrored = np.all(y == x[:, :, ::-1], axis=(1, 2, 3))
+  assert np.all(same ^ mirrored) and 70 < mirrored.sum() < 130
+  np.testing.assert_array_equal(np.asarray(train.flip_batch(jax.random.PRNGKey(0), x)), y)

@@ -35,6 +35,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.heldout_name = ""         # second source of the held-out images (a name above or cifar10_test); "" = same pool
   d.heldout_path = ""         # its npz / folder / cifar-10-batches-py path ("" = data.path)
   d.member_split_path = ""    # npz of mia_train_idxs / mia_eval_idxs (PIA, SecMI): members train, non-members held out
+  # A mitigation arm's edits of the training stream (memvol/mitigate.py sets them per arm;
+  # memvol/train.py applies them); empty = the stream as the split gives it.
+  d.drop_ids = ()             # training ids left out of the stream (they stay in the split)
+  d.augment_ids = ()          # training ids given stronger augmentation (augment_shift, augment_noise)
+  d.augment_shift = 2         # shift of the stronger augmentation, uniform in [-shift, shift] pixels
+  d.augment_noise = 0.05      # std of its pixel noise
+  d.replace_path = ""         # npz of ids [k] and images [k, H, W, C] shown in place of those images
+  d.replace_sha256 = ""       # the sha256 that file must have
 
   # --- model (memvol/models) ---------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
