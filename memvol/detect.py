@@ -255,6 +255,7 @@ def _warn_repeated_images(images: np.ndarray) -> None:
                     flat.shape[0] - n_unique, flat.shape[0])
 
 
+DONE_MEANS = "outputs present, made with these settings and inputs"
 OUTPUTS = ("detect.csv", "nn.npz", "copies.png")
 
 

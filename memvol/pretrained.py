@@ -423,6 +423,13 @@ def run(config: Any, workdir: str) -> None:
   print(f"[memvol] pretrained {path} (sha256 {digest[:12]}): no training; {data.describe(split)}")
 
 
+DONE_MEANS = "the weights and the split are recorded"
+
+
+def stale_reason(config: Any, workdir: str) -> str | None:
+  """Always a reason: the pretrained `train` stage only verifies (cheap), so it always runs."""
+  return "a pretrained model: its weights and split are verified on every run"
+
+
 def is_complete(config: Any, workdir: str) -> bool:
-  """Never: the pretrained `train` stage only verifies (cheap), so it always runs."""
-  return False
+  return stale_reason(config, workdir) is None

@@ -327,12 +327,21 @@ def _refuse_overwrite(path: str, settings: dict[str, Any], root: str) -> None:
           f"they are not overwritten. Use a new --workdir, or delete {root} to resample.")
 
 
-def is_complete(config: Any, workdir: str) -> bool:
-  """Whether every configured method's samples exist for these settings and this model."""
+DONE_MEANS = "samples of every configured method exist, made with these settings and this model"
+
+
+def stale_reason(config: Any, workdir: str) -> str | None:
+  """None when every configured method's samples exist for these settings and this model;
+  otherwise why not."""
+  why = "samples are missing, partial, or were made with other settings or another model"
   try:
     methods = _check_config(config)
     eps_fn, shape = _load_model(config, workdir)
   except (FileNotFoundError, ValueError):
-    return False
+    return why
   n = int(config.sample.num_samples)
-  return all(_complete(workdir, m, _settings(config, m, eps_fn, shape), n) for m in methods)
+  return None if all(_complete(workdir, m, _settings(config, m, eps_fn, shape), n) for m in methods) else why
+
+
+def is_complete(config: Any, workdir: str) -> bool:
+  return stale_reason(config, workdir) is None

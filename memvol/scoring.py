@@ -590,15 +590,23 @@ def _merged(workdir: str, ests: tuple[str, ...], all_settings: dict[str, Any], p
           and all(manifest.get(k, [] if k == "peers" else {}) == v for k, v in extra.items()))
 
 
-def is_complete(config: Any, workdir: str) -> bool:
-  """Whether scores.csv holds every configured estimator and peer (and agreement.csv every
-  agreement run) for these settings, this model and this split."""
+DONE_MEANS = "scores.csv holds every configured estimator, made with these settings and this model"
+
+
+def stale_reason(config: Any, workdir: str) -> str | None:
+  """None when scores.csv holds every configured estimator and peer (and agreement.csv every
+  agreement run) for these settings, this model and this split; otherwise why not."""
+  why = "scores are missing, partial, or were made with other settings or another model"
   try:
     ests = estimators_of(config)
     if not os.path.exists(wdir.scores_manifest(workdir)):
-      return False
+      return why
     eps_fn, table = _load(config, workdir)
     pl = plan(config, eps_fn, table)
-    return _merged(workdir, ests, pl.settings, pl)
+    return None if _merged(workdir, ests, pl.settings, pl) else why
   except (FileNotFoundError, ValueError):
-    return False
+    return why
+
+
+def is_complete(config: Any, workdir: str) -> bool:
+  return stale_reason(config, workdir) is None

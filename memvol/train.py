@@ -482,10 +482,18 @@ def restore_state(config: Any, workdir: str, mesh: Mesh, step: int | None = None
   return TrainState(step=step_arr, **items), meta
 
 
-def is_complete(config: Any, workdir: str) -> bool:
-  """Whether the latest checkpoint has at least train.num_steps updates."""
+DONE_MEANS = "the latest checkpoint has train.num_steps updates"
+
+
+def stale_reason(config: Any, workdir: str) -> str | None:
+  """None when the latest checkpoint has at least train.num_steps updates; otherwise why not."""
   step = ckpt_lib.latest_step(workdir)
-  return step is not None and step >= int(config.train.num_steps)
+  return None if step is not None and step >= int(config.train.num_steps) else \
+      "no checkpoint with train.num_steps updates yet"
+
+
+def is_complete(config: Any, workdir: str) -> bool:
+  return stale_reason(config, workdir) is None
 
 
 def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:

@@ -114,6 +114,7 @@ def _curves(e: str, path: str, scores: dict[str, np.ndarray], is_train: np.ndarr
   return ""
 
 
+DONE_MEANS = "outputs present, made with these settings and inputs"
 OUTPUTS = ("report.md", "summary.json")
 
 
