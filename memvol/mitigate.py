@@ -597,9 +597,9 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
            "Arms retrain from scratch with the selected training images modified; copies = samples "
            "that copy a training image (d1/d2 < threshold), copied images = distinct training images "
            "copied; targeted = the copies the `none` arms made of the selected images (what the "
-           "selection aims at); mean ± sd (n) over seeds, n = the seeds with a finite value. FD / KID / precision / recall: classifier features of the "
-           "samples against the held-out images. `copied` selects the baseline's copied images, so "
-           "its k differs from ceil(q N).", ""]
+           "selection aims at); mean ± sd (n) over seeds, n = the seeds with a finite value. "
+           "FD / KID / precision / recall: classifier features of the samples against the held-out images. "
+           "`copied` selects the baseline's copied images, so its k differs from ceil(q N).", ""]
   for regime, base in summary["baselines"].items():
     lines += [f"## Regime `{regime}`", "",
               f"Arms done: {sum(r['regime'] == regime for r in summary['arms'])} "

@@ -503,7 +503,7 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
   tc = config.train
   mesh = parallel.data_mesh() if mesh is None else mesh
   _check_train_config(tc, mesh.size)
-  rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  rep = parallel.replicated(mesh)
   latest = ckpt_lib.latest_step(workdir)
   if latest is not None:  # refuse a different config before touching the workdir
     ckpt_lib.check_config(ckpt_lib.restore_meta(workdir, latest), config,

@@ -121,7 +121,7 @@ def test_same_scores_for_any_device_count_and_batch_size(tmp_path, model):
     scoring.run(config(estimators=("hutchinson",), batch_size=bs), d, log=quiet)
     results[(devices, bs)] = (read(d), _values(d))
   ref = results[(4, 4)][0]
-  for k, (raw, vals) in results.items():
+  for k, (raw, _) in results.items():
     assert raw == ref, k  # byte-identical CSV
 
 

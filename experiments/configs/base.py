@@ -117,14 +117,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   sc.K = 100                  # subspace / paper frame size
   sc.radius = 0.05            # paper: neighbour radius
   sc.paper_steps = 1000       # paper: Euler steps
-  sc.profile_times = config_dict.FieldReference(16, field_type=object)  # int or tuple: the L(t) profile: n times geometric in sigma from eps to T (volume.profile_times), or a tuple of times; 0 = none
+  # int or tuple: the L(t) profile: n times geometric in sigma from eps to T
+  # (volume.profile_times), or a tuple of times; 0 = none
+  sc.profile_times = config_dict.FieldReference(16, field_type=object)
   sc.time_grid = "blend"      # fixed-step grid: blend (half uniform in t, half in log sigma) | log_sigma
   sc.control_variate = False  # exact / hutchinson: integrate tr J - D / sigma, add the bound in closed form
   sc.chunk_size = 64          # vectors per vmapped JVP chunk (exact basis, probes, frame, paper points)
   sc.max_steps = 4096         # solver step budget per image (status 1 when exhausted)
   sc.use_ema = True
   sc.precision = "highest"    # matmul/conv precision of every estimator: highest | high | default (BUILD.md)
-  sc.peers = ("loss", "secmi", "pia", "pian", "sima", "flipd", "logp")  # peer scores (memvol/peers.py); logp = ODE likelihood of the first full-trace estimator
+  # peer scores (memvol/peers.py); logp = ODE likelihood of the first full-trace estimator
+  sc.peers = ("loss", "secmi", "pia", "pian", "sima", "flipd", "logp")
   sc.peer = pr = ml_collections.ConfigDict()  # peer settings: the originals' values (DDPM index n -> t = n / 1000), fixed in advance
   pr.loss_t = 0.1             # loss: t (step 100; Carlini et al. 2023 / Matsumoto et al. 2023 find small t ~ 100 of 1000 best)
   pr.loss_num_noise = 4       # loss: noise draws averaged per image
@@ -132,7 +135,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   pr.secmi_interval = 0.01    # secmi: DDIM step k (Duan et al. 2023: k = 10)
   pr.pia_t = 0.2              # pia / pian: t (Kong et al. 2024: t = 200 of 1000 for DDPM; their script prints a scan of t)
   pr.sima_t = 0.01            # sima: t (step 10: the small-t regime of Rao et al. 2025; their script scans 0..200)
-  pr.flipd_t = 0.05           # flipd: t0 (Kamkari et al. 2024: a small fixed t0 on images, 0.05 here; their code's default 1e-4 is below memvol's eps)
+  # flipd: t0 (Kamkari et al. 2024: a small fixed t0 on images, 0.05 here; their code's
+  # default 1e-4 is below memvol's eps)
+  pr.flipd_t = 0.05
   pr.p = 4.0                  # pia / pian / sima: exponent of the error sum (their code: l4, sum |.|^4)
   pr.flipd_trace = "auto"     # flipd: auto | exact | hutchinson (auto: exact when D <= flipd_exact_max_dim)
   pr.flipd_exact_max_dim = 1024  # flipd auto: largest D traced exactly (D JVPs)

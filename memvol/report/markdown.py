@@ -84,7 +84,9 @@ def header_section(config, info: dict[str, Any]) -> list[str]:
              f"estimators: {', '.join(f'`{e}`' for e in info['estimators_list'])} (primary: `{e0}`). "
              "Score = log volume growth L of the probability-flow ODE map from the image to the latent "
              "(larger = more latent volume flows onto the image = easier to reproduce).")
-  out += ["", f"Matmul / convolution precision: scores `{config.score.get('precision', 'highest')}`, samples `{config.sample.get('precision', 'highest')}` (`highest` = float32, as on CPU; `high` / `default` = TF32 on GPUs, bfloat16 passes on TPUs)."]
+  out += ["", f"Matmul / convolution precision: scores `{config.score.get('precision', 'highest')}`, "
+          f"samples `{config.sample.get('precision', 'highest')}` (`highest` = float32, as on CPU; "
+          "`high` / `default` = TF32 on GPUs, bfloat16 passes on TPUs)."]
   return out
 
 

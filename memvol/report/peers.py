@@ -69,8 +69,8 @@ def peers_section(config, workdir: str, scores: dict[str, np.ndarray], values: d
            f"({', '.join(f'`{n}`' for n in peers)}; memvol/peers.py), each sign-normalised so that higher = "
            "member / memorised, on the same checkpoint, images and labels. Network passes count forward "
            "evaluations plus JVPs; seconds per image (wall time on this machine, shared or not) leave out "
-           "batches that compiled (marked * where every batch compiled). Best per column in bold (Welch p: smallest among scores whose difference goes "
-           "the claimed way).", ""]
+           "batches that compiled (marked * where every batch compiled). Best per column in bold (Welch p: "
+           "smallest among scores whose difference goes the claimed way).", ""]
     for key in PEER_COMPARISONS:
       pos, neg = next((p, q) for k, p, q in COMPARISONS if k == key)
       md += [f"**{pos} vs {neg}**", "", _peer_table(comps[key], costs, best[key], float(rc.fpr)), ""]
