@@ -38,7 +38,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from memvol import io
-from memvol.pipeline import IDENTITY_SECTIONS  # data, model, sde: what a checkpoint belongs to
+from memvol import workdir as wdir
+from memvol.workdir import IDENTITY_SECTIONS  # data, model, sde: what a checkpoint belongs to
 
 ARRAY_ITEMS = ("params", "ema_params", "opt_state")
 ITEMS = ARRAY_ITEMS + ("meta",)
@@ -56,10 +57,6 @@ class _DropOrbaxInfo(std_logging.Filter):
 logging.get_absl_logger().addFilter(_DropOrbaxInfo())
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
-
-
 def open_manager(workdir: str, max_to_keep: int | None = None, keep_period: int | None = None,
                  async_save: bool = False) -> ocp.CheckpointManager:
   """A writing manager at workdir/checkpoints keeping the last `max_to_keep` checkpoints
@@ -74,11 +71,11 @@ def open_manager(workdir: str, max_to_keep: int | None = None, keep_period: int 
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, keep_period=keep_period, cleanup_tmp_directories=True,
       enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+  return ocp.CheckpointManager(wdir.checkpoints(workdir), options=options, item_names=ITEMS)
 
 
 def _reader(workdir: str) -> ocp.CheckpointManager | None:
-  path = checkpoint_dir(workdir)
+  path = wdir.checkpoints(workdir)
   if not os.path.isdir(path):
     return None
   return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False),
@@ -173,7 +170,7 @@ def _newest_readable(mngr: ocp.CheckpointManager, workdir: str) -> int | None:
   steps = sorted(mngr.all_steps(), reverse=True)
   bad = []
   for step in steps:
-    step_dir = os.path.join(checkpoint_dir(workdir), str(step))
+    step_dir = os.path.join(wdir.checkpoints(workdir), str(step))
     why = damage(step_dir)
     if why is None:
       return int(step)
@@ -187,7 +184,7 @@ def _newest_readable(mngr: ocp.CheckpointManager, workdir: str) -> int | None:
         os.rename(step_dir, aside)
     mngr.reload()
   if bad:
-    raise ValueError(f"no checkpoint in {checkpoint_dir(workdir)} reads back: {', '.join(bad)} are corrupt "
+    raise ValueError(f"no checkpoint in {wdir.checkpoints(workdir)} reads back: {', '.join(bad)} are corrupt "
                      "(moved aside to *.corrupt). Restore them from a backup, or delete them to train from scratch.")
   return None
 
@@ -233,12 +230,12 @@ def _require_step(mngr: ocp.CheckpointManager | None, workdir: str, step: int | 
   latest = None if mngr is None else _newest_readable(mngr, workdir)
   if latest is None:
     raise FileNotFoundError(
-        f"no checkpoint in {checkpoint_dir(workdir)}; train first "
+        f"no checkpoint in {wdir.checkpoints(workdir)}; train first "
         f"(python -m experiments.main --mode=train --config=... --workdir={workdir})")
   if step is None:
     return latest
   if step not in mngr.all_steps():
-    raise ValueError(f"no checkpoint at step {step} in {checkpoint_dir(workdir)}; "
+    raise ValueError(f"no checkpoint at step {step} in {wdir.checkpoints(workdir)}; "
                      f"available: {sorted(mngr.all_steps())}")
   return int(step)
 
@@ -255,7 +252,7 @@ def restore(workdir: str, config: Any, targets: Mapping[str, Any], step: int | N
   try:
     step = _require_step(mngr, workdir, step)
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    check_config(meta, config, f"{checkpoint_dir(workdir)}/{step}")
+    check_config(meta, config, f"{wdir.checkpoints(workdir)}/{step}")
     if not targets:
       return {}, meta
     args = {k: ocp.args.StandardRestore(v) for k, v in targets.items()}

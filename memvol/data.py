@@ -46,13 +46,10 @@ import os
 import pickle
 from typing import Any, Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from memvol import io
-
-Array = jax.Array
+from memvol import workdir as wdir
 
 SOURCES = ("mnist", "digits", "lfw", "gaussian", "mixture", "npz", "folder", "cifar10")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -106,7 +103,7 @@ class Split:
   train: ImageSet
   heldout: ImageSet
   dup_counts: np.ndarray
-  # Data modifications of a mitigation arm (memvol/mitigate.py); None = unmodified.
+  # The training stream of a mitigation arm (train.edit_stream); None = unmodified.
   stream_counts: np.ndarray | None = None   # [num_train] times in the stream (0 = dropped)
   stream_images: np.ndarray | None = None   # [num_train, H, W, C] the images the stream shows
   augment: np.ndarray | None = None         # [num_train] bool: stronger augmentation in training
@@ -218,34 +215,6 @@ def resize(x: np.ndarray, resolution: int) -> np.ndarray:
       im = Image.fromarray(x[i, :, :, j].astype(np.float32), mode="F")
       out[i, :, :, j] = np.asarray(im.resize((r, r), Image.Resampling.BICUBIC), np.float32)
   return np.clip(out, -1.0, 1.0)
-
-
-def random_flip(key: Array, batch: Array) -> Array:
-  """Each image of batch [B, H, W, C] mirrored left-right with probability 1/2."""
-  flip = jax.random.bernoulli(key, 0.5, (batch.shape[0],))
-  return jnp.where(flip[:, None, None, None], batch[:, :, ::-1, :], batch)
-
-
-def augment_settings(data_cfg: Any) -> tuple[int, float]:
-  """(shift pixels, noise std) of data.augment_batch from data.augment_shift / augment_noise."""
-  shift, noise = int(data_cfg.get("augment_shift", 2)), float(data_cfg.get("augment_noise", 0.05))
-  if shift < 0 or noise < 0:
-    raise ValueError(f"data.augment_shift and data.augment_noise must be >= 0, got {shift}, {noise}")
-  return shift, noise
-
-
-def augment_batch(key: Array, batch: Array, mask: Array, shift: int, noise: float) -> Array:
-  """Stronger augmentation of the masked images of batch [B, H, W, C] (mask bool [B]):
-  a shift by an integer offset uniform in [-shift, shift] pixels along each axis (edges
-  repeated), then N(0, noise^2) pixel noise, clipped to [-1, 1]. Unmasked images pass
-  unchanged."""
-  b, h, w, _ = batch.shape
-  k_shift, k_noise = jax.random.split(key)
-  offsets = jax.random.randint(k_shift, (b, 2), 0, 2 * shift + 1)
-  padded = jnp.pad(batch, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge")
-  crop = lambda x, o: jax.lax.dynamic_slice(x, (o[0], o[1], 0), (h, w, x.shape[-1]))  # noqa: E731
-  moved = jax.vmap(crop)(padded, offsets) + noise * jax.random.normal(k_noise, batch.shape, batch.dtype)
-  return jnp.where(mask[:, None, None, None], jnp.clip(moved, -1.0, 1.0), batch)
 
 
 # --- sources ---------------------------------------------------------------------------
@@ -606,7 +575,7 @@ def _member_split(data_cfg: Any) -> Split:
     drawn.append(np.sort(_round_robin(perm, source.labels)[:n] if data_cfg.get("balanced", True) else perm[:n]))
   tr = _load(source, drawn[0], f"members ({path})")
   ho = _load(source, drawn[1], f"non-members ({path})")
-  return _modify(Split(tr, ho, np.ones(len(tr), np.int64)), data_cfg)
+  return Split(tr, ho, np.ones(len(tr), np.int64))
 
 
 def make_split(data_cfg: Any) -> Split:
@@ -624,17 +593,7 @@ def make_split(data_cfg: Any) -> Split:
   tr = _load(source, train, "training images")
   ho = (_load(source, held, "held-out images") if len(held)
         else ImageSet(np.zeros((0,) + tr.shape, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)))
-  return _modify(Split(tr, ho, dup), data_cfg)
-
-
-def _arm_ids(data_cfg: Any, field: str, train_ids: np.ndarray) -> np.ndarray:
-  """bool [num_train]: which training images data_cfg.<field> names (ValueError for ids
-  that are not training images)."""
-  ids = np.asarray([int(i) for i in data_cfg.get(field, ())], np.int64)
-  unknown = np.setdiff1d(ids, train_ids)
-  if unknown.size:
-    raise ValueError(f"data.{field} names ids {unknown[:8].tolist()} that are not training images")
-  return np.isin(train_ids, ids)
+  return Split(tr, ho, dup)
 
 
 def train_positions(train_ids: np.ndarray, ids: Any, where: str) -> np.ndarray:
@@ -649,38 +608,7 @@ def train_positions(train_ids: np.ndarray, ids: Any, where: str) -> np.ndarray:
   return pos
 
 
-def _modify(split: Split, data_cfg: Any) -> Split:
-  """The data modifications of a mitigation arm (fields absent from ordinary configs, set
-  by memvol/mitigate.py): data.drop_ids leave the training stream (they stay in
-  split.train, so detect still counts their copies); data.augment_ids get stronger
-  augmentation; data.replace_path (an npz of `ids` [k] and `images` [k, H, W, C] whose
-  sha256 must equal data.replace_sha256) replaces those images in the stream only."""
-  ids = split.train.ids
-  counts, images, augment = None, None, None
-  if len(data_cfg.get("drop_ids", ())):
-    counts = np.where(_arm_ids(data_cfg, "drop_ids", ids), 0, split.dup_counts).astype(np.int64)
-  if len(data_cfg.get("augment_ids", ())):
-    augment = _arm_ids(data_cfg, "augment_ids", ids)
-  path = str(data_cfg.get("replace_path", ""))
-  if path:
-    want, got = str(data_cfg.get("replace_sha256", "")), io.file_sha256(path) if os.path.exists(path) else ""
-    if not got or got != want:
-      raise ValueError(f"data.replace_path={path!r} is missing or has sha256 {got[:12] or '-'}, not "
-                       f"data.replace_sha256={want[:12] or '-'}; rerun the mitigation arm that writes it")
-    z = io.load_npz(path)
-    pos = train_positions(ids, z["ids"], path)
-    images = split.train.images.copy()
-    images[pos] = validate_images(z["images"], f"{path}:images")
-  if counts is None and images is None and augment is None:
-    return split
-  return dataclasses.replace(split, stream_counts=counts, stream_images=images, augment=augment)
-
-
 # --- the workdir record ----------------------------------------------------------------
-
-
-def split_path(workdir: str) -> str:
-  return os.path.join(workdir, "data", "split.json")
 
 
 def _image_stats(images: np.ndarray) -> list[list[float]]:
@@ -721,7 +649,7 @@ def prepare(config: Any, workdir: str) -> Split:
   dup_counts, the data config, image shape, per-image fingerprints). When the record
   exists it is verified: ValueError naming the field if the data config or data differ."""
   split = make_split(config.data)
-  path = split_path(workdir)
+  path = wdir.split(workdir)
   new = _record(config, split)
   if os.path.exists(path):
     _check_record(io.load_json(path), new, path)
@@ -732,7 +660,7 @@ def prepare(config: Any, workdir: str) -> Split:
 
 def load_split(config: Any, workdir: str) -> Split:
   """The split recorded in workdir/data/split.json, rebuilt from the source and verified."""
-  path = split_path(workdir)
+  path = wdir.split(workdir)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist; run training first (--mode=train), which "
                             "makes the train / held-out split")

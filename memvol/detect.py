@@ -48,6 +48,7 @@ import numpy as np
 from absl import logging
 
 from memvol import io
+from memvol import workdir as wdir
 
 DETECT_COLUMNS = ("id", "label", "dup_count", "copies_ratio", "copies_carlini", "memorised",
                   "min_distance", "closest_sample")
@@ -203,13 +204,9 @@ def carlini_copies(nbrs: Neighbours, num_train: int, n: int = 50, alpha: float =
 # --- stage -------------------------------------------------------------------------
 
 
-def samples_path(config, workdir: str) -> str:
-  return os.path.join(workdir, "samples", f"samples_{config.detect.sample_method}.npz")
-
-
 def load_samples(config, workdir: str) -> np.ndarray:
   """The generated images searched for copies, [M, H, W, C]; clear errors if missing/empty."""
-  path = samples_path(config, workdir)
+  path = wdir.samples(workdir, config.detect.sample_method)
   if not os.path.exists(path):
     raise FileNotFoundError(
         f"{path} does not exist: generate samples first with --mode=sample "
@@ -258,19 +255,20 @@ def _warn_repeated_images(images: np.ndarray) -> None:
                     flat.shape[0] - n_unique, flat.shape[0])
 
 
+DONE_MEANS = "outputs present, made with these settings and inputs"
 OUTPUTS = ("detect.csv", "nn.npz", "copies.png")
 
 
 def settings(config, workdir: str) -> dict[str, Any]:
   """What detect's outputs depend on: the detect and data sections and the samples file."""
   return {"detect": io.config_to_dict(config.detect), "data": io.config_to_dict(config.data),
-          "inputs": {"samples": io.file_digest(samples_path(config, workdir))}}
+          "inputs": {"samples": io.file_digest(wdir.samples(workdir, config.detect.sample_method))}}
 
 
 def stale_reason(config, workdir: str) -> str | None:
   """None when detect/ holds outputs made with this config from the current samples;
   otherwise why not (for --mode=all)."""
-  return io.stale_reason(os.path.join(workdir, "detect"), settings(config, workdir), OUTPUTS)
+  return io.stale_reason(wdir.detect_dir(workdir), settings(config, workdir), OUTPUTS)
 
 
 def is_complete(config, workdir: str) -> bool:
@@ -282,7 +280,7 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
   detect/nn.npz and detect/copies.png, then detect/settings.json (the settings and
   input digest that made them; a rerun with others recomputes). `split` defaults to
   memvol.data.load_split."""
-  folder = os.path.join(workdir, "detect")
+  folder = wdir.detect_dir(workdir)
   io.forget_settings(folder)
   record = settings(config, workdir)
   samples = load_samples(config, workdir)
@@ -303,15 +301,15 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
                memorised=int(ratio.counts[j] > 0), min_distance=f"{float(nbrs.train_min_dist[j]):.6g}",
                closest_sample=int(nbrs.train_closest[j]))
           for j in range(images.shape[0])]
-  io.save_npz(os.path.join(folder, "nn.npz"),
+  io.save_npz(wdir.nn(workdir),
               nn_index=nbrs.index[:, :2], nn_id=ids[nbrs.index[:, :2]],
               d1=nbrs.dist[:, 0], d2=nbrs.dist[:, 1], ratio=ratio.score, copied_ratio=ratio.copied,
               carlini_score=carlini.score, copied_carlini=carlini.copied,
               knn_index=nbrs.index, knn_dist=nbrs.dist,
               train_ids=ids, train_min_distance=nbrs.train_min_dist,
               train_closest_sample=nbrs.train_closest)
-  save_copies_figure(samples, images, ids, nbrs, ratio, config, os.path.join(folder, "copies.png"))
-  io.save_csv(os.path.join(folder, "detect.csv"), rows, DETECT_COLUMNS)
+  save_copies_figure(samples, images, ids, nbrs, ratio, config, wdir.copies_figure(workdir))
+  io.save_csv(wdir.detect_csv(workdir), rows, DETECT_COLUMNS)
   io.record_settings(folder, record)
   summary = dict(num_samples=int(samples.shape[0]), num_train=int(images.shape[0]),
                  copied_samples_ratio=int(ratio.copied.sum()), copied_samples_carlini=int(carlini.copied.sum()),
@@ -321,6 +319,32 @@ def run(config, workdir: str, split: Any = None) -> dict[str, Any]:
                config.detect.ratio_threshold, summary["memorised_ratio"], summary["copied_samples_carlini"],
                summary["memorised_carlini"])
   return summary
+
+
+def read_detect(path: str) -> dict[str, np.ndarray]:
+  """detect.csv (written by `run`) as int / float columns (DETECT_COLUMNS)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: label memorised images first with --mode=detect")
+  rows = io.load_csv(path)
+  missing = [c for c in DETECT_COLUMNS if c not in rows[0]]
+  if missing:
+    raise ValueError(f"{path} lacks columns {missing}; delete it and rerun --mode=detect")
+  try:
+    return {c: np.array([float((r[c] or "").strip() or "nan") if c == "min_distance" else int(r[c]) for r in rows])
+            for c in DETECT_COLUMNS}
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path} is corrupt ({e}); delete it and rerun --mode=detect") from e
+
+
+def align_detect(train_ids: np.ndarray, det: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+  """detect columns reordered to `train_ids` (the training rows of scores.csv)."""
+  pos = {int(i): k for k, i in enumerate(det["id"])}
+  missing = [int(i) for i in train_ids if int(i) not in pos]
+  if missing:
+    raise ValueError(f"{path} has no rows for training ids {missing[:10]} listed in scores.csv: the two "
+                     "files come from different splits; rerun --mode=detect (and --mode=score) in this workdir")
+  order = np.array([pos[int(i)] for i in train_ids], np.int64)
+  return {c: v[order] for c, v in det.items()}
 
 
 def save_copies_figure(samples: np.ndarray, train: np.ndarray, ids: np.ndarray, nbrs: Neighbours,

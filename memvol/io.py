@@ -126,7 +126,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 # made with that value, so old workdirs stay usable.
 ADDED_FIELDS = {
     "data.heldout_name": "", "data.heldout_path": "", "model.pretrained": "",
-    "data.member_split_path": "",
+    "data.member_split_path": "", "data.drop_ids": [], "data.augment_ids": [], "data.augment_shift": 2,
+    "data.augment_noise": 0.05, "data.replace_path": "", "data.replace_sha256": "",
 }
 
 

@@ -19,6 +19,7 @@ import jax
 from memvol import checkpoint as ckpt_lib
 from memvol import models, parallel, pretrained
 from memvol import sde as sde_lib
+from memvol import workdir as wdir
 
 
 def _abstract_params(model: Any, image_shape: tuple[int, ...], sharding: Any) -> Any:
@@ -40,7 +41,7 @@ def load_params(config: Any, workdir: str, use_ema: bool = True, step: int | Non
   if config.model.get("pretrained"):
     return _pretrained(config, workdir)[1]
   meta = ckpt_lib.restore_meta(workdir, step)
-  ckpt_lib.check_config(meta, config, f"{ckpt_lib.checkpoint_dir(workdir)}/{meta['step']}")
+  ckpt_lib.check_config(meta, config, f"{wdir.checkpoints(workdir)}/{meta['step']}")
   image_shape = tuple(meta["image_shape"])
   model = models.get_model(config.model, image_shape)
   item = "ema_params" if use_ema else "params"

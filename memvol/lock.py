@@ -24,17 +24,14 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-LOCK_NAME = ".memvol.lock"
+from memvol import workdir as wdir
+
 HEARTBEAT_S = 5.0       # seconds between mtime refreshes by the holder
 STALE_AFTER_S = 120.0   # a lock not refreshed for this long belongs to a lost host
 
 
 class LockHeld(RuntimeError):
   """The workdir is in use by another live process."""
-
-
-def lock_path(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), LOCK_NAME)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -90,7 +87,7 @@ class WorkdirLock:
                stale_after_s: float = STALE_AFTER_S, log: Callable[[str], None] | None = None):
     if not 0 < heartbeat_s < stale_after_s:
       raise ValueError(f"need 0 < heartbeat_s < stale_after_s, got {heartbeat_s}, {stale_after_s}")
-    self.workdir, self.path = workdir, lock_path(workdir)
+    self.workdir, self.path = workdir, wdir.lock(workdir)
     self.command = " ".join(sys.argv) if command is None else command
     self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
     self.log = log if log is not None else (lambda m: print(m, file=sys.stderr, flush=True))

@@ -51,7 +51,8 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from memvol import io, pipeline, plotting, stats
+from memvol import data, detect, io, perturb, pipeline, plotting, quality, report, scoring, stats, train
+from memvol import workdir as wdir
 
 SELECTIONS = ("score", "random", "copied", "none")
 MODIFICATIONS = ("drop", "drop_epochs", "augment", "perturb")
@@ -196,17 +197,13 @@ def regime_config(config: Any, regime: str) -> ml_collections.ConfigDict:
   return c
 
 
-def root(workdir: str) -> str:
-  return os.path.join(workdir, "mitigate")
-
-
 def baseline_dir(config: Any, workdir: str, regime: str) -> str:
   """The workdir itself for a regime without overrides, else mitigate/<regime>/baseline."""
-  return workdir if not _overrides(config, regime) else os.path.join(root(workdir), regime, "baseline")
+  return workdir if not _overrides(config, regime) else wdir.mitigate_arm(workdir, regime, "baseline")
 
 
 def arm_dir(workdir: str, arm: Arm) -> str:
-  return os.path.join(root(workdir), arm.regime, arm.name)
+  return wdir.mitigate_arm(workdir, arm.regime, arm.name)
 
 
 def epoch_matched_steps(num_steps: int, stream_counts: np.ndarray, train_ids: np.ndarray,
@@ -263,9 +260,8 @@ def run_chain(config: Any, workdir: str, stages: tuple[str, ...], log: Callable[
 
 
 def _detect_table(workdir: str) -> dict[str, np.ndarray]:
-  """workdir/detect/detect.csv as columns (report.load_detect: checked, clear errors)."""
-  from memvol import report
-  return report.load_detect(os.path.join(workdir, "detect", "detect.csv"))
+  """workdir/detect/detect.csv as columns (detect.read_detect: checked, clear errors)."""
+  return detect.read_detect(wdir.detect_csv(workdir))
 
 
 def copy_counts(workdir: str, selected: np.ndarray) -> dict[str, int]:
@@ -292,7 +288,6 @@ def with_targeted(workdir: str, records: list[dict[str, Any]]) -> list[dict[str,
   out = []
   for r in records:
     ts = tables.get(r["regime"], [])
-    from memvol import report
     val = report.not_estimated("a none arm selects nothing" if r["selection"] == "none"
                                else "the regime has no none arm")
     if r["selection"] != "none" and ts:
@@ -302,7 +297,6 @@ def with_targeted(workdir: str, records: list[dict[str, Any]]) -> list[dict[str,
 
 
 def final_loss(workdir: str) -> float:
-  from memvol import train
   rows = train.read_log(workdir)
   return float(rows[-1]["loss"]) if rows else math.nan
 
@@ -329,19 +323,22 @@ def check_score_column(config: Any) -> None:
 def baseline_scores(config: Any, workdir: str, train_ids: np.ndarray) -> np.ndarray:
   """The selection column of workdir/scores/scores.csv, aligned with train_ids; NaN where
   the value is missing or its solve failed (an `E_log_volume` column's `E_status` != 0)."""
-  from memvol import report
   col = _score_column(config)
-  rows = io.load_csv(os.path.join(workdir, "scores", "scores.csv"))
-  if col not in rows[0]:
-    raise ValueError(f"mitigate.score_column={col!r} is not a column of {workdir}/scores/scores.csv "
-                     f"(columns: {', '.join(rows[0])})")
+  path = wdir.scores_csv(workdir)
+  cols = scoring.read_scores(path, tuple(str(e) for e in config.score.estimators),
+                             tuple(str(p) for p in config.score.get("peers", ())))
+  if col not in cols:
+    raise ValueError(f"mitigate.score_column={col!r} is not a column of {path} "
+                     f"(columns read: {', '.join(cols)})")
+  v = cols[col].copy()
   status = col[: -len("_log_volume")] + "_status" if col.endswith("_log_volume") else None
-  ok = lambda r: status not in r or r[status].strip() in report.SUCCESS_STATUS  # noqa: E731
-  by_id = {int(r["id"]): float(r[col]) if r[col] not in ("", "nan") and ok(r) else math.nan
-           for r in rows if r["split"] == "train"}
+  if status in cols:
+    v[~np.isin(cols[status], scoring.SUCCESS_STATUS)] = math.nan
+  is_train = cols["split"] == "train"
+  by_id = dict(zip(cols["id"][is_train].tolist(), v[is_train].tolist()))
   missing = [int(i) for i in train_ids if int(i) not in by_id]
   if missing:
-    raise ValueError(f"{workdir}/scores/scores.csv lacks training ids {missing[:8]}")
+    raise ValueError(f"{path} lacks training ids {missing[:8]}")
   return np.array([by_id[int(i)] for i in train_ids], np.float64)
 
 
@@ -352,10 +349,9 @@ class _Regime:
   """A regime's baseline: its config, workdir, split, scores, copied ids and quality model."""
 
   def __init__(self, config: Any, workdir: str, name: str, log: Callable[[str], None]):
-    from memvol import data
     self.name, self.config = name, regime_config(config, name)
     self.dir = baseline_dir(config, workdir, name)
-    self.folder = os.path.join(root(workdir), name)
+    self.folder = wdir.mitigate_regime(workdir, name)
     log(f"[memvol] mitigate {name}: baseline chain in {self.dir}")
     run_chain(self.config, self.dir, CHAIN, log)
     self.split = data.load_split(self.config, self.dir)
@@ -366,14 +362,12 @@ class _Regime:
     self._quality = None
 
   def quality(self, samples: np.ndarray) -> dict[str, float]:
-    from memvol import quality
     if self._quality is None:
       self._quality = quality.Reference.build(self.config, self.split, self.folder)
     return self._quality.metrics(samples)
 
   def record(self, log: Callable[[str], None]) -> dict[str, Any]:
     """The baseline's own measurements (its sampling settings may differ from the arms')."""
-    from memvol import detect
     path = os.path.join(self.folder, "baseline.json")
     if os.path.exists(path):
       return io.load_json(path)
@@ -419,7 +413,6 @@ def selection(reg: Any, arm: Arm) -> dict[str, Any]:
 def _perturbed(reg: _Regime, arm: Arm, ids: np.ndarray, log: Callable[[str], None]) -> tuple[str, str, dict]:
   """(path, sha256, record) of the PGD-perturbed selected images under the baseline model,
   cached per selection in mitigate/<regime>/perturb/."""
-  from memvol import perturb
   tag = hashlib.sha1(np.asarray(ids, np.int64).tobytes()).hexdigest()[:12]
   path = os.path.join(reg.folder, "perturb", f"{tag}.npz")
   if not os.path.exists(path):
@@ -430,7 +423,6 @@ def _perturbed(reg: _Regime, arm: Arm, ids: np.ndarray, log: Callable[[str], Non
 
 def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None]) -> dict[str, Any]:
   """Run (or resume) one arm; its record, also written to <arm dir>/arm.json."""
-  from memvol import detect
   folder = arm_dir(workdir, arm)
   path = os.path.join(folder, "arm.json")
   if os.path.exists(path):
@@ -458,7 +450,6 @@ def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None]) ->
                          "final_loss": final_loss(folder)}
   rec.update(reg.quality(detect.load_samples(cfg, folder)))
   if pert is not None:
-    from memvol import perturb
     rec.update(perturb.summary(pert))
     rec.update(perturb.retrained_volumes(cfg, folder, pert))
   rec["wall_s"] = round(time.perf_counter() - start, 1)
@@ -466,6 +457,19 @@ def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None]) ->
   log(f"[memvol] mitigate {reg.name}: {arm.name} done in {rec['wall_s']:.0f} s: {rec['copies']} copies, "
       f"{rec['copied_images']} images copied ({rec['copied_selected']} selected)")
   return rec
+
+
+DONE_MEANS = "every arm of the plan has its record"
+
+
+def stale_reason(config: Any, workdir: str) -> str | None:
+  """Always a reason: the stage is never skipped; it resumes arm by arm (each arm's record
+  marks it done) and rewrites the summary."""
+  return "the mitigation stage always runs; it resumes arm by arm"
+
+
+def is_complete(config: Any, workdir: str) -> bool:
+  return stale_reason(config, workdir) is None
 
 
 def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -484,7 +488,7 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[s
     records.append(run_arm(regimes[arm.regime], arm, workdir, log))
     baselines[arm.regime] = regimes[arm.regime].record(log)
     summary = summarise(with_targeted(workdir, records), baselines) | {"num_arms_planned": len(arms)}
-    write_outputs(summary, root(workdir), log)
+    write_outputs(summary, wdir.mitigate_dir(workdir), log)
   return summary
 
 
@@ -497,7 +501,6 @@ def _finite(values: list[Any]) -> np.ndarray:
 
 def _mean_sd(values: list[Any]) -> tuple[float, float, int]:
   """Mean, sd (ddof 1) and number of the finite values; what they cannot give is NotEstimated."""
-  from memvol import report
   a = _finite(values)
   if a.size == 0:
     nothing = report.not_estimated("not measured for this group")
@@ -508,7 +511,6 @@ def _mean_sd(values: list[Any]) -> tuple[float, float, int]:
 
 def _test(a: list[Any], b: list[Any]) -> dict[str, float]:
   """Welch and Mann-Whitney over seeds; NotEstimated (with the reason) where undefined."""
-  from memvol import report
   fa, fb = _finite(a), _finite(b)
   why = ("not measured for a group" if min(fa.size, fb.size) == 0 else
          "a group has fewer than 2 finite values" if min(fa.size, fb.size) < 2 else
@@ -517,14 +519,13 @@ def _test(a: list[Any], b: list[Any]) -> dict[str, float]:
     return dict.fromkeys(("welch_t", "welch_p", "mw_u", "mw_p"), report.not_estimated(why))
   (t, tp), (u, up) = stats.welch(fa, fb), stats.mann_whitney(fa, fb)
   out = {"welch_t": t, "welch_p": tp, "mw_u": u, "mw_p": up}
-  report._expected_nan(out, tuple(out), why)
+  report.expected_nan(out, tuple(out), why)
   return out
 
 
 def _holm(tests: list[dict[str, Any]]) -> None:
   """Add welch_p_holm and mw_p_holm to every metric of `tests` (one regime's): Holm over all
   of them, Welch and Mann-Whitney as two families."""
-  from memvol import report
   cells = [t[m] for t in tests for m in TESTED]
   for key in ("welch_p", "mw_p"):
     adj = stats.holm([c[key] for c in cells])
@@ -552,7 +553,6 @@ def summarise(records: list[dict[str, Any]], baselines: dict[str, dict[str, Any]
     means = {g["group"]: g for g in groups if g["regime"] == regime}
 
     def diff(a: str, b: str, m: str) -> float:
-      from memvol import report
       d = means[a][f"{m}_mean"] - means[b][f"{m}_mean"]
       return d if np.isfinite(d) else report.not_estimated(f"{m} is not measured for a group")
 
@@ -579,7 +579,6 @@ def summarise(records: list[dict[str, Any]], baselines: dict[str, dict[str, Any]
 
 def fmt_group(g: dict[str, Any], m: str, digits: int = 3) -> str:
   """'mean ± sd (n)' of metric m in group g, n = the seeds with a finite value; '-' if none."""
-  from memvol import report
   mean, sd, n = g[m + "_mean"], g[m + "_sd"], g.get(m + "_n")
   if mean is None or not np.isfinite(mean):
     return "-"
@@ -590,19 +589,17 @@ def fmt_group(g: dict[str, Any], m: str, digits: int = 3) -> str:
 
 def fmt_p_holm(c: dict[str, Any], key: str) -> str:
   """'raw (Holm)' of a test cell's p-value `key` (welch_p | mw_p)."""
-  from memvol import report
   return f"{report.fmt_p(c[key])} ({report.fmt_p(c.get(key + '_holm'))})"
 
 
 def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
-  from memvol import report
   lines = ["# memvol: acting on the score", "",
            "Arms retrain from scratch with the selected training images modified; copies = samples "
            "that copy a training image (d1/d2 < threshold), copied images = distinct training images "
            "copied; targeted = the copies the `none` arms made of the selected images (what the "
-           "selection aims at); mean ± sd (n) over seeds, n = the seeds with a finite value. FD / KID / precision / recall: classifier features of the "
-           "samples against the held-out images. `copied` selects the baseline's copied images, so "
-           "its k differs from ceil(q N).", ""]
+           "selection aims at); mean ± sd (n) over seeds, n = the seeds with a finite value. "
+           "FD / KID / precision / recall: classifier features of the samples against the held-out images. "
+           "`copied` selects the baseline's copied images, so its k differs from ceil(q N).", ""]
   for regime, base in summary["baselines"].items():
     lines += [f"## Regime `{regime}`", "",
               f"Arms done: {sum(r['regime'] == regime for r in summary['arms'])} "
@@ -625,7 +622,7 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
                    f"{fmt_group(g, 'copied_selected')} / {fmt_group(g, 'copied_unselected')}",
                    fmt_group(g, "targeted"), fmt_group(g, "fd"), fmt_group(g, "kid"),
                    fmt_group(g, "precision"), fmt_group(g, "recall"), fmt_group(g, "final_loss", 4)])
-    lines += [report._table(header, rows), ""]
+    lines += [report.markdown_table(header, rows), ""]
     tests = [t for t in summary["tests"] if t["regime"] == regime]
     if tests:
       header = ["a vs b"] + [f"{m} (Welch p / MW p)" for m in TESTED] + [f"{m} a - b" for m in DIFFERENCES]
@@ -635,7 +632,7 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
       lines += ["Tests over seeds (two-sided): each p-value raw, and in parentheses Holm-adjusted over "
                 f"all {len(tests) * len(TESTED)} tests of this table (Welch and Mann-Whitney as two "
                 "families). `targeted` is a difference of means without a test: `score` selects the same "
-                "images in every seed, so its sd is 0 by construction.", "", report._table(header, rows), ""]
+                "images in every seed, so its sd is 0 by construction.", "", report.markdown_table(header, rows), ""]
     pert = [g for g in summary["groups"] if g["regime"] == regime and g["modification"] == "perturb"]
     if pert:
       header = ["group", "L before (baseline)", "L after (baseline)", "PSNR dB", "SSIM",
@@ -645,7 +642,7 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
       rows = [[g["group"]] + [fmt_group(g, k, 4) for k in keys] for g in pert]
       lines += ["Perturbed images (mean over the selected images, then mean ± sd over seeds; L by the "
                 "scoring estimator; retrained = the arm's own model, trained on the perturbed images):",
-                "", report._table(header, rows), ""]
+                "", report.markdown_table(header, rows), ""]
   lines += [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]
   return "\n".join(lines) + "\n"
 
@@ -682,10 +679,9 @@ def figure(summary: dict[str, Any], path: str) -> None:
 def write_outputs(summary: dict[str, Any], folder: str, log: Callable[[str], None] = print) -> None:
   fig = os.path.join(folder, "copies_vs_quality.png")
   figure(summary, fig)
-  from memvol import report
   undefined: list[str] = []
   expected: dict[str, str] = {}
-  clean = report._clean(summary, "", undefined, expected)  # NaN -> null
+  clean = report.jsonable(summary, "", undefined, expected)  # NaN -> null
   io.save_json(os.path.join(folder, "summary.json"), clean | {"not_estimated": expected, "undefined": undefined})
   with io.atomic_open(os.path.join(folder, "report.md"), "w") as f:
     f.write(render_markdown(summary, [fig]))

@@ -141,12 +141,13 @@ class PeerOptions:
     """Options of peer `name` from a whole config (its `sde` and `score.peer` sections)."""
     sde = sde_lib.from_config(config["sde"]) if sde is None else sde
     pc = config["score"]["peer"]
-    t = {"loss": pc["loss_t"], "secmi": pc["secmi_t"], "pia": pc["pia_t"], "pian": pc["pia_t"],
-         "sima": pc["sima_t"], "flipd": pc["flipd_t"]}.get(name, 0.1)
-    return cls(sde=sde, name=name, t=t, num_noise=pc["loss_num_noise"], interval=pc["secmi_interval"],
-               p=pc["p"], trace=pc["flipd_trace"], exact_max_dim=pc["flipd_exact_max_dim"],
-               num_probes=pc["flipd_num_probes"], chunk_size=config["score"]["chunk_size"] or None,
-               precision=pc.get("precision", None))
+    # The `score.peer` keys of each field; a field without its key keeps the default above.
+    keys = {"num_noise": "loss_num_noise", "interval": "secmi_interval", "p": "p", "trace": "flipd_trace",
+            "exact_max_dim": "flipd_exact_max_dim", "num_probes": "flipd_num_probes", "precision": "precision",
+            "t": {"loss": "loss_t", "secmi": "secmi_t", "pia": "pia_t", "pian": "pia_t", "sima": "sima_t",
+                  "flipd": "flipd_t"}.get(name)}
+    kw = {f: pc[k] for f, k in keys.items() if k is not None and k in pc}
+    return cls(sde=sde, name=name, chunk_size=config["score"]["chunk_size"] or None, **kw)
 
 
 def ddpm_time(n: int, sde: sde_lib.SDE) -> float:

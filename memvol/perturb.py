@@ -32,8 +32,6 @@ probes PGD saw. PSNR (data range 2) and SSIM (skimage, data range 2) per image.
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any
 
 import equinox as eqx

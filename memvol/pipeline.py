@@ -1,7 +1,7 @@
 """The experiment chain: train -> sample -> score -> detect -> report, over one workdir.
 
-Each stage is a library function `run(config, workdir)` in its own module; this module
-only orders them, skips what is already done (saying why), checks the workdir belongs to
+Each stage is a module implementing `Stage` (run, stale_reason, is_complete, DONE_MEANS);
+this module only orders them, skips what is already done (saying why), checks the workdir belongs to
 this config, holds the workdir's lock (one job per workdir) and records each stage's wall
 time in `workdir/timings.json`.
 """
@@ -11,35 +11,41 @@ from __future__ import annotations
 import importlib
 import os
 import time
-from typing import Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from absl import logging
 
 from memvol import io, lock, preempt
+from memvol import workdir as wdir
+from memvol.workdir import IDENTITY_SECTIONS
 
 STAGES = ("train", "sample", "score", "detect", "report")
 _MODULES = {"train": "memvol.train", "sample": "memvol.sampling", "score": "memvol.scoring",
             "detect": "memvol.detect", "report": "memvol.report", "mitigate": "memvol.mitigate"}
 MODES = ("all",) + tuple(_MODULES)  # `mitigate` (memvol/mitigate.py) is not part of `all`
-# Sections that define what a workdir holds; changing any of them needs a new workdir.
-IDENTITY_SECTIONS = ("data", "model", "sde")
 
 
-def _module(stage: str, config=None):
+@runtime_checkable
+class Stage(Protocol):
+  """What every stage module implements (train or pretrained, sampling, scoring, detect,
+  report, mitigate)."""
+
+  DONE_MEANS: str  # what its outputs being complete means (the log of a skipped stage)
+
+  def run(self, config: Any, workdir: str) -> Any:
+    """Make the stage's outputs in `workdir` (resuming where it can)."""
+
+  def stale_reason(self, config: Any, workdir: str) -> str | None:
+    """None when `workdir` holds the stage's outputs for `config`; otherwise why not."""
+
+  def is_complete(self, config: Any, workdir: str) -> bool:
+    """stale_reason(config, workdir) is None."""
+
+
+def _module(stage: str, config=None) -> Stage:
   if stage == "train" and config is not None and config.model.get("pretrained"):
     return importlib.import_module("memvol.pretrained")  # no training: records weights and split
   return importlib.import_module(_MODULES[stage])
-
-
-# What a complete / incomplete stage means, for stages that cannot say more (see status()).
-_COMPLETE_MEANS = {
-    "train": ("the latest checkpoint has train.num_steps updates",
-              "no checkpoint with train.num_steps updates yet"),
-    "sample": ("samples of every configured method exist, made with these settings and this model",
-               "samples are missing, partial, or were made with other settings or another model"),
-    "score": ("scores.csv holds every configured estimator, made with these settings and this model",
-              "scores are missing, partial, or were made with other settings or another model"),
-}
 
 
 def status(config, workdir: str, stage: str) -> tuple[bool, str]:
@@ -47,11 +53,8 @@ def status(config, workdir: str, stage: str) -> tuple[bool, str]:
   phrase saying why (for --mode=all's log). Stages that record their settings next to
   their outputs (detect, report) name what changed."""
   mod = _module(stage, config)
-  if hasattr(mod, "stale_reason"):
-    why = mod.stale_reason(config, workdir)
-    return (why is None, why or "outputs present, made with these settings and inputs")
-  done = bool(mod.is_complete(config, workdir))
-  return done, _COMPLETE_MEANS[stage][0 if done else 1]
+  why = mod.stale_reason(config, workdir)
+  return why is None, why or mod.DONE_MEANS
 
 
 def is_complete(config, workdir: str, stage: str) -> bool:
@@ -78,7 +81,7 @@ def check_workdir(config, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise OSError(e.errno, f"cannot create the workdir {workdir}: {e.strerror}") from e
-  io.check_config_matches(config, os.path.join(workdir, "config.json"), IDENTITY_SECTIONS,
+  io.check_config_matches(config, wdir.config_record(workdir), IDENTITY_SECTIONS,
                           f"workdir {workdir}")
   if config.model.get("pretrained"):  # record the weights' SHA-256, or refuse other weights
     from memvol import pretrained
@@ -86,7 +89,7 @@ def check_workdir(config, workdir: str) -> None:
 
 
 def _record_time(workdir: str, stage: str, seconds: float) -> None:
-  path = os.path.join(workdir, "timings.json")
+  path = wdir.timings(workdir)
   timings = io.load_json(path) if os.path.exists(path) else {}
   timings[stage] = round(seconds, 2)
   io.save_json(path, timings)

@@ -48,6 +48,7 @@ import numpy as np
 
 from memvol import io, models
 from memvol import sde as sde_lib
+from memvol import workdir as wdir
 from memvol.models.unet import UNet
 
 CONFIG_FILE = "config.json"
@@ -392,15 +393,11 @@ def weights_sha256(path: str) -> str:
   return io.file_sha256(weights)
 
 
-def record_path(workdir: str) -> str:
-  return os.path.join(workdir, "pretrained.json")
-
-
 def check_weights(path: str, workdir: str) -> str:
   """Record the SHA-256 of the weights at `path` in workdir/pretrained.json the first time;
   afterwards refuse (ValueError) weights whose SHA-256 differs. Returns the hash."""
   digest = weights_sha256(path)
-  record = record_path(workdir)
+  record = wdir.pretrained_record(workdir)
   if not os.path.exists(record):
     io.save_json(record, {"path": os.path.abspath(path), "sha256": digest, "config": read_config(path)})
     return digest
@@ -426,6 +423,13 @@ def run(config: Any, workdir: str) -> None:
   print(f"[memvol] pretrained {path} (sha256 {digest[:12]}): no training; {data.describe(split)}")
 
 
+DONE_MEANS = "the weights and the split are recorded"
+
+
+def stale_reason(config: Any, workdir: str) -> str | None:
+  """Always a reason: the pretrained `train` stage only verifies (cheap), so it always runs."""
+  return "a pretrained model: its weights and split are verified on every run"
+
+
 def is_complete(config: Any, workdir: str) -> bool:
-  """Never: the pretrained `train` stage only verifies (cheap), so it always runs."""
-  return False
+  return stale_reason(config, workdir) is None

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from memvol import io, numerics, parallel, parts, plotting
 from memvol import sde as sde_lib
+from memvol import workdir as wdir
 
 Array = jax.Array
 
@@ -238,10 +239,6 @@ def _check_config(config: Any) -> tuple[str, ...]:
   return methods
 
 
-def samples_path(workdir: str, method: str) -> str:
-  return os.path.join(workdir, "samples", f"samples_{method}.npz")
-
-
 def _generate(config: Any, method: str, eps_fn: Any, shape: tuple[int, ...], mesh: Mesh,
               start: int, end: int) -> dict[str, np.ndarray]:
   sp, sde = config.sample, sde_lib.from_config(config.sde)
@@ -278,14 +275,14 @@ def run(config: Any, workdir: str, log: Any = print) -> None:
   mesh = parallel.local_mesh()
   sp = config.sample
   n, bs = int(sp.num_samples), int(sp.batch_size)
-  root = os.path.join(workdir, "samples")
+  root = wdir.samples_dir(workdir)
   for method in methods:
     settings = _settings(config, method, eps_fn, shape)
     if _complete(workdir, method, settings, n):
       log(f"[memvol] samples_{method}: already complete, skipped")
       continue
-    _refuse_overwrite(samples_path(workdir, method), settings, root)
-    folder = os.path.join(root, "parts", method)
+    _refuse_overwrite(wdir.samples(workdir, method), settings, root)
+    folder = wdir.sample_parts(workdir, method)
     parts.run_batches(
         folder, n, bs, settings,
         lambda s, e, m=method: _generate(config, m, eps_fn, shape, mesh, s, e),
@@ -294,13 +291,13 @@ def run(config: Any, workdir: str, log: Any = print) -> None:
     if parallel.is_main_process():
       merged = parts.merge_parts(folder, n, bs, settings, root=root)
       images = np.clip(merged["images"], -1.0, 1.0).astype(np.float32)
-      io.save_npz(samples_path(workdir, method), images=images, nfe=merged["nfe"],
+      io.save_npz(wdir.samples(workdir, method), images=images, nfe=merged["nfe"],
                   settings=np.asarray(json.dumps(settings, sort_keys=True)))
       h = images.shape[1]
-      plotting.save_image_grid(images[:64], os.path.join(root, f"grid_{method}.png"),
+      plotting.save_image_grid(images[:64], wdir.sample_grid(workdir, method),
                                scale=max(1, 56 // h))
       log(f"[memvol] samples_{method}: {n} samples, mean nfe {float(np.mean(merged['nfe'])):.1f}, "
-          f"written to {samples_path(workdir, method)}")
+          f"written to {wdir.samples(workdir, method)}")
     parallel.sync_processes(f"memvol-samples-{method}")
 
 
@@ -316,7 +313,7 @@ def _saved_settings(path: str) -> dict[str, Any] | None:
 
 
 def _complete(workdir: str, method: str, settings: dict[str, Any], n: int) -> bool:
-  return _saved_settings(samples_path(workdir, method)) == settings | {"_num": n}
+  return _saved_settings(wdir.samples(workdir, method)) == settings | {"_num": n}
 
 
 def _refuse_overwrite(path: str, settings: dict[str, Any], root: str) -> None:
@@ -330,12 +327,21 @@ def _refuse_overwrite(path: str, settings: dict[str, Any], root: str) -> None:
           f"they are not overwritten. Use a new --workdir, or delete {root} to resample.")
 
 
-def is_complete(config: Any, workdir: str) -> bool:
-  """Whether every configured method's samples exist for these settings and this model."""
+DONE_MEANS = "samples of every configured method exist, made with these settings and this model"
+
+
+def stale_reason(config: Any, workdir: str) -> str | None:
+  """None when every configured method's samples exist for these settings and this model;
+  otherwise why not."""
+  why = "samples are missing, partial, or were made with other settings or another model"
   try:
     methods = _check_config(config)
     eps_fn, shape = _load_model(config, workdir)
   except (FileNotFoundError, ValueError):
-    return False
+    return why
   n = int(config.sample.num_samples)
-  return all(_complete(workdir, m, _settings(config, m, eps_fn, shape), n) for m in methods)
+  return None if all(_complete(workdir, m, _settings(config, m, eps_fn, shape), n) for m in methods) else why
+
+
+def is_complete(config: Any, workdir: str) -> bool:
+  return stale_reason(config, workdir) is None

@@ -46,6 +46,7 @@ out of the CSVs, so the same parts give byte-identical CSVs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Any, Callable, NamedTuple
@@ -58,6 +59,7 @@ import numpy as np
 from memvol import io, parallel, parts, peers, volume
 from memvol import profile as profile_lib
 from memvol import sde as sde_lib
+from memvol import workdir as wdir
 
 _SCORE_STREAM = 1  # fold_in(PRNGKey(config.seed), _SCORE_STREAM): the scoring key
 _PEER_STREAM = 2   # fold_in(PRNGKey(config.seed), _PEER_STREAM): the peers' key
@@ -178,20 +180,6 @@ def _load(config: Any, workdir: str) -> tuple[Any, ImageTable]:
   return models.make_eps_fn(model, params, sde_lib.from_config(config.sde)), table
 
 
-def _paths(workdir: str) -> dict[str, str]:
-  root = os.path.join(workdir, "scores")
-  return {"root": root, "csv": os.path.join(root, "scores.csv"),
-          "manifest": os.path.join(root, "manifest.json")}
-
-
-def parts_folder(workdir: str, estimator: str) -> str:
-  return os.path.join(workdir, "scores", "parts", estimator)
-
-
-def profile_path(workdir: str, estimator: str) -> str:
-  return os.path.join(workdir, "scores", f"profile_{estimator}.npz")
-
-
 def options_from_settings(s: dict[str, Any]) -> volume.VolumeOptions:
   """The VolumeOptions a settings record (`settings`) was made from."""
   sde_d = dict(s["sde"])
@@ -288,14 +276,6 @@ def plan(config: Any, eps_fn: Any, table: ImageTable) -> Plan:
       agreement_settings={e: settings(config, agreement_options(config, e, dim), eps_fn, sub) for e in agree})
 
 
-def peer_folder(workdir: str, name: str) -> str:
-  return os.path.join(workdir, "scores", "parts", f"peer_{name}")
-
-
-def agreement_folder(workdir: str, estimator: str) -> str:
-  return os.path.join(workdir, "scores", "parts", f"agreement_{estimator}")
-
-
 def _peer_batch(rep: tuple, x0: jax.Array, ids: jax.Array) -> dict[str, jax.Array]:
   eps_fn, key, opts = rep
   return peers.batch_scores(eps_fn, x0, ids, key, opts)
@@ -347,12 +327,12 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> None:
   ests, all_settings = pl.ests, pl.settings
   mesh, key, bs = parallel.local_mesh(), score_key(config), int(config.score.batch_size)
   n = len(table.ids)
-  paths = _paths(workdir)
+  root, csv_path, manifest_path = wdir.scores_dir(workdir), wdir.scores_csv(workdir), wdir.scores_manifest(workdir)
   for est in ests:
     volume.validate_inputs(table.images, options(config, est))
-    _refuse_overwrite(paths["manifest"], est, all_settings[est], paths["root"])
+    _refuse_overwrite(manifest_path, est, all_settings[est], root)
   if _merged(workdir, ests, all_settings, pl):
-    log(f"[memvol] scores: already complete in {paths['csv']}, nothing to do")
+    log(f"[memvol] scores: already complete in {csv_path}, nothing to do")
     return
   for est in ests:
     opts = options(config, est)
@@ -365,8 +345,8 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> None:
       out["ids"] = table.ids[start:end]
       return out
 
-    parts.run_batches(parts_folder(workdir, est), n, bs, all_settings[est], _timed(compute),
-                      root=paths["root"], desc=f"score {est}", unit="img",
+    parts.run_batches(wdir.score_parts(workdir, est), n, bs, all_settings[est], _timed(compute),
+                      root=root, desc=f"score {est}", unit="img",
                       postfix=lambda a: {"nfe": f"{np.mean(a['nfe']):.0f}"}, log=log)
   pkey = peer_key(config)
   for name in pl.peer_settings:
@@ -378,8 +358,8 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> None:
       out["ids"] = table.ids[start:end]
       return out
 
-    parts.run_batches(peer_folder(workdir, name), n, bs, pl.peer_settings[name], _timed(peer_compute),
-                      root=paths["root"], desc=f"peer {name}", unit="img", log=log)
+    parts.run_batches(wdir.peer_parts(workdir, name), n, bs, pl.peer_settings[name], _timed(peer_compute),
+                      root=root, desc=f"peer {name}", unit="img", log=log)
   sub = pl.subset
   for est in pl.agreement_settings:
     aopts = agreement_options(config, est, int(np.prod(shape)))
@@ -392,8 +372,8 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> None:
       out["ids"] = sub.ids[start:end]
       return out
 
-    parts.run_batches(agreement_folder(workdir, est), len(sub.ids), bs, pl.agreement_settings[est],
-                      _timed(agree_compute), root=paths["root"], desc=f"agreement {est}", unit="img",
+    parts.run_batches(wdir.agreement_parts(workdir, est), len(sub.ids), bs, pl.agreement_settings[est],
+                      _timed(agree_compute), root=root, desc=f"agreement {est}", unit="img",
                       postfix=lambda a: {"nfe": f"{np.mean(a['nfe']):.0f}"}, log=log)
   if parallel.is_main_process():
     merge(workdir, table, ests, all_settings, bs, log, plan=pl)
@@ -404,7 +384,7 @@ def merge(workdir: str, table: ImageTable, ests: tuple[str, ...], all_settings: 
           batch_size: int, log: Callable[[str], None] = print, *, plan: Plan | None = None) -> None:
   """Write scores.csv, profile_E.npz, agreement.csv and manifest.json from the part files
   (deterministic: the same parts give byte-identical CSV and npz files)."""
-  paths = _paths(workdir)
+  root, csv_path, manifest_path = wdir.scores_dir(workdir), wdir.scores_csv(workdir), wdir.scores_manifest(workdir)
   n = len(table.ids)
   rows = [{"id": str(int(table.ids[i])), "split": str(table.split[i]),
            "label": str(int(table.labels[i])), "dup_count": str(int(table.dup_counts[i]))}
@@ -413,11 +393,11 @@ def merge(workdir: str, table: ImageTable, ests: tuple[str, ...], all_settings: 
   timing: dict[str, Any] = {}
   merged: dict[str, dict[str, np.ndarray]] = {}
   for est in ests:
-    rec = merged[est] = parts.merge_parts(parts_folder(workdir, est), n, batch_size, all_settings[est],
-                                          root=paths["root"])
+    rec = merged[est] = parts.merge_parts(wdir.score_parts(workdir, est), n, batch_size, all_settings[est],
+                                          root=root)
     if not np.array_equal(rec["ids"], table.ids):
-      raise ValueError(f"{parts_folder(workdir, est)} holds other image ids than the split; "
-                       f"delete {paths['root']} and rerun")
+      raise ValueError(f"{wdir.score_parts(workdir, est)} holds other image ids than the split; "
+                       f"delete {root} and rerun")
     _add_columns(rows, columns, rec, [(f"{est}_{suffix}", key) for suffix, key in COLUMNS])
     timing[est] = seconds_per_image(rec)
     ts = np.asarray(all_settings[est]["options"]["save_ts"] or [], np.float64)
@@ -439,19 +419,99 @@ def merge(workdir: str, table: ImageTable, ests: tuple[str, ...], all_settings: 
         rec = {"score": src["logp"], "nfe": src["nfe"] + src["num_jvps"], **(
             {"seconds": src["seconds"], "compiled": src["compiled"]} if "seconds" in src else {})}
       else:
-        rec = parts.merge_parts(peer_folder(workdir, name), n, batch_size, plan.peer_settings[name],
-                                root=paths["root"])
+        rec = parts.merge_parts(wdir.peer_parts(workdir, name), n, batch_size, plan.peer_settings[name],
+                                root=root)
         if not np.array_equal(rec["ids"], table.ids):
-          raise ValueError(f"{peer_folder(workdir, name)} holds other image ids than the split; "
-                           f"delete {paths['root']} and rerun")
+          raise ValueError(f"{wdir.peer_parts(workdir, name)} holds other image ids than the split; "
+                           f"delete {root} and rerun")
       _add_columns(rows, columns, rec, [(f"peer_{name}", "score"), (f"peer_{name}_nfe", "nfe")])
       timing[f"peer_{name}"] = seconds_per_image(rec)
     if plan.subset is not None:
       _merge_agreement(workdir, table, plan, merged[ests[0]], batch_size, timing)
-  io.save_csv(paths["csv"], rows, columns)
-  io.save_json(paths["manifest"], {"estimators": list(ests), "batch_size": batch_size,
+  io.save_csv(csv_path, rows, columns)
+  io.save_json(manifest_path, {"estimators": list(ests), "batch_size": batch_size,
                                    "settings": all_settings, **extra, "seconds_per_image": timing})
-  log(f"[memvol] scores written to {paths['csv']}")
+  log(f"[memvol] scores written to {csv_path}")
+
+
+# --- reading scores.csv --------------------------------------------------------------
+
+REQUIRED_COLUMNS = ("id", "split", "label", "dup_count")
+SUCCESS_STATUS = ("0",)  # E_status of a successful solve (diffrax RESULTS code 0)
+
+
+def _float(v: str) -> float:
+  v = (v or "").strip()
+  return math.nan if v == "" else float(v)
+
+
+def read_scores(path: str, estimators: tuple[str, ...], peers: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+  """scores.csv (written by `merge`) as columns: id, split, label, dup_count (int / str
+  arrays); for each estimator E the floats E_log_volume (and E_stderr, E_prior_logp, E_logp,
+  E_nfe, E_jvps where present) and the strings E_status; for each peer p the floats peer_p and
+  peer_p_nfe where present. Clear errors when missing, empty or malformed."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: score the images first with --mode=score")
+  try:
+    rows = io.load_csv(path)
+  except (UnicodeDecodeError, ValueError) as e:
+    raise ValueError(f"{path} is empty or unreadable ({e}); delete it and rerun --mode=score") from e
+  header = list(rows[0])
+  need = list(REQUIRED_COLUMNS) + [f"{e}_log_volume" for e in estimators]
+  missing = [c for c in need if c not in header]
+  if missing:
+    raise ValueError(f"{path} lacks columns {missing} (has {header}); config.score.estimators="
+                     f"{list(estimators)}: rerun --mode=score with this config")
+  out: dict[str, np.ndarray] = {}
+  try:
+    out["id"] = np.array([int(r["id"]) for r in rows], np.int64)
+    out["label"] = np.array([int(r["label"]) for r in rows], np.int64)
+    out["dup_count"] = np.array([int(r["dup_count"]) for r in rows], np.int64)
+    for e in estimators:
+      for f in ("log_volume", "stderr", "prior_logp", "logp", "nfe", "jvps"):
+        if f"{e}_{f}" in header:
+          out[f"{e}_{f}"] = np.array([_float(r[f"{e}_{f}"]) for r in rows], np.float64)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{path} is corrupt ({e}); delete it and rerun --mode=score") from e
+  for p in peers:
+    for col in (f"peer_{p}", f"peer_{p}_nfe"):
+      if col in header:
+        try:
+          out[col] = np.array([_float(r[col]) for r in rows], np.float64)
+        except (TypeError, ValueError) as e:
+          raise ValueError(f"{path} column {col} is corrupt ({e}); rerun --mode=score") from e
+  for e in estimators:
+    if f"{e}_status" in header:
+      out[f"{e}_status"] = status = np.array([(r[f"{e}_status"] or "").strip() for r in rows])
+      bad = [k for k, v in enumerate(status) if not v.isdigit()]
+      if bad:  # a solve of unknown outcome is neither a success nor a counted failure
+        raise ValueError(f"{path}: column {e}_status is missing or unknown ({status[bad[0]]!r}; expected a "
+                         f"diffrax result code, 0 = success) for {len(bad)} rows, ids "
+                         f"{[int(out['id'][k]) for k in bad[:8]]}; rerun --mode=score")
+  out["split"] = np.array([(r["split"] or "").strip() for r in rows])
+  bad = sorted(set(out["split"]) - {"train", "heldout"})
+  if bad:
+    raise ValueError(f"{path}: column 'split' has values {bad}; expected 'train' or 'heldout'")
+  return out
+
+
+def read_agreement(path: str) -> dict[str, np.ndarray]:
+  """agreement.csv (written by `merge`) as columns: id (int), primary_log_volume and, per
+  agreement estimator E, E_log_volume and E_nfe_total (E_nfe + E_jvps) as floats; {} when the
+  file does not exist."""
+  if not os.path.exists(path):
+    return {}
+  rows = io.load_csv(path)
+  ests = [c[: -len("_log_volume")] for c in rows[0] if c.endswith("_log_volume") and c != "primary_log_volume"]
+  try:
+    out = {"id": np.array([int(r["id"]) for r in rows], np.int64),
+           "primary_log_volume": np.array([_float(r["primary_log_volume"]) for r in rows])}
+    for e in ests:
+      out[f"{e}_log_volume"] = np.array([_float(r[f"{e}_log_volume"]) for r in rows])
+      out[f"{e}_nfe_total"] = np.array([_float(r[f"{e}_nfe"]) + _float(r[f"{e}_jvps"]) for r in rows])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{path} is corrupt ({e}); delete it and rerun --mode=score") from e
+  return out
 
 
 def _merge_profile(workdir: str, table: ImageTable, est: str, s: dict[str, Any], rec: dict[str, np.ndarray],
@@ -460,7 +520,7 @@ def _merge_profile(workdir: str, table: ImageTable, est: str, s: dict[str, Any],
   opts = options_from_settings(s)
   dim = profile_lib.bound_dim(opts.estimator, int(np.prod(table.images.shape[1:])), opts.K)
   summ = profile_lib.summarise(opts.sde, opts.t_start, opts.t_end, ts, L_t, rec["log_volume"], dim)
-  io.save_npz(profile_path(workdir, est), ids=table.ids, split=table.split.astype("U7"), L_t=L_t,
+  io.save_npz(wdir.profile(workdir, est), ids=table.ids, split=table.split.astype("U7"), L_t=L_t,
               bound_dim=np.asarray(dim), **summ)
   if ts.size == 0:
     return
@@ -491,17 +551,13 @@ def _merge_agreement(workdir: str, table: ImageTable, pl: Plan, primary: dict[st
            "primary_log_volume": _fmt(primary["log_volume"][pos[int(i)]])}
           for i, s, lab, d in zip(sub.ids, sub.split, sub.labels, sub.dup_counts)]
   columns = ["id", "split", "label", "dup_count", "primary_log_volume"]
-  root = _paths(workdir)["root"]
+  root = wdir.scores_dir(workdir)
   for est, s in pl.agreement_settings.items():
-    rec = parts.merge_parts(agreement_folder(workdir, est), len(sub.ids), batch_size, s, root=root)
+    rec = parts.merge_parts(wdir.agreement_parts(workdir, est), len(sub.ids), batch_size, s, root=root)
     _add_columns(rows, columns, rec, [(f"{est}_log_volume", "log_volume"), (f"{est}_nfe", "nfe"),
                                       (f"{est}_jvps", "num_jvps"), (f"{est}_status", "status")])
     timing[f"agreement_{est}"] = seconds_per_image(rec)
-  io.save_csv(agreement_path(workdir), rows, columns)
-
-
-def agreement_path(workdir: str) -> str:
-  return os.path.join(workdir, "scores", "agreement.csv")
+  io.save_csv(wdir.agreement_csv(workdir), rows, columns)
 
 
 def _refuse_overwrite(manifest: str, est: str, s: dict[str, Any], root: str) -> None:
@@ -519,14 +575,14 @@ def _refuse_overwrite(manifest: str, est: str, s: dict[str, Any], root: str) -> 
 def _merged(workdir: str, ests: tuple[str, ...], all_settings: dict[str, Any], pl: Plan | None = None) -> bool:
   """Whether the merged files exist and were made for exactly these estimators, peers,
   agreement runs and settings."""
-  paths = _paths(workdir)
-  if not (os.path.exists(paths["csv"]) and os.path.exists(paths["manifest"])
-          and all(os.path.exists(profile_path(workdir, e)) for e in ests)):
+  csv_path, manifest_path = wdir.scores_csv(workdir), wdir.scores_manifest(workdir)
+  if not (os.path.exists(csv_path) and os.path.exists(manifest_path)
+          and all(os.path.exists(wdir.profile(workdir, e)) for e in ests)):
     return False
-  if pl is not None and pl.subset is not None and not os.path.exists(agreement_path(workdir)):
+  if pl is not None and pl.subset is not None and not os.path.exists(wdir.agreement_csv(workdir)):
     return False
   try:
-    manifest = io.load_json(paths["manifest"])
+    manifest = io.load_json(manifest_path)
   except ValueError:
     return False
   extra = {} if pl is None else pl.manifest_extra()
@@ -534,15 +590,23 @@ def _merged(workdir: str, ests: tuple[str, ...], all_settings: dict[str, Any], p
           and all(manifest.get(k, [] if k == "peers" else {}) == v for k, v in extra.items()))
 
 
-def is_complete(config: Any, workdir: str) -> bool:
-  """Whether scores.csv holds every configured estimator and peer (and agreement.csv every
-  agreement run) for these settings, this model and this split."""
+DONE_MEANS = "scores.csv holds every configured estimator, made with these settings and this model"
+
+
+def stale_reason(config: Any, workdir: str) -> str | None:
+  """None when scores.csv holds every configured estimator and peer (and agreement.csv every
+  agreement run) for these settings, this model and this split; otherwise why not."""
+  why = "scores are missing, partial, or were made with other settings or another model"
   try:
     ests = estimators_of(config)
-    if not os.path.exists(_paths(workdir)["manifest"]):
-      return False
+    if not os.path.exists(wdir.scores_manifest(workdir)):
+      return why
     eps_fn, table = _load(config, workdir)
     pl = plan(config, eps_fn, table)
-    return _merged(workdir, ests, pl.settings, pl)
+    return None if _merged(workdir, ests, pl.settings, pl) else why
   except (FileNotFoundError, ValueError):
-    return False
+    return why
+
+
+def is_complete(config: Any, workdir: str) -> bool:
+  return stale_reason(config, workdir) is None

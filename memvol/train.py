@@ -35,6 +35,7 @@ batch gathered from the replicated stream (a sharding constraint, no communicati
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -54,6 +55,7 @@ from memvol import checkpoint as ckpt_lib
 from memvol import data as data_lib
 from memvol import io, models, numerics, parallel, plotting, preempt, sampling
 from memvol import sde as sde_lib
+from memvol import workdir as wdir
 
 Array = jax.Array
 LOG_COLUMNS = ("step", "loss", "grad_norm", "lr", "steps_per_s", "elapsed_s")
@@ -73,6 +75,74 @@ class TrainState:
 
 
 # --- maths ---------------------------------------------------------------------------
+
+
+# --- the training stream: augmentation and a mitigation arm's edits -----------------
+
+
+def flip_batch(key: Array, batch: Array) -> Array:
+  """Each image of batch [B, H, W, C] mirrored left-right with probability 1/2."""
+  flip = jax.random.bernoulli(key, 0.5, (batch.shape[0],))
+  return jnp.where(flip[:, None, None, None], batch[:, :, ::-1, :], batch)
+
+
+def augment_settings(data_cfg: Any) -> tuple[int, float]:
+  """(shift pixels, noise std) of augment_batch from data.augment_shift / augment_noise."""
+  shift, noise = int(data_cfg.augment_shift), float(data_cfg.augment_noise)
+  if shift < 0 or noise < 0:
+    raise ValueError(f"data.augment_shift and data.augment_noise must be >= 0, got {shift}, {noise}")
+  return shift, noise
+
+
+def augment_batch(key: Array, batch: Array, mask: Array, shift: int, noise: float) -> Array:
+  """Stronger augmentation of the masked images of batch [B, H, W, C] (mask bool [B]):
+  a shift by an integer offset uniform in [-shift, shift] pixels along each axis (edges
+  repeated), then N(0, noise^2) pixel noise, clipped to [-1, 1]. Unmasked images pass
+  unchanged."""
+  b, h, w, _ = batch.shape
+  k_shift, k_noise = jax.random.split(key)
+  offsets = jax.random.randint(k_shift, (b, 2), 0, 2 * shift + 1)
+  padded = jnp.pad(batch, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge")
+  crop = lambda x, o: jax.lax.dynamic_slice(x, (o[0], o[1], 0), (h, w, x.shape[-1]))  # noqa: E731
+  moved = jax.vmap(crop)(padded, offsets) + noise * jax.random.normal(k_noise, batch.shape, batch.dtype)
+  return jnp.where(mask[:, None, None, None], jnp.clip(moved, -1.0, 1.0), batch)
+
+
+def _arm_ids(data_cfg: Any, field: str, train_ids: np.ndarray) -> np.ndarray:
+  """bool [num_train]: which training images data_cfg.<field> names (ValueError for ids
+  that are not training images)."""
+  ids = np.asarray([int(i) for i in data_cfg[field]], np.int64)
+  unknown = np.setdiff1d(ids, train_ids)
+  if unknown.size:
+    raise ValueError(f"data.{field} names ids {unknown[:8].tolist()} that are not training images")
+  return np.isin(train_ids, ids)
+
+
+def edit_stream(split: data_lib.Split, data_cfg: Any) -> data_lib.Split:
+  """The training stream of a mitigation arm (the data fields base.py declares empty and
+  memvol/mitigate.py sets): data.drop_ids leave the training stream (they stay in
+  split.train, so detect still counts their copies); data.augment_ids get stronger
+  augmentation; data.replace_path (an npz of `ids` [k] and `images` [k, H, W, C] whose
+  sha256 must equal data.replace_sha256) replaces those images in the stream only."""
+  ids = split.train.ids
+  counts, images, augment = None, None, None
+  if len(data_cfg.drop_ids):
+    counts = np.where(_arm_ids(data_cfg, "drop_ids", ids), 0, split.dup_counts).astype(np.int64)
+  if len(data_cfg.augment_ids):
+    augment = _arm_ids(data_cfg, "augment_ids", ids)
+  path = str(data_cfg.replace_path)
+  if path:
+    want, got = str(data_cfg.replace_sha256), io.file_sha256(path) if os.path.exists(path) else ""
+    if not got or got != want:
+      raise ValueError(f"data.replace_path={path!r} is missing or has sha256 {got[:12] or '-'}, not "
+                       f"data.replace_sha256={want[:12] or '-'}; rerun the mitigation arm that writes it")
+    z = io.load_npz(path)
+    pos = data_lib.train_positions(ids, z["ids"], path)
+    images = split.train.images.copy()
+    images[pos] = data_lib.validate_images(z["images"], f"{path}:images")
+  if counts is None and images is None and augment is None:
+    return split
+  return dataclasses.replace(split, stream_counts=counts, stream_images=images, augment=augment)
 
 
 def lr_schedule(train_cfg: Any) -> Callable[[Array], Array]:
@@ -133,7 +203,7 @@ def make_train_step(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformati
   batch sharded over `data`, state and key replicated, state donated. Update k uses
   fold_in(key, k); matmuls and convolutions run at train.precision. With `augment` =
   (shift, noise) the step takes a fourth argument, a bool mask [B] (sharded like the batch)
-  of the examples given data.augment_batch. Built once per
+  of the examples given augment_batch. Built once per
   (model, sde, tx, ema_decay, precision, mesh, random_flip, augment)."""
   return _train_step(model, sde, tx, float(train_cfg.ema_decay), _precision(train_cfg), mesh,
                      bool(random_flip), augment)
@@ -154,9 +224,9 @@ def _step_fn(model: Any, sde: sde_lib.SDE, tx: optax.GradientTransformation, ema
     key = jax.random.fold_in(key, state.step)
     k_loss, k_flip = jax.random.split(key)
     if random_flip:
-      x0 = data_lib.random_flip(k_flip, x0)
+      x0 = flip_batch(k_flip, x0)
     if augment is not None:
-      x0 = data_lib.augment_batch(jax.random.fold_in(k_flip, 1), x0, aug, *augment)
+      x0 = augment_batch(jax.random.fold_in(k_flip, 1), x0, aug, *augment)
     with numerics.precision(precision):
       loss, grads = jax.value_and_grad(lambda p: denoising_loss(apply, p, sde, x0, k_loss))(state.params)
     grad_norm = optax.tree.norm(grads)
@@ -340,13 +410,9 @@ def _check_train_config(tc: Any, num_devices: int) -> None:
                      f"devices of the data mesh; use a multiple of {num_devices}")
 
 
-def _log_path(workdir: str) -> str:
-  return os.path.join(workdir, "train", "log.csv")
-
-
 def read_log(workdir: str) -> list[dict[str, float]]:
   """Rows of workdir/train/log.csv (step int, the rest float; [] if there is none yet)."""
-  path = _log_path(workdir)
+  path = wdir.train_log(workdir)
   if not os.path.exists(path):
     return []
   with open(path) as f:
@@ -397,7 +463,7 @@ def restore_state(config: Any, workdir: str, mesh: Mesh, step: int | None = None
   """The training state of the checkpoint at `step` (default: latest), replicated over
   `mesh`, and its meta (config checked: ValueError naming differing fields)."""
   meta = ckpt_lib.restore_meta(workdir, step)
-  ckpt_lib.check_config(meta, config, f"{ckpt_lib.checkpoint_dir(workdir)}/{meta['step']}")
+  ckpt_lib.check_config(meta, config, f"{wdir.checkpoints(workdir)}/{meta['step']}")
   image_shape = tuple(meta["image_shape"])
   model = models.get_model(config.model, image_shape)
   rep = parallel.replicated(mesh)
@@ -416,10 +482,18 @@ def restore_state(config: Any, workdir: str, mesh: Mesh, step: int | None = None
   return TrainState(step=step_arr, **items), meta
 
 
-def is_complete(config: Any, workdir: str) -> bool:
-  """Whether the latest checkpoint has at least train.num_steps updates."""
+DONE_MEANS = "the latest checkpoint has train.num_steps updates"
+
+
+def stale_reason(config: Any, workdir: str) -> str | None:
+  """None when the latest checkpoint has at least train.num_steps updates; otherwise why not."""
   step = ckpt_lib.latest_step(workdir)
-  return step is not None and step >= int(config.train.num_steps)
+  return None if step is not None and step >= int(config.train.num_steps) else \
+      "no checkpoint with train.num_steps updates yet"
+
+
+def is_complete(config: Any, workdir: str) -> bool:
+  return stale_reason(config, workdir) is None
 
 
 def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
@@ -429,16 +503,16 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
   tc = config.train
   mesh = parallel.data_mesh() if mesh is None else mesh
   _check_train_config(tc, mesh.size)
-  rep, shard = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  rep = parallel.replicated(mesh)
   latest = ckpt_lib.latest_step(workdir)
   if latest is not None:  # refuse a different config before touching the workdir
     ckpt_lib.check_config(ckpt_lib.restore_meta(workdir, latest), config,
-                          f"{ckpt_lib.checkpoint_dir(workdir)}/{latest}")
+                          f"{wdir.checkpoints(workdir)}/{latest}")
   if latest is not None and latest >= int(tc.num_steps):
     logging.info("train: checkpoint at step %d >= num_steps=%d, nothing to do", latest, tc.num_steps)
     return restore_state(config, workdir, mesh)[0]
 
-  split = data_lib.prepare(config, workdir)
+  split = edit_stream(data_lib.prepare(config, workdir), config.data)
   images, ids = split.training_stream()
   images = np.asarray(images, np.float32)
   image_shape = tuple(images.shape[1:])
@@ -467,7 +541,7 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
   order_key = jax.device_put(jax.random.fold_in(root, _ORDER), rep)
   stream = jax.make_array_from_process_local_data(rep, images, images.shape)
   aug_mask = split.stream_augment()
-  augment = data_lib.augment_settings(config.data) if aug_mask is not None else None
+  augment = augment_settings(config.data) if aug_mask is not None else None
   if augment is not None:
     stream = (stream, jax.make_array_from_process_local_data(rep, aug_mask, aug_mask.shape))
   train_loop = make_train_loop(model, sde, tx, tc, mesh, bool(config.data.random_flip), augment)
@@ -523,14 +597,14 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
         t_last, step_last = now, done
         bar.set_postfix(loss=f"{log_rows[-1]['loss']:.4f}", refresh=False)
         if is_main:
-          io.save_csv(_log_path(workdir), log_rows, LOG_COLUMNS)
+          io.save_csv(wdir.train_log(workdir), log_rows, LOG_COLUMNS)
         if do_ckpt:  # from a copy, so the next call may donate the state while it is written
           mngr.wait_until_finished()
           snapshot = jax.tree.map(jnp.copy, (state.params, state.ema_params, state.opt_state))
           ckpt_lib.save(mngr, done, *snapshot, meta_at(done))
         if do_sample and is_main:
           save_sample_grid(config, model, sde, state.ema_params, image_shape,
-                           os.path.join(workdir, "train", f"samples_step{done}.png"))
+                           os.path.join(wdir.train_dir(workdir), f"samples_step{done}.png"))
         if stop and not final:
           mngr.wait_until_finished()
           raise preempt.Preempted("train", f"step {done}",
@@ -541,7 +615,7 @@ def run(config: Any, workdir: str, mesh: Mesh | None = None) -> TrainState:
     mngr.wait_until_finished()
     mngr.close()
   if is_main and log_rows:
-    save_loss_curve(log_rows, os.path.join(workdir, "train", "loss.png"))
+    save_loss_curve(log_rows, os.path.join(wdir.train_dir(workdir), "loss.png"))
   logging.info("train: %d steps done, final loss %.4f", num_steps,
                log_rows[-1]["loss"] if log_rows else float("nan"))
   return state

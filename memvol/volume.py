@@ -119,6 +119,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Fields that no config key sets: the SDE comes from the `sde` section, the estimator is named
+# by the caller, save_ts comes from `profile_times`.
+_NOT_CONFIG = ("sde", "estimator", "save_ts")
+
+
 @dataclasses.dataclass(frozen=True)
 class VolumeOptions:
   """Everything that defines a volume computation except the network and the images.
@@ -257,22 +262,17 @@ class VolumeOptions:
         sde = sde_lib.from_config(cfg["sde"])
       cfg = cfg["score"]
     sde = sde_lib.VPSDE() if sde is None else sde
-    get = lambda name, default: cfg[name] if name in cfg else default  # noqa: E731
-    kw = dict(sde=sde, estimator=estimator, solver=get("solver", "tsit5"),
-              adaptive=get("adaptive", True), rtol=get("rtol", 1e-5), atol=get("atol", 1e-5),
-              num_steps=get("num_steps", 100), t0=get("t0", None), t1=get("t1", None),
-              num_probes=get("num_probes", 1), probe=get("probe", "rademacher"),
-              variance_reduction=get("variance_reduction", None), K=get("K", 100),
-              radius=get("radius", 0.05), paper_steps=get("paper_steps", 1000),
-              chunk_size=get("chunk_size", None), max_steps=get("max_steps", 4096),
-              precision=get("precision", "highest"), time_grid=get("time_grid", "blend"),
-              control_variate=get("control_variate", False), richardson=get("richardson", False))
+    # The config keys that are fields; a field the config leaves out keeps its default above
+    # (base.py sets every one, e.g. rtol = atol = 1e-4 where the class default is 1e-5).
+    kw = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name not in _NOT_CONFIG and f.name in cfg}
+    kw.update(sde=sde, estimator=estimator)
     kw.update(PRESETS[preset] if preset else {})
     kw.update(overrides)
     if "save_ts" not in overrides:
-      t0 = float(sde.eps if kw["t0"] is None else kw["t0"])
-      t1 = float(sde.T if kw["t1"] is None else kw["t1"])
-      kw["save_ts"] = resolve_profile_times(get("profile_times", PROFILE_TIMES_DEFAULT), sde, t0, t1)
+      t0 = float(sde.eps if kw.get("t0") is None else kw["t0"])
+      t1 = float(sde.T if kw.get("t1") is None else kw["t1"])
+      kw["save_ts"] = resolve_profile_times(cfg["profile_times"] if "profile_times" in cfg else PROFILE_TIMES_DEFAULT,
+                                            sde, t0, t1)
     return cls(**kw)
 
 
@@ -680,31 +680,24 @@ def _check_eps_fn(eps_fn, shape: tuple[int, ...], dtype) -> None:
     _CHECKED_EPS_FNS[sig] = True
 
 
-def log_volume_growth(eps_fn, x0, *, sde: sde_lib.SDE, key: Array | None = None,
-                      estimator: str = "hutchinson", solver: str = "tsit5", adaptive: bool = True,
-                      rtol: float = 1e-5, atol: float = 1e-5, num_steps: int = 100,
-                      t0: float | None = None, t1: float | None = None, num_probes: int = 1,
-                      probe: str = "rademacher", variance_reduction: str | None = None,
-                      K: int = 100, radius: float = 0.05, paper_steps: int = 1000,
-                      chunk_size: int | None = None, save_ts=None, image_ids=None,
-                      max_steps: int = 4096, precision: str = "highest", time_grid: str = "blend",
-                      control_variate: bool = False, richardson: bool = False) -> VolumeResult:
+def log_volume_growth(eps_fn, x0, *, sde: sde_lib.SDE, key: Array | None = None, image_ids=None,
+                      **options: Any) -> VolumeResult:
   """Log volume growth L of the PF ODE map from t0 to t1 for every image of x0.
 
   eps_fn(x, t): ONE image [*shape] and SDE time t -> [*shape] (a plain function, or a
   pytree callable whose arrays are then traced inputs: a plain function is hashed by
   identity, so pass the same object to reuse the compilation). x0: [B, *shape] float
   images. key: PRNG key of probes / frames (None: PRNGKey(0)); image i uses
-  fold_in(key, image_ids[i]) (image_ids default 0..B-1). Other options: VolumeOptions.
+  fold_in(key, image_ids[i]) (image_ids default 0..B-1). options: fields of VolumeOptions
+  (estimator, solver, rtol, ...), its defaults where left out.
   Returns a VolumeResult of numpy arrays.
   """
-  opts = VolumeOptions(sde=sde, estimator=estimator, solver=solver, adaptive=adaptive, rtol=rtol,
-                       atol=atol, num_steps=num_steps, t0=t0, t1=t1, num_probes=num_probes,
-                       probe=probe, variance_reduction=variance_reduction, K=K, radius=radius,
-                       paper_steps=paper_steps, chunk_size=chunk_size,
-                       save_ts=None if save_ts is None else tuple(np.atleast_1d(save_ts).tolist()),
-                       max_steps=max_steps, precision=precision, time_grid=time_grid,
-                       control_variate=control_variate, richardson=richardson)
+  unknown = sorted(set(options) - {f.name for f in dataclasses.fields(VolumeOptions)})
+  if unknown:
+    raise TypeError(f"log_volume_growth got unknown options {unknown}; the options are the fields of VolumeOptions")
+  if options.get("save_ts") is not None:
+    options["save_ts"] = tuple(np.atleast_1d(options["save_ts"]).tolist())
+  opts = VolumeOptions(sde=sde, **options)
   return run(eps_fn, x0, opts, key=key, image_ids=image_ids)
 
 

@@ -33,9 +33,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from memvol import data, io, loading, models, parallel, report, scoring, stats, volume  # noqa: E402
+from memvol import data, detect, io, loading, models, parallel, report, scoring, stats, volume  # noqa: E402
 from memvol import profile as profile_lib  # noqa: E402
 from memvol import sde as sde_lib  # noqa: E402
+from memvol import workdir as wdir  # noqa: E402
 
 # name -> overrides of the job's score options ("reference": none). Presets by name.
 SETTINGS = {
@@ -111,7 +112,7 @@ def row_of(name: str, rec: dict[str, np.ndarray], ref: dict[str, np.ndarray], is
 def reference_profile(config, table, ref: dict[str, np.ndarray], is_train, det) -> tuple[str, dict]:
   """Where the reference's L is made and where its signal lives: per window of its profile the
   bound, mean dL of trained / held-out images, the per-window AUROC (Holm-corrected
-  Mann-Whitney p over the windows, report._window_tests) and the fraction of trained images
+  Mann-Whitney p over the windows, report.window_tests) and the fraction of trained images
   above the bound at the window's end."""
   opts = options_of(config, "reference")
   if "L_t" not in ref or opts.save_ts is None:
@@ -125,7 +126,7 @@ def reference_profile(config, table, ref: dict[str, np.ndarray], is_train, det) 
     mem = np.zeros(is_train.size, bool)
     mem[np.flatnonzero(is_train)] = det["copies_ratio"] > 0
     groups["memorised_vs_not"] = (mem & ok, is_train & ~mem & ok)
-  tests = {k: report._window_tests(z["windows"], *g) for k, g in groups.items()}
+  tests = {k: report.window_tests(z["windows"], *g) for k, g in groups.items()}
   head = ["window (t)", "bound", "mean dL trained", "mean dL held-out", "trained above bound at end"] + [
       f"AUROC {k} (Holm p)" for k in tests]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -197,9 +198,9 @@ def main(argv=None) -> None:
     table = scoring.ImageTable(*(np.asarray(a)[keep] for a in table))
   is_train = table.split == "train"
   det = None
-  det_path = os.path.join(args.workdir, "detect", "detect.csv")
+  det_path = wdir.detect_csv(args.workdir)
   if os.path.exists(det_path):
-    det = report._align_detect(table.ids[is_train], report.load_detect(det_path), det_path)
+    det = detect.align_detect(table.ids[is_train], detect.read_detect(det_path), det_path)
   mesh, key, bs = parallel.local_mesh(), scoring.score_key(config), int(config.score.batch_size)
   pdig, idig = scoring.parts.tree_digest(eps_fn), scoring.parts.digest(table.images, table.ids)
   results = {}

@@ -212,7 +212,7 @@ def cost_table(args) -> None:
           ("exact", f"D = {d} JVPs per evaluation", nfe, nfe * d, nfe * rhs(d)),
           ("paper", f"K {k}, {args.paper_steps} Euler steps", (k + 1) * args.paper_steps, 0,
            (k + 1) * args.paper_steps * fwd)]
-  print(f"\n| estimator | settings | NFE / image | JVPs / image | s / image (extrapolated) | h / image |")
+  print("\n| estimator | settings | NFE / image | JVPs / image | s / image (extrapolated) | h / image |")
   print("|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {r[0]} | {r[1]} | {r[2]:,} | {r[3]:,} | {r[4]:.3g} | {r[4] / 3600:.2f} |")

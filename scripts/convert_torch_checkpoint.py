@@ -43,7 +43,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -164,8 +164,8 @@ def ddpm_spec(flags: Mapping[str, Any]) -> Spec:
   attn, nres, tdim = {int(a) for a in flags["attn"]}, int(flags["num_res_blocks"]), 4 * int(flags["ch"])
   levels = len(mult)
   rows: Spec = [(TIME_TABLE_KEY, None, (T, ch), "time_table")]
-  for i, (s, d, shape) in enumerate((("time_embedding.timembedding.1", "time_embedding.linear_1", (tdim, ch)),
-                                     ("time_embedding.timembedding.3", "time_embedding.linear_2", (tdim, tdim)))):
+  for s, d, shape in (("time_embedding.timembedding.1", "time_embedding.linear_1", (tdim, ch)),
+                                     ("time_embedding.timembedding.3", "time_embedding.linear_2", (tdim, tdim))):
     rows += [(f"{s}.weight", f"{d}.weight", shape, "same"), (f"{s}.bias", f"{d}.bias", (tdim,), "same")]
   rows += [("head.weight", "conv_in.weight", (ch, 3, 3, 3), "same"), ("head.bias", "conv_in.bias", (ch,), "same")]
   chs, now, n = [ch], ch, 0

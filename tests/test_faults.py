@@ -22,7 +22,8 @@ import pytest
 import tiny_chain
 from experiments.configs.base import get_base_config
 from memvol import checkpoint as ckpt_lib
-from memvol import io, lock, pipeline, train
+from memvol import io, pipeline, train
+from memvol import workdir as wdir
 
 QUIET = lambda m: None  # noqa: E731
 
@@ -89,7 +90,7 @@ def test_kill_and_sigterm_mid_stage_resume_to_the_same_result(trained, tmp_path,
           "python -m experiments.main --workdir=" in out
     else:
       assert proc.returncode == -signal.SIGKILL
-      assert os.path.exists(lock.lock_path(wd))  # left behind: the next run takes it over
+      assert os.path.exists(wdir.lock(wd))  # left behind: the next run takes it over
     r = tiny_chain.run_main(wd, f"--mode={stage}", timeout=300, **changes)
     assert r.returncode == 0, r.stdout + r.stderr
     assert open(os.path.join(wd, merged), "rb").read() == open(os.path.join(ref, merged), "rb").read()
@@ -125,7 +126,7 @@ def test_sigterm_in_detect_finishes_it_and_stops_before_report(trained, tmp_path
   assert "PREEMPTED the chain preempted at the start of stage report" in r.stdout, r.stdout + r.stderr
   assert "stage detect: done" in r.stdout
   assert pipeline.is_complete(c, wd, "detect") and not pipeline.is_complete(c, wd, "report")
-  assert not os.path.exists(lock.lock_path(wd))
+  assert not os.path.exists(wdir.lock(wd))
   said = []
   pipeline.run(c, wd, "all", log=said.append)
   assert [s for s in said if ": to run:" in s] == [
@@ -141,7 +142,7 @@ def test_kill_9_during_detect_and_report_is_never_taken_as_complete(trained, tmp
   c = tiny_chain.config()
   pipeline.run(c, base, "sample", log=QUIET)
   pipeline.run(c, base, "score", log=QUIET)
-  interrupted = 0
+  interrupted, first = 0, None
   for k, delay in enumerate((0.0, 1.0, 2.5)):
     wd = _copy(base, tmp_path / f"k{k}")
     proc = tiny_chain.popen(wd, "--mode=all")
@@ -152,7 +153,7 @@ def test_kill_9_during_detect_and_report_is_never_taken_as_complete(trained, tmp
     proc.kill()
     proc.communicate()
     interrupted += not pipeline.is_complete(c, wd, "report")
-    left_lock = os.path.exists(lock.lock_path(wd))  # the kill landed before the chain ended
+    left_lock = os.path.exists(wdir.lock(wd))  # the kill landed before the chain ended
     for stage in ("detect", "report"):
       if pipeline.is_complete(c, wd, stage):
         folder = os.path.join(wd, stage)
@@ -162,7 +163,7 @@ def test_kill_9_during_detect_and_report_is_never_taken_as_complete(trained, tmp
     assert ("taking over the lock" in r.stdout + r.stderr) == left_lock, r.stdout + r.stderr
     assert pipeline.is_complete(c, wd, "report")
     rows = io.load_csv(os.path.join(wd, "detect", "detect.csv"))
-    first = rows if k == 0 else first
+    first = rows if first is None else first
     assert rows == first
   assert interrupted >= 1  # the kill did land inside the stages
 
@@ -174,7 +175,7 @@ def _ckpt_arrays(wd: str, step: int) -> list[np.ndarray]:
   out = []
   with ocp.PyTreeCheckpointer() as c:
     for item in ckpt_lib.ARRAY_ITEMS:
-      path = os.path.join(ckpt_lib.checkpoint_dir(wd), str(step), item)
+      path = os.path.join(wdir.checkpoints(wd), str(step), item)
       tree = c.metadata(path).item_metadata.tree
       args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
       out += jax.tree.leaves(c.restore(path, args=ocp.args.PyTreeRestore(restore_args=args)))
@@ -214,21 +215,21 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
   ref_state = train.run(c, ref)
   c.train.num_steps = 20
   train.run(c, wd)
-  _corrupt(os.path.join(ckpt_lib.checkpoint_dir(wd), "20"))
+  _corrupt(os.path.join(wdir.checkpoints(wd), "20"))
   with caplog.at_level("WARNING"):
     assert ckpt_lib.latest_step(wd) == 10
   assert "checkpoints/20 is corrupt or partial" in caplog.text and "falling back to the previous one" in caplog.text
-  assert sorted(os.listdir(ckpt_lib.checkpoint_dir(wd))) == ["10", "20.corrupt"]
+  assert sorted(os.listdir(wdir.checkpoints(wd))) == ["10", "20.corrupt"]
   c.train.num_steps = 30
   state = train.run(c, wd)  # resumes from 10, not from scratch, and saves 20 anew
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # every checkpoint damaged: an error, never a silent fresh start
   for step in (20, 30):
-    _corrupt(os.path.join(ckpt_lib.checkpoint_dir(wd), str(step)), "opt_state")
+    _corrupt(os.path.join(wdir.checkpoints(wd), str(step)), "opt_state")
   with pytest.raises(ValueError, match=r"no checkpoint in .* reads back: .*/30, .*/20 are corrupt"):
     ckpt_lib.latest_step(wd)
-  assert sorted(os.listdir(ckpt_lib.checkpoint_dir(wd))) == ["20.corrupt", "20.corrupt.1", "30.corrupt"]
+  assert sorted(os.listdir(wdir.checkpoints(wd))) == ["20.corrupt", "20.corrupt.1", "30.corrupt"]
 
 
 def _small_checkpoints(wd: str, steps=(1, 2), rows: int = 4) -> str:
@@ -238,7 +239,7 @@ def _small_checkpoints(wd: str, steps=(1, 2), rows: int = 4) -> str:
   for step in steps:
     ckpt_lib.save(m, step, p, p, {"mu": p}, {"step": step})
   m.close()
-  return ckpt_lib.checkpoint_dir(wd)
+  return wdir.checkpoints(wd)
 
 
 def _failing_restore(error: Exception, times: int):
@@ -326,7 +327,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
   assert "File too large" in r.stdout + r.stderr
   c = tiny_chain.config(train__keep_checkpoints=1)
   train.run(c, wd)
-  assert ckpt_lib.latest_step(wd) == 20 and os.listdir(ckpt_lib.checkpoint_dir(wd)) == ["20"]
+  assert ckpt_lib.latest_step(wd) == 20 and os.listdir(wdir.checkpoints(wd)) == ["20"]
 
 
 def test_disk_full_result_file_names_the_path_and_leaves_the_old_one(tmp_path):

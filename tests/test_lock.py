@@ -16,6 +16,7 @@ import pytest
 
 import tiny_chain
 from memvol import lock, pipeline
+from memvol import workdir as wdir
 
 
 def _dead_pid() -> int:
@@ -25,7 +26,7 @@ def _dead_pid() -> int:
 
 
 def _write(wd, **rec):
-  path = lock.lock_path(wd)
+  path = wdir.lock(wd)
   os.makedirs(wd, exist_ok=True)
   with open(path, "w") as f:
     json.dump({"start_time": "2026-01-01 00:00:00 UTC", "command": "x", **rec}, f)
@@ -35,12 +36,12 @@ def _write(wd, **rec):
 def test_second_holder_is_refused_naming_the_first(tmp_path):
   wd = str(tmp_path)
   with lock.WorkdirLock(wd, command="python -m experiments.main --mode=train") as held:
-    rec = json.load(open(lock.lock_path(wd)))
+    rec = json.load(open(wdir.lock(wd)))
     assert rec["pid"] == os.getpid() and rec["host"] == socket.gethostname() and rec == held.record
     with pytest.raises(lock.LockHeld, match=rf"in use by pid {os.getpid()} on host .* since "
                        r"\d{4}-\d\d-\d\d .*--mode=train"):
       lock.WorkdirLock(wd).acquire()
-  assert not os.path.exists(lock.lock_path(wd))
+  assert not os.path.exists(wdir.lock(wd))
   lock.WorkdirLock(wd).acquire().release()  # free again
 
 
@@ -49,7 +50,7 @@ def test_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path):
   pid = _dead_pid()
   _write(wd, host=socket.gethostname(), pid=pid)
   with lock.WorkdirLock(wd, log=said.append):
-    assert json.load(open(lock.lock_path(wd)))["pid"] == os.getpid()
+    assert json.load(open(wdir.lock(wd)))["pid"] == os.getpid()
   assert len(said) == 1 and f"pid {pid}" in said[0] and "no longer exists" in said[0]
 
 
@@ -68,7 +69,7 @@ def test_lock_of_a_lost_host_is_taken_over_only_after_the_timeout(tmp_path):
 def test_heartbeat_refreshes_the_mtime(tmp_path):
   wd = str(tmp_path)
   with lock.WorkdirLock(wd, heartbeat_s=0.05, stale_after_s=1.0):
-    path = lock.lock_path(wd)
+    path = wdir.lock(wd)
     old = time.time() - 100
     os.utime(path, (old, old))
     time.sleep(0.3)
@@ -83,7 +84,7 @@ def test_pipeline_holds_the_lock_and_releases_it_on_errors(tmp_path):
       pipeline.run(c, wd, "detect", log=lambda m: None)
   with pytest.raises(FileNotFoundError, match="generate samples first"):
     pipeline.run(c, wd, "detect", log=lambda m: None)  # fails inside the stage
-  assert not os.path.exists(lock.lock_path(wd))
+  assert not os.path.exists(wdir.lock(wd))
 
 
 @pytest.mark.slow
@@ -110,4 +111,4 @@ def test_two_training_processes_on_one_workdir(tmp_path):
   third = tiny_chain.run_main(wd, "--mode=train", timeout=180)
   assert third.returncode == 0, third.stdout + third.stderr
   assert f"taking over the lock of workdir {wd} held by pid {first.pid}" in third.stdout + third.stderr
-  assert not os.path.exists(lock.lock_path(wd))
+  assert not os.path.exists(wdir.lock(wd))

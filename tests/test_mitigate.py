@@ -14,7 +14,12 @@ import pytest
 
 from experiments.configs import mnist_mitigate
 from experiments.configs.base import get_base_config
-from memvol import data, detect, io, mitigate
+from memvol import data, detect, io, mitigate, train
+
+
+def _stream(data_cfg):
+  """The split as training sees it: the arm's edits of the training stream applied."""
+  return train.edit_stream(data.make_split(data_cfg), data_cfg)
 
 
 # --- selection -----------------------------------------------------------------------
@@ -104,7 +109,7 @@ def test_drop_removes_exactly_the_selected_ids_from_the_stream():
   dup_id = int(base.train.ids[np.argmax(base.dup_counts)])
   drop = [dup_id, int(base.train.ids[0]), int(base.train.ids[5])]
   arm = mitigate.arm_config(c, mitigate.Arm("r", "score", "drop", 0.1, 1), np.array(drop))
-  split = data.make_split(arm.data)
+  split = _stream(arm.data)
   _, ids = split.training_stream()
   _, base_ids = base.training_stream()
   assert not np.isin(drop, ids).any()
@@ -113,7 +118,7 @@ def test_drop_removes_exactly_the_selected_ids_from_the_stream():
   assert np.array_equal(split.dup_counts, base.dup_counts)
   c.data.drop_ids = (99999,)
   with pytest.raises(ValueError, match="not training images"):
-    data.make_split(c.data)
+    _stream(c.data)
 
 
 def test_drop_epochs_holds_the_epochs_of_the_kept_images():
@@ -124,7 +129,7 @@ def test_drop_epochs_holds_the_epochs_of_the_kept_images():
   with pytest.raises(ValueError, match="split"):
     mitigate.arm_config(c, mitigate.Arm("r", "score", "drop_epochs", 0.1, 1), drop)
   arm = mitigate.arm_config(c, mitigate.Arm("r", "score", "drop_epochs", 0.1, 1), drop, split=base)
-  kept = len(data.make_split(arm.data).training_stream()[1])
+  kept = len(_stream(arm.data).training_stream()[1])
   full = len(base.training_stream()[1])
   assert kept < full and arm.data.drop_ids == tuple(int(i) for i in drop)
   assert arm.train.num_steps == round(c.train.num_steps * kept / full)   # epochs = steps x batch / stream
@@ -142,7 +147,7 @@ def test_planted_regime_drop_epochs_of_the_score_top_5():
   assert len(ids) == 48 and counts.sum() == 76 and (counts == 8).sum() == 4
   top5 = np.r_[ids[counts == 8], ids[counts == 1][:1]]
   arm = mitigate.arm_config(c, mitigate.Arm("planted", "score", "drop_epochs", 0.1, 1), top5, split=split)
-  assert len(data.make_split(arm.data).training_stream()[1]) == 43 and arm.train.num_steps == 849
+  assert len(_stream(arm.data).training_stream()[1]) == 43 and arm.train.num_steps == 849
   assert 44 not in {76 - 8 * a - (5 - a) for a in range(5)}
 
 
@@ -150,19 +155,19 @@ def test_augment_mask_follows_the_stream_and_only_moves_masked_images():
   c = _digits_cfg()
   base = data.make_split(c.data)
   sel = base.train.ids[[1, 2]]
-  split = data.make_split(mitigate.arm_config(c, mitigate.Arm("r", "score", "augment", 0.1, 1), sel).data)
+  split = _stream(mitigate.arm_config(c, mitigate.Arm("r", "score", "augment", 0.1, 1), sel).data)
   mask = split.stream_augment()
   _, ids = split.training_stream()
   assert mask.shape == ids.shape and np.array_equal(mask, np.isin(ids, sel))
   x = jnp.asarray(split.training_stream()[0][:8])
   m = jnp.asarray(np.arange(8) % 2 == 0)
-  out = np.asarray(data.augment_batch(jax.random.PRNGKey(0), x, m, 2, 0.0))
+  out = np.asarray(train.augment_batch(jax.random.PRNGKey(0), x, m, 2, 0.0))
   assert np.array_equal(out[1::2], np.asarray(x)[1::2])
   assert not np.array_equal(out[0::2], np.asarray(x)[0::2]) and np.abs(out).max() <= 1.0
   # without noise a shifted image is a crop of the edge-padded original
   pad = np.pad(np.asarray(x)[0], ((2, 2), (2, 2), (0, 0)), mode="edge")
   assert any(np.array_equal(out[0], pad[i:i + 8, j:j + 8]) for i in range(5) for j in range(5))
-  assert data.make_split(c.data).stream_augment() is None
+  assert _stream(c.data).stream_augment() is None
 
 
 def test_replace_changes_the_stream_only_and_checks_the_sha(tmp_path):
@@ -173,14 +178,14 @@ def test_replace_changes_the_stream_only_and_checks_the_sha(tmp_path):
   path = str(tmp_path / "p.npz")
   io.save_npz(path, ids=ids, images=new)
   arm = mitigate.Arm("r", "score", "perturb", 0.1, 1)
-  split = data.make_split(mitigate.arm_config(c, arm, ids, (path, io.file_sha256(path))).data)
+  split = _stream(mitigate.arm_config(c, arm, ids, (path, io.file_sha256(path))).data)
   images, sids = split.training_stream()
   assert np.array_equal(images[sids == ids[0]][0], new[0])
   assert np.array_equal(split.train.images, base.train.images)
   others = ~np.isin(sids, ids)
   assert np.array_equal(images[others], base.training_stream()[0][others])
   with pytest.raises(ValueError, match="sha256"):
-    data.make_split(mitigate.arm_config(c, arm, ids, (path, "0" * 64)).data)
+    _stream(mitigate.arm_config(c, arm, ids, (path, "0" * 64)).data)
 
 
 # --- arms and workdirs ---------------------------------------------------------------
@@ -219,7 +224,7 @@ def test_arm_configs_carry_the_modification_in_data():
   ids = np.array([3, 5])
   cfgs = {m: mitigate.arm_config(c, mitigate.Arm("planted", "score", m, 0.1, 2), ids, ("/p.npz", "ab"))
           for m in ("drop", "augment", "perturb")}
-  assert cfgs["drop"].data.drop_ids == (3, 5) and "augment_ids" not in cfgs["drop"].data
+  assert cfgs["drop"].data.drop_ids == (3, 5) and cfgs["drop"].data.augment_ids == ()  # no other edit
   assert cfgs["augment"].data.augment_ids == (3, 5)
   assert cfgs["perturb"].data.replace_path == "/p.npz"
   assert all(cf.seed == 2 for cf in cfgs.values())

@@ -4,6 +4,7 @@ detect or report setting changes, check_workdir, and config typos."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -153,3 +154,10 @@ def test_experiment_configs_use_only_known_keys(name):
   mod = importlib.import_module(f"experiments.configs.{name}")
   for arg in (None, "quick"):
     pipeline.check_keys(mod.get_config(arg), get_base_config())
+
+
+@pytest.mark.parametrize("name", ["train", "pretrained", "sampling", "scoring", "detect", "report", "mitigate"])
+def test_every_stage_module_implements_the_stage_protocol(name):
+  mod = importlib.import_module(f"memvol.{name}")
+  assert isinstance(mod, pipeline.Stage)
+  assert isinstance(mod.DONE_MEANS, str) and mod.DONE_MEANS

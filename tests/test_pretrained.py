@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from memvol import data, loading, models, pipeline, pretrained
 from memvol import sde as sde_lib
+from memvol import workdir as wdir
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -205,7 +206,7 @@ def test_workdir_records_the_weights_and_refuses_others(tmp_path):
   config = _demo_config(tmp_path, folder)
   workdir = str(tmp_path / "run")
   pipeline.run(config, workdir, mode="train", log=lambda s: None)
-  record = json.load(open(pretrained.record_path(workdir)))
+  record = json.load(open(wdir.pretrained_record(workdir)))
   assert record["sha256"] == pretrained.weights_sha256(folder)
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))  # nothing trained
   split = data.load_split(config, workdir)

@@ -83,7 +83,7 @@ def test_mitigation_tables_come_from_the_summary():
                    "fd": 100.0 + c, "precision": 0.9, "recall": 0.5,
                    "targeted": 8.0 if sel == "score" else float(seed) if sel == "random" else np.nan})
   base = {"r": {"num_samples": 256, "copies": 30, "copied_images": 4, "num_train": 48}}
-  s = json.loads(json.dumps(report._clean(mitigate.summarise(recs, base), "", [], {})))
+  s = json.loads(json.dumps(report.jsonable(mitigate.summarise(recs, base), "", [], {})))
   md = r.render({"kind": "mitigate", **r.extract_mitigate(s)})
   assert "**r** (baseline: 30 copies of 256, 4 of 48 images copied)" in md
   assert "| score-drop-q0.1 | 3 | 3 ± 1 (3) | 1.33 ± 0.58 (3) | 8 ± 0 (3) |" in md

@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits
 
 from experiments.configs.base import get_base_config
 from memvol import detect, io, report
+from memvol import workdir as wdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ESTS = ("hutchinson", "exact")
@@ -357,7 +358,7 @@ def test_profile_section_bound_fractions_and_window_aurocs(tmp_path):
   bound = profile_lib.bound(sde, sde.eps, ts, dim)
   n = len(rows)
   is_train = np.array([r["split"] == "train" for r in rows])
-  det = report.load_detect(os.path.join(wd, "detect", "detect.csv"))
+  det = detect.read_detect(wdir.detect_csv(wd))
   mem = np.zeros(n, bool)
   mem[:40] = det["copies_ratio"] > 0
   rng = np.random.default_rng(1)

@@ -12,6 +12,7 @@ import pytest
 from experiments.configs.base import get_base_config
 from memvol import analytic, io, parallel, peers, scoring
 from memvol import sde as sde_lib
+from memvol import workdir as wdir
 
 SHAPE = (4, 4, 1)
 SDE = sde_lib.VPSDE()
@@ -120,7 +121,7 @@ def test_same_scores_for_any_device_count_and_batch_size(tmp_path, model):
     scoring.run(config(estimators=("hutchinson",), batch_size=bs), d, log=quiet)
     results[(devices, bs)] = (read(d), _values(d))
   ref = results[(4, 4)][0]
-  for k, (raw, vals) in results.items():
+  for k, (raw, _) in results.items():
     assert raw == ref, k  # byte-identical CSV
 
 
@@ -163,7 +164,7 @@ def test_corrupt_part_is_recomputed(tmp_path, model):
   scoring.run(config(estimators=("exact",)), d, log=quiet)
   before = read(d)
   os.remove(os.path.join(d, "scores", "scores.csv"))
-  part = os.path.join(scoring.parts_folder(d, "exact"), "000004_000008.npz")
+  part = os.path.join(wdir.score_parts(d, "exact"), "000004_000008.npz")
   with open(part, "r+b") as f:
     f.truncate(100)
   messages = []
@@ -242,7 +243,7 @@ def test_peers_and_agreement(tmp_path, model, monkeypatch):
   # the memoriser: every peer ranks its training images above the held-out ones
   for name in scoring.PEER_NAMES:
     assert vals[f"peer_{name}"][:6].min() > vals[f"peer_{name}"][6:].max(), name
-  agree = io.load_csv(scoring.agreement_path(d))
+  agree = io.load_csv(wdir.agreement_csv(d))
   assert [int(r["id"]) for r in agree] == TABLE.ids[:3].tolist()
   np.testing.assert_array_equal([float(r["primary_log_volume"]) for r in agree], vals["hutchinson_log_volume"][:3])
   ex = np.array([float(r["exact_log_volume"]) for r in agree])

@@ -15,6 +15,7 @@ from experiments.configs.base import get_base_config
 from memvol import checkpoint as ckpt_lib
 from memvol import loading, models, parallel, train
 from memvol import sde as sde_lib
+from memvol import workdir as wdir
 
 
 def tiny_config(num_steps: int = 12):
@@ -219,7 +220,7 @@ def test_resume_is_bitwise_identical(reference, tmp_path):
   assert int(resumed.step) == 12
   assert tree_equal(resumed, ref)
   assert [r["step"] for r in train.read_log(wd)] == [3, 6, 9, 12]
-  assert sorted(os.listdir(ckpt_lib.checkpoint_dir(wd))) == ["12", "9"]  # keep_checkpoints = 2
+  assert sorted(os.listdir(wdir.checkpoints(wd))) == ["12", "9"]  # keep_checkpoints = 2
 
 
 def test_killed_run_resumes_bitwise(reference, tmp_path, monkeypatch):
@@ -312,7 +313,7 @@ def test_keep_every_keeps_those_steps_too(tmp_path):
   c = tiny_config(12)
   c.train.keep_checkpoints, c.train.keep_every = 1, 6
   train.run(c, str(tmp_path))
-  assert sorted(os.listdir(ckpt_lib.checkpoint_dir(str(tmp_path))), key=int) == ["6", "12"]
+  assert sorted(os.listdir(wdir.checkpoints(str(tmp_path))), key=int) == ["6", "12"]
 
 
 def test_complete_run_returns_at_once(reference):
@@ -476,3 +477,13 @@ def test_two_processes_train_like_one(reference, tmp_path):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   assert ckpt_lib.latest_step(str(tmp_path)) == 12
   assert [r["step"] for r in train.read_log(str(tmp_path))] == [3, 6, 9, 12]
+
+
+def test_random_flip_mirrors_about_half():
+  x = jax.numpy.asarray(np.random.default_rng(0).normal(size=(200, 3, 4, 1)), np.float32)
+  y = np.asarray(train.flip_batch(jax.random.PRNGKey(0), x))
+  x = np.asarray(x)
+  same = np.all(y == x, axis=(1, 2, 3))
+  mirrored = np.all(y == x[:, :, ::-1], axis=(1, 2, 3))
+  assert np.all(same ^ mirrored) and 70 < mirrored.sum() < 130
+  np.testing.assert_array_equal(np.asarray(train.flip_batch(jax.random.PRNGKey(0), x)), y)

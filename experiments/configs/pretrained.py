@@ -26,8 +26,8 @@ scores at ~100 network evaluations per image (the adaptive count on the real mod
 measured) and ~53 h for 1000 reverse-SDE samples of 1000 steps: not a CPU job. The
 `:quick` chain below took 1 min 46 s end to end (sample 22 s and score 57 s, both mostly
 compilation; detect 6 s, report 7 s); at its settings (4 Euler steps, 1 probe) scoring
-runs at 1.9 s per image, ~32 min per 1000 images. GPU: not measured here (no GPU in this
-session); from the network's 11.7 GFLOPs per forward pass, an H100 at 30-50% of its
+runs at 1.9 s per image, ~32 min per 1000 images. GPU: not measured (no GPU on this project's
+machine); from the network's 11.7 GFLOPs per forward pass, an H100 at 30-50% of its
 dense float32/TF32 rate should need minutes, not hours, per 1000 images.
 Expected result: DDPM CIFAR-10 generalises (it reproduces almost none of its 50000
 training images), so report/report.md should show few or no copies and trained and
