@@ -19,8 +19,9 @@ from memvol import io, lock, preempt
 
 STAGES = ("train", "sample", "score", "detect", "report")
 _MODULES = {"train": "memvol.train", "sample": "memvol.sampling", "score": "memvol.scoring",
-            "detect": "memvol.detect", "report": "memvol.report", "mitigate": "memvol.mitigate"}
-MODES = ("all",) + tuple(_MODULES)  # `mitigate` (memvol/mitigate.py) is not part of `all`
+            "detect": "memvol.detect", "report": "memvol.report", "mitigate": "memvol.mitigate",
+            "bench": "memvol.bench"}
+MODES = ("all",) + tuple(_MODULES)  # `mitigate` and `bench` (their modules) are not part of `all`
 # Sections that define what a workdir holds; changing any of them needs a new workdir.
 IDENTITY_SECTIONS = ("data", "model", "sde")
 
