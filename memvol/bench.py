@@ -523,8 +523,8 @@ def summarise(config: Any, records: list[dict[str, Any]], length: dict[str, Any]
   strata = {str(d): int(sum(np.asarray(records[0]["d"]) == d)) for d in sorted(set(records[0]["d"]))}
   return {"seeds_done": [r["seed"] for r in records], "num_seeds_planned": planned, "scores": names,
           "strata": strata, "num_samples": records[0]["num_samples"], "length": length,
-          "T2_positives": [r["metrics"][names[0]]["T2_pos"] for r in records],
-          "T2_negatives": [r["metrics"][names[0]]["T2_neg"] for r in records],
+          "T2_positives": [int(np.sum((d == 1) & (c > 0))) for d, c in ((np.asarray(r["d"]), np.asarray(r["c"])) for r in records)],
+          "T2_negatives": [int(np.sum((d == 1) & (c == 0))) for d, c in ((np.asarray(r["d"]), np.asarray(r["c"])) for r in records)],
           "records": flat, "per_seed": [{"seed": r["seed"], "metrics": r["metrics"], "costs": r["costs"],
                                          "wall_s": r["wall_s"]} for r in records],
           "aggregates": agg, "leaderboard": lb}
@@ -612,7 +612,7 @@ def frontier_figure(s: dict[str, Any], path: str) -> None:
     names = [n for n in s["scores"] if np.isfinite(agg[n][task]["mean"]) and np.isfinite(agg[n]["passes_per_image"]["mean"])]
     x = np.array([agg[n]["passes_per_image"]["mean"] for n in names])
     y = np.array([agg[n][task]["mean"] for n in names])
-    e = np.array([np.nan_to_num(agg[n][task]["sd"] if agg[n][task]["sd"] is not None else np.nan) for n in names])
+    e = np.nan_to_num(np.array([_f([agg[n][task]["sd"]])[0] for n in names]))  # no sd (one seed): no bar
     for xi, yi, ei, n in zip(x, y, e, names):
       ax.errorbar(xi, yi, yerr=ei, fmt="o" if n.startswith("cal_") else "s", capsize=3, alpha=0.8)
       ax.annotate(n, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")

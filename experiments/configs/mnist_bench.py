@@ -19,11 +19,15 @@ hutchinson@rank32 (log volume and L_capped each) and the seven peers, raw and ca
 
 Sizing, from measured costs on 2 CPU cores (the default UNet trains ~9.5 steps/s at batch
 64; 256 x 500 SDE steps ~90 s; scoring 144 images with Hutchinson adaptive and the peers
-~290 s on one core): length stage ~320 s of training + 2 x ~90 s sampling; per seed two
-trainings of 1500 steps (~160 s each) or 3000 (~320 s), ~90 s sampling and ~450 s of scoring
-(200 images with three estimators and the peers): ~15 min a seed at 1500 steps, ~50-60 min
-for the plan. Measured runtime and result of the full plan: to be filled in after the
-first full run (report.md's leaderboard; README "Benchmark").
+~290 s on one core; the rank presets cost 8 and 32 passes per image against Hutchinson's
+~2200, BUILD.md "Cheap L"): length stage ~320 s of training + 2 x ~90 s sampling; per seed
+two trainings of 1500 steps (~160 s each) or 3000 (~320 s), ~90 s sampling and ~400-500 s of
+scoring (200 images: 80 under the target model, 120 under the reference) plus compilation:
+~18 min a seed at 1500 steps, ~60 min for the plan; ~22 min a seed and ~75 min if 3000
+steps are chosen. Which is likely: 1500 steps show each singleton ~920 times, 3000 ~1850;
+the default job (~1260 per singleton) copied 5 of 88 singletons (6 %), below the band.
+Measured runtime and result of the full plan: to be filled in after the first full run
+(report.md's leaderboard; README "Benchmark").
 
 `:quick` (the CI check, checked by scripts/check_bench.py; its numbers only need to exist
 and be finite): strata 8 / 4 / 2 digits at d = 1 / 2 / 4, 8 held-out, a tiny model, 2 seeds,
