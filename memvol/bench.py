@@ -271,13 +271,14 @@ def seed_table(config: Any, target: str, reference: str) -> dict[str, Any]:
   r_rows = io.load_csv(os.path.join(reference, "scores", "scores.csv"))
   t_man = io.load_json(os.path.join(target, "scores", "manifest.json"))
   r_man = io.load_json(os.path.join(reference, "scores", "manifest.json"))
-  scores, costs = {}, {}
+  raw, cal, costs = {}, {}, {}
   for name in score_names(config, list(t_rows[0])):
     s_t = _column(t_rows, name, ids, f"{target}/scores/scores.csv")
     s_r = _column(r_rows, name, ids, f"{reference}/scores/scores.csv")
-    scores[name], scores[f"cal_{name}"] = s_t, s_t - s_r
+    raw[name], cal[f"cal_{name}"] = s_t, s_t - s_r
     (pt, st), (pr, sr) = _costs(t_rows, t_man, name, ids), _costs(r_rows, r_man, name, ids)
     costs[name], costs[f"cal_{name}"] = (pt, st), (pt + pr, st + sr)
+  scores = raw | cal  # raw scores first, then the calibrated ones
   ns = int(io.load_npz(os.path.join(target, "samples", f"samples_{config.detect.sample_method}.npz"))["images"].shape[0])
   return {"ids": ids, "is_train": is_train, "d": d, "c": c, "num_samples": ns, "scores": scores, "costs": costs}
 
@@ -331,8 +332,10 @@ def seed_record(config: Any, seed: int, table: dict[str, Any], wall_s: float = m
   metrics = {n: task_metrics(v, table["is_train"], table["d"], table["c"], table["num_samples"], fpr=float(rc.fpr),
                              num_bootstrap=int(rc.num_bootstrap), seed=int(rc.bootstrap_seed))
              for n, v in table["scores"].items()}
-  return {"seed": int(seed), "num_samples": int(table["num_samples"]), "ids": table["ids"].tolist(),
-          "is_train": table["is_train"].tolist(), "d": table["d"].tolist(), "c": table["c"].tolist(),
+  return {"seed": int(seed), "num_samples": int(table["num_samples"]), "score_order": list(table["scores"]),
+          "ids": np.asarray(table["ids"]).tolist(),
+          "is_train": np.asarray(table["is_train"]).tolist(), "d": np.asarray(table["d"]).tolist(),
+          "c": np.asarray(table["c"]).tolist(),
           "copy_rate_lo": lo.tolist(), "copy_rate_hi": hi.tolist(),
           "scores": {n: v.tolist() for n, v in table["scores"].items()},
           "costs": {n: {"passes_per_image": p, "seconds_per_image": t} for n, (p, t) in table["costs"].items()},
@@ -515,7 +518,7 @@ def stouffer_or_reason(zs: list[float]) -> tuple[float, float]:
 def summarise(config: Any, records: list[dict[str, Any]], length: dict[str, Any], planned: int) -> dict[str, Any]:
   """summary.json's content (NaN / NotEstimated still in it)."""
   from memvol import report
-  names = list(records[0]["metrics"])
+  names = list(records[0]["score_order"])  # JSON sorts the keys of `metrics`
   agg = aggregate(records, names)
   lb = leaderboard(records, names, agg, int(config.bench.num_bootstrap), report.ALPHA)
   flat = [{"score": n, "seed": r["seed"], "task": k, "value": r["metrics"][n].get(k)}
@@ -571,7 +574,7 @@ def render_markdown(s: dict[str, Any], figures: list[str]) -> str:
   for t in TASKS:
     bd = lb["tasks"][t]
     if not bd["ranking"]:
-      lines += [f"- {t}: no score has a finite value.", ""]
+      lines.append(f"- {t}: no score has a finite value.")
       continue
     first = bd["comparisons"][0] if bd["comparisons"] else None
     verdict = (f"**{bd['winner']}** wins" if bd["winner"] else
