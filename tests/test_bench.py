@@ -197,3 +197,25 @@ def test_quick_bench_end_to_end(tmp_path):
                   f"--workdir={wd}", "--mode=bench"], cwd=here, env=env, check=True)
   r = subprocess.run([sys.executable, "scripts/check_bench.py", wd], cwd=here, env=env, capture_output=True, text=True)
   assert r.returncode == 0, r.stdout
+
+
+def test_spearman_paired_bootstrap_z():
+  rng = np.random.default_rng(1)
+  y = rng.integers(0, 5, 60).astype(float)
+  good, bad = y + rng.normal(size=60) * 0.5, rng.normal(size=60)
+  diff, z = bench.spearman_boot_z(good, bad, y, 300)
+  assert diff == pytest.approx(stats.spearman(good, y)[0] - stats.spearman(bad, y)[0])
+  assert z > 3  # a score that tracks y beats noise clearly
+  diff0, z0 = bench.spearman_boot_z(good, good, y, 50)
+  assert diff0 == 0.0 and math.isnan(z0)  # the same score twice: no variance, no test
+
+
+def test_bench_refuses_a_config_without_strata():
+  c = mnist_bench.get_config("quick")
+  c.unlock()
+  c.data.dup_strata = ()
+  with pytest.raises(ValueError, match="data.dup_strata"):
+    bench.check_config(c)
+  c.data.dup_strata, c.data.num_train = ((2, 4), (4, 2)), 0
+  with pytest.raises(ValueError, match="singletons"):
+    bench.check_config(c)
