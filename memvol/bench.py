@@ -623,6 +623,9 @@ def frontier_figure(s: dict[str, Any], path: str) -> None:
       f = _pareto(x, y)
       ax.step(x[f], y[f], "k--", where="post", lw=1, label="Pareto front")
       ax.legend(fontsize=8)
+    else:
+      ax.text(0.5, 0.5, "no score has a finite value\n(summary.json: not_estimated)", transform=ax.transAxes,
+              ha="center", va="center")
     ax.set_xscale("log")
     ax.set_xlabel("network passes per image (log)")
     ax.set_ylabel(f"{label}, mean ± sd over seeds")
