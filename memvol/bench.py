@@ -17,6 +17,7 @@ through pipeline.run_chain:
                                       else the step whose share is closest to the band (said
                                       so). Copy counts only, never scores.
   workdir/bench/seed<k>/target/       seed k trained to that length: train, sample, score, detect
+                                      (for seed bench.seeds[0] at max(grid): bench/length itself)
   workdir/bench/seed<k>/reference/    seed k trained the same way on the reference pool: train,
                                       score (its scoring scores the reference pool and every
                                       target training and held-out image, never trained on)
@@ -342,25 +343,38 @@ def seed_record(config: Any, seed: int, table: dict[str, Any], wall_s: float = m
           "metrics": metrics, "wall_s": wall_s}
 
 
-def measure_seed(config: Any, workdir: str, seed: int, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
+def target_dir(config: Any, workdir: str, seed: int, length: dict[str, Any]) -> str:
+  """The seed's target workdir: bench/length itself when it is this seed's model at the
+  chosen length (seed bench.seeds[0], chosen = max(grid): its chain only adds sample,
+  score and detect), else bench/seed<k>/target."""
+  grid = [int(g) for g in config.bench.length_grid]
+  if int(seed) == int(length["seed"]) and int(length["chosen_steps"]) == max(grid):
+    return length_dir(workdir)
+  return seed_dir(workdir, seed, "target")
+
+
+def measure_seed(config: Any, workdir: str, seed: int, length: dict[str, Any],
+                 log: Callable[[str], None]) -> dict[str, Any]:
   """Run (or resume) seed `seed`'s target and reference chains; its record."""
   start = time.perf_counter()
-  target, reference = seed_dir(workdir, seed, "target"), seed_dir(workdir, seed, "reference")
+  steps = int(length["chosen_steps"])
+  target, reference = target_dir(config, workdir, seed, length), seed_dir(workdir, seed, "reference")
   log(f"[memvol] bench: seed {seed}: target chain in {target}")
   tcfg = sub_config(config, seed, steps, "target")
   _run_chain(tcfg, target, TARGET_CHAIN, log)
   log(f"[memvol] bench: seed {seed}: reference chain in {reference}")
   _run_chain(sub_config(config, seed, steps, "reference"), reference, REFERENCE_CHAIN, log)
-  return seed_record(tcfg, seed, seed_table(tcfg, target, reference), round(time.perf_counter() - start, 1))
+  rec = seed_record(tcfg, seed, seed_table(tcfg, target, reference), round(time.perf_counter() - start, 1))
+  return rec | {"target_dir": target, "reference_dir": reference}
 
 
-def run_seed(config: Any, workdir: str, seed: int, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
+def run_seed(config: Any, workdir: str, seed: int, length: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
   """The seed's record from bench/seed<k>/record.json, or measured and written there."""
   path = os.path.join(seed_dir(workdir, seed), "record.json")
   if os.path.exists(path):
     log(f"[memvol] bench: seed {seed} already done ({path})")
     return load_record(path)
-  save_record(path, measure_seed(config, workdir, seed, steps, log))
+  save_record(path, measure_seed(config, workdir, seed, length, log))
   return load_record(path)
 
 
@@ -695,6 +709,6 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[s
   length = run_length(config, workdir, seeds[0], log)
   records, summary = [], {}
   for seed in seeds:
-    records.append(run_seed(config, workdir, seed, int(length["chosen_steps"]), log))
+    records.append(run_seed(config, workdir, seed, length, log))
     summary = write_outputs(config, records, length, len(seeds), workdir, log)
   return summary

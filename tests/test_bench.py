@@ -71,6 +71,12 @@ def test_seeds_never_share_a_sub_workdir(tmp_path):
   cfgs = [bench.sub_config(c, s, 100, r) for s in c.bench.seeds for r in ("target", "reference")]
   assert [x.seed for x in cfgs] == [s for s in c.bench.seeds for _ in range(2)]
   assert {x.data.role for x in cfgs} == {"target", "reference"}
+  # seed 0 at the longest grid step reuses the length run's model; no other seed does
+  length = {"seed": 0, "chosen_steps": max(c.bench.length_grid)}
+  targets = [bench.target_dir(c, str(tmp_path), s, length) for s in c.bench.seeds]
+  assert targets[0] == bench.length_dir(str(tmp_path)) and len(set(targets)) == len(targets)
+  assert bench.target_dir(c, str(tmp_path), 0, length | {"chosen_steps": min(c.bench.length_grid)}) == \
+      bench.seed_dir(str(tmp_path), 0, "target")
 
 
 def test_wilson_interval_hand_computed():
@@ -162,7 +168,7 @@ def test_a_killed_bench_resumes_at_the_unfinished_seed_only(tmp_path, monkeypatc
   bench.save_record(os.path.join(bench.seed_dir(wd, 0), "record.json"), _fake_record(0, rng))  # seed 0 finished
   calls = []
 
-  def measure(config, workdir, seed, steps, log):
+  def measure(config, workdir, seed, length, log):
     calls.append(seed)
     return _fake_record(seed, rng)
 
