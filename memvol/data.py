@@ -448,9 +448,42 @@ def _round_robin(index: np.ndarray, labels: np.ndarray) -> np.ndarray:
   return index[np.argsort(rank, kind="stable")]
 
 
+def dup_strata(data_cfg: Any) -> tuple[tuple[int, int], ...]:
+  """The (d, n) pairs of data.dup_strata (n distinct images, each d times in the stream),
+  checked; () when unset. ValueError naming the fields for a bad pair, or when the
+  planted-duplicate spelling (data.num_duplicated) or a different data.num_train is set too."""
+  raw = tuple(data_cfg.get("dup_strata", ()))
+  if not raw:
+    return ()
+  try:
+    strata = tuple((int(d), int(n)) for d, n in raw)
+  except (TypeError, ValueError):
+    raise ValueError(f"data.dup_strata={raw!r}: expected (d, n) pairs of integers") from None
+  ds = [d for d, _ in strata]
+  if any(d < 1 or n < 1 for d, n in strata) or len(set(ds)) != len(ds):
+    raise ValueError(f"data.dup_strata={strata}: every d and n must be >= 1 and each d listed once")
+  if int(data_cfg.get("num_duplicated", 0)):
+    raise ValueError("data.dup_strata and data.num_duplicated / data.duplicate_factor both describe the "
+                     f"duplicates; set data.num_duplicated=0 with data.dup_strata={strata}")
+  total = sum(n for _, n in strata)
+  if int(data_cfg.num_train) not in (0, total):
+    raise ValueError(f"data.num_train={data_cfg.num_train} disagrees with data.dup_strata={strata} "
+                     f"({total} distinct images); set data.num_train={total} or 0")
+  return strata
+
+
+def strata_counts(strata: tuple[tuple[int, int], ...], rng: np.random.Generator) -> np.ndarray:
+  """int64 [sum n]: the stream count d of each image (stratum d for n of them), assigned to
+  the sorted images by a permutation from rng."""
+  counts = np.repeat(np.array([d for d, _ in strata], np.int64), [n for _, n in strata])
+  return counts[rng.permutation(len(counts))]
+
+
 def _split_index(data_cfg: Any, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(train ids, held-out ids, dup_counts), both id lists sorted, from split_seed alone."""
-  n_train, n_held = int(data_cfg.num_train), int(data_cfg.num_heldout)
+  strata = dup_strata(data_cfg)
+  n_train = sum(n for _, n in strata) if strata else int(data_cfg.num_train)
+  n_held = int(data_cfg.num_heldout)
   n_dup, factor = int(data_cfg.num_duplicated), int(data_cfg.duplicate_factor)
   if n_train < 1 or n_held < 0:
     raise ValueError(f"need data.num_train >= 1 and data.num_heldout >= 0, got {n_train}, {n_held}")
@@ -472,9 +505,40 @@ def _split_index(data_cfg: Any, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
   else:
     train, held = perm[:n_train], perm[n_train:n_train + n_held]
   train, held = np.sort(train), np.sort(held)
-  dup_counts = np.ones(n_train, np.int64)
-  dup_counts[rng.choice(n_train, n_dup, replace=False)] = factor
+  if strata:
+    dup_counts = strata_counts(strata, rng)
+  else:
+    dup_counts = np.ones(n_train, np.int64)
+    dup_counts[rng.choice(n_train, n_dup, replace=False)] = factor
   return train.astype(np.int64), held.astype(np.int64), dup_counts
+
+
+ROLES = ("target", "reference")
+
+
+def reference_index(data_cfg: Any, labels: np.ndarray, train: np.ndarray, held: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(reference ids sorted, their dup_counts): as many distinct images as the training set,
+  with the same stream counts (the same strata), drawn from the pool images that are neither
+  training nor held-out, by their own generator default_rng((split_seed, 1)): the target
+  split is the same with or without them."""
+  pool = _class_index(data_cfg, labels)
+  rest = pool[~np.isin(pool, np.concatenate([train, held]))]
+  n = len(train)
+  if n > len(rest):
+    raise ValueError(f"data.role='reference' needs {n} pool images outside the {len(train)} training and "
+                     f"{len(held)} held-out images, but data.name={data_cfg.name!r} has {len(rest)} left")
+  rng = np.random.default_rng((int(data_cfg.split_seed), 1))
+  perm = rest[rng.permutation(len(rest))]
+  ref = np.sort(_round_robin(perm, labels)[:n] if data_cfg.get("balanced", True) else perm[:n])
+  strata = dup_strata(data_cfg)
+  if strata:
+    counts = strata_counts(strata, rng)
+  else:
+    n_dup, factor = int(data_cfg.num_duplicated), int(data_cfg.duplicate_factor)
+    counts = np.ones(n, np.int64)
+    counts[rng.choice(n, n_dup, replace=False)] = factor
+  return ref.astype(np.int64), counts
 
 
 def _with(data_cfg: Any, **fields: Any) -> Any:
@@ -506,7 +570,8 @@ def _two_source_split(data_cfg: Any) -> Split:
     raise ValueError(f"data.heldout_name={data_cfg.heldout_name!r} needs data.num_heldout >= 1, got {n_held}")
   source, held_source = _source(data_cfg), _heldout_source(data_cfg)
   train, _, dup = _split_index(_with(data_cfg, num_heldout=0), source.labels)
-  held, _, _ = _split_index(_with(data_cfg, num_train=n_held, num_heldout=0, num_duplicated=0),
+  no_strata = {"dup_strata": ()} if data_cfg.get("dup_strata") else {}
+  held, _, _ = _split_index(_with(data_cfg, num_train=n_held, num_heldout=0, num_duplicated=0, **no_strata),
                             held_source.labels)
   tr = _load(source, train, "training images")
   ho = _load(held_source, held, f"held-out images (data.heldout_name={data_cfg.heldout_name!r})")
@@ -581,15 +646,28 @@ def _member_split(data_cfg: Any) -> Split:
 def make_split(data_cfg: Any) -> Split:
   """Disjoint train / held-out images drawn from the pool by data.split_seed (class-balanced
   when the source has labels and data.balanced), and data.num_duplicated training images
-  planted as duplicates (dup_count = data.duplicate_factor). With data.heldout_name set, the
+  planted as duplicates (dup_count = data.duplicate_factor), or with data.dup_strata
+  ((d, n), ...) n training images with dup_count d per stratum. With data.role='reference'
+  the training images are the reference pool (reference_index) and the held-out images
+  are the target's training and held-out images together. With data.heldout_name set, the
   held-out images come from that second source; with data.member_split_path, they are the
   published split's members and non-members."""
+  role = str(data_cfg.get("role", "target"))
+  if role not in ROLES:
+    raise ValueError(f"data.role={role!r}; expected one of {ROLES}")
+  if role == "reference" and (data_cfg.get("member_split_path") or data_cfg.get("heldout_name")):
+    raise ValueError("data.role='reference' draws the reference pool from the one source data.name; "
+                     "unset data.member_split_path and data.heldout_name")
   if data_cfg.get("member_split_path"):
     return _member_split(data_cfg)
   if data_cfg.get("heldout_name"):
     return _two_source_split(data_cfg)
   source = _source(data_cfg)
   train, held, dup = _split_index(data_cfg, source.labels)
+  if role == "reference":  # train on the reference pool; "held out" = every target image
+    ref, ref_dup = reference_index(data_cfg, source.labels, train, held)
+    return Split(_load(source, ref, "reference images"),
+                 _load(source, np.sort(np.concatenate([train, held])), "target images"), ref_dup)
   tr = _load(source, train, "training images")
   ho = (_load(source, held, "held-out images") if len(held)
         else ImageSet(np.zeros((0,) + tr.shape, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)))

@@ -128,6 +128,7 @@ ADDED_FIELDS = {
     "data.heldout_name": "", "data.heldout_path": "", "model.pretrained": "",
     "data.member_split_path": "", "data.drop_ids": [], "data.augment_ids": [], "data.augment_shift": 2,
     "data.augment_noise": 0.05, "data.replace_path": "", "data.replace_sha256": "",
+    "data.dup_strata": [], "data.role": "target",
 }
 
 

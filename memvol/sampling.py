@@ -239,7 +239,7 @@ def _check_config(config: Any) -> tuple[str, ...]:
   return methods
 
 
-def _generate(config: Any, method: str, eps_fn: Any, shape: tuple[int, ...], mesh: Mesh,
+def generate(config: Any, method: str, eps_fn: Any, shape: tuple[int, ...], mesh: Mesh,
               start: int, end: int) -> dict[str, np.ndarray]:
   sp, sde = config.sample, sde_lib.from_config(config.sde)
   key, num, pad = sample_key(config), end - start, int(sp.batch_size)
@@ -285,7 +285,7 @@ def run(config: Any, workdir: str, log: Any = print) -> None:
     folder = wdir.sample_parts(workdir, method)
     parts.run_batches(
         folder, n, bs, settings,
-        lambda s, e, m=method: _generate(config, m, eps_fn, shape, mesh, s, e),
+        lambda s, e, m=method: generate(config, m, eps_fn, shape, mesh, s, e),
         root=root, desc=f"sample {method}", unit="sample",
         postfix=lambda a: {"nfe": f"{np.mean(a['nfe']):.0f}"}, log=log)
     if parallel.is_main_process():

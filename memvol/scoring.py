@@ -447,8 +447,8 @@ def _float(v: str) -> float:
 
 def read_scores(path: str, estimators: tuple[str, ...], peers: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
   """scores.csv (written by `merge`) as columns: id, split, label, dup_count (int / str
-  arrays); for each estimator E the floats E_log_volume (and E_stderr, E_prior_logp, E_logp,
-  E_nfe, E_jvps where present) and the strings E_status; for each peer p the floats peer_p and
+  arrays); for each estimator E the floats E_log_volume (and E_L_capped, E_stderr, E_prior_logp,
+  E_logp, E_nfe, E_jvps where present) and the strings E_status; for each peer p the floats peer_p and
   peer_p_nfe where present. Clear errors when missing, empty or malformed."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: score the images first with --mode=score")
@@ -468,7 +468,7 @@ def read_scores(path: str, estimators: tuple[str, ...], peers: tuple[str, ...] =
     out["label"] = np.array([int(r["label"]) for r in rows], np.int64)
     out["dup_count"] = np.array([int(r["dup_count"]) for r in rows], np.int64)
     for e in estimators:
-      for f in ("log_volume", "stderr", "prior_logp", "logp", "nfe", "jvps"):
+      for f in ("log_volume", "L_capped", "stderr", "prior_logp", "logp", "nfe", "jvps"):
         if f"{e}_{f}" in header:
           out[f"{e}_{f}"] = np.array([_float(r[f"{e}_{f}"]) for r in rows], np.float64)
   except (TypeError, ValueError) as e:

@@ -15,6 +15,9 @@ A workdir holds one experiment (one data / model / SDE config):
   detect/detect.csv          copy labels (memvol.detect: read_detect), nn.npz, copies.png
   report/                    report.md, summary.json, figures (memvol.report)
   mitigate/<regime>/<arm>/   a mitigation arm's own workdir (memvol.mitigate)
+  bench/length/, bench/seed<k>/{target,reference}/   the benchmark's sub-workdirs, with
+                             bench/length.json, bench/seed<k>/record.json, summary.json,
+                             report.md and figures (memvol.bench)
 
 Each file's reader and writer live in the module that defines its format; this module only
 names the paths, so no module builds a path of another's by hand.
@@ -151,3 +154,18 @@ def mitigate_regime(workdir: str, regime: str) -> str:
 def mitigate_arm(workdir: str, regime: str, name: str) -> str:
   """The workdir of one arm (or a regime's own baseline, name 'baseline')."""
   return os.path.join(mitigate_regime(workdir, regime), name)
+
+
+def bench_dir(workdir: str) -> str:
+  return os.path.join(workdir, "bench")
+
+
+def bench_length(workdir: str) -> str:
+  """The sub-workdir that chooses the benchmark's training length."""
+  return os.path.join(bench_dir(workdir), "length")
+
+
+def bench_seed(workdir: str, seed: int, role: str = "") -> str:
+  """bench/seed<k> (role ''), or its `target` / `reference` sub-workdir."""
+  folder = os.path.join(bench_dir(workdir), f"seed{int(seed)}")
+  return os.path.join(folder, role) if role else folder

@@ -156,7 +156,7 @@ def test_experiment_configs_use_only_known_keys(name):
     pipeline.check_keys(mod.get_config(arg), get_base_config())
 
 
-@pytest.mark.parametrize("name", ["train", "pretrained", "sampling", "scoring", "detect", "report", "mitigate"])
+@pytest.mark.parametrize("name", ["train", "pretrained", "sampling", "scoring", "detect", "report", "mitigate", "bench"])
 def test_every_stage_module_implements_the_stage_protocol(name):
   mod = importlib.import_module(f"memvol.{name}")
   assert isinstance(mod, pipeline.Stage)

@@ -164,7 +164,7 @@ def test_run_writes_samples_resumes_and_skips(tmp_path, model, monkeypatch):
   assert sampling.is_complete(cfg, ref_dir)
 
   # interrupted after 2 batches of the first method
-  real, calls, kill = sampling._generate, [], [3]
+  real, calls, kill = sampling.generate, [], [3]
 
   def flaky(*args):
     calls.append(args[-2:])
@@ -173,7 +173,7 @@ def test_run_writes_samples_resumes_and_skips(tmp_path, model, monkeypatch):
       raise Killed
     return real(*args)
 
-  monkeypatch.setattr(sampling, "_generate", flaky)
+  monkeypatch.setattr(sampling, "generate", flaky)
   with pytest.raises(Killed):
     sampling.run(cfg, dir_, log=lambda s: None)
   assert not sampling.is_complete(cfg, dir_)

@@ -35,6 +35,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.heldout_name = ""         # second source of the held-out images (a name above or cifar10_test); "" = same pool
   d.heldout_path = ""         # its npz / folder / cifar-10-batches-py path ("" = data.path)
   d.member_split_path = ""    # npz of mia_train_idxs / mia_eval_idxs (PIA, SecMI): members train, non-members held out
+  d.dup_strata = ()           # ((d, n), ...): n distinct training images each d times in the stream
+  #                             (num_train = sum n, num_duplicated 0); () = num_duplicated / duplicate_factor
+  d.role = "target"           # target | reference: train on a third pool (same strata), score every target image as held out (memvol/bench.py)
   # A mitigation arm's edits of the training stream (memvol/mitigate.py sets them per arm;
   # memvol/train.py applies them); empty = the stream as the split gives it.
   d.drop_ids = ()             # training ids left out of the stream (they stay in the split)
@@ -192,6 +195,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   mt.classifier_seed = 0      # quality: its seed
   mt.classifier_width = 32    # quality: base channels; features = the 2x-width penultimate layer
   mt.knn_k = 3                # quality: k of the k-NN precision / recall balls
+
+  # --- bench (memvol/bench.py; --mode=bench only) -------------------------------------
+  c.bench = b = ml_collections.ConfigDict()
+  b.seeds = (0, 1, 2)         # config.seed of each retrain (model init, data order, sampling); the split is fixed
+  b.length_grid = (1500, 3000)  # candidate train.num_steps; the smallest whose seed-0 model copies a share of singletons in copied_band is used
+  b.copied_band = (0.15, 0.60)  # wanted share of singletons (d = 1) copied at least once
+  b.ci_level = 0.95           # level of the Wilson copy-rate intervals
+  b.num_bootstrap = 500       # paired bootstrap resamples of a Spearman difference (per seed)
   return c
 
 

@@ -62,7 +62,7 @@ from absl import logging
 from memvol import detect, io, scoring, stats
 from memvol import workdir as wdir
 from memvol.report.claims import (ALPHA, COMPARISONS, PEER_COMPARISONS, comparison_groups, estimator_stats,
-                                  headline_claim, headline_nonfinite, window_tests)
+                                  headline_claim, headline_nonfinite, rank_correlation, window_tests)
 from memvol.report.figures import (COLORS, curves_figure, estimator_agreement_figure, overview_figure,
                                    per_class_figure, topk_figure)
 from memvol.report.markdown import Findings, render_markdown
@@ -72,7 +72,8 @@ from memvol.report.tables import NotEstimated, expected_nan, fmt, fmt_p, jsonabl
 __all__ = [  # the stage, and what other modules (mitigate, scripts, tests) use from the package
     "ALPHA", "COLORS", "COMPARISONS", "PEER_COMPARISONS", "SUCCESS_STATUS", "Findings", "NotEstimated",
     "comparison_groups", "estimator_stats", "expected_nan", "fmt", "fmt_p", "headline_nonfinite", "is_complete",
-    "jsonable", "markdown_table", "not_estimated", "peers_section", "profile_section", "render_markdown", "run",
+    "jsonable", "markdown_table", "not_estimated", "peers_section", "profile_section", "rank_correlation",
+    "render_markdown", "run",
     "settings", "stale_reason", "window_tests",
 ]
 

@@ -28,7 +28,7 @@ PEER_COMPARISONS = ("trained_vs_heldout", "memorised_vs_not", "duplicates_vs_sin
                     "memorised_vs_not_singletons")  # the comparisons of the peers tables
 
 
-def _spearman(v: np.ndarray, x: np.ndarray, what: str) -> dict[str, Any]:
+def rank_correlation(v: np.ndarray, x: np.ndarray, what: str) -> dict[str, Any]:
   """stats.spearman as {rho, p, n}, its NaN marked expected when the data cannot give it."""
   rho, p, n = stats.spearman(v, x)
   out = {"rho": rho, "p": p, "n": n}
@@ -92,7 +92,7 @@ def estimator_stats(v: np.ndarray, is_train: np.ndarray, det: dict[str, np.ndarr
                        ("spearman_copies_carlini", det["copies_carlini"], "the copy count (Carlini)"),
                        ("spearman_dup_count", det["dup_count"], "the planted duplicate count"),
                        ("spearman_min_distance", det["min_distance"], "the distance to the closest sample")):
-    out[key] = _spearman(vt, x.astype(np.float64), what)
+    out[key] = rank_correlation(vt, x.astype(np.float64), what)
   out["per_class"] = per_class_stats(v, is_train, labels, det["copies_ratio"] > 0, rc)
   return out
 
