@@ -206,6 +206,19 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def shrink_training(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `:quick` model and training settings shared by the MNIST quick variants: a 16-channel
+  UNet trained at batch 32, checkpointed every 100 steps (train.num_steps stays the caller's)."""
+  c.model.ch = 16
+  c.model.num_groups = 4
+  c.train.batch_size = 32
+  c.train.warmup_steps = 50
+  c.train.lr = 1e-3
+  c.train.ckpt_every = 100
+  c.train.log_every = 50
+  return c
+
+
 def shrink_downstream(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The `:quick` settings of the stages after training (sample, score, detect, report),
   shared by every experiment's quick variant: a few minutes on 2 CPU cores."""

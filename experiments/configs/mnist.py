@@ -21,7 +21,7 @@ Result: README.md, "Results of command 1" (rendered from docs/results/mnist.summ
 minutes with a tiny model and few steps; its numbers only need to exist and be finite.
 """
 
-from experiments.configs.base import get_base_config, shrink_downstream
+from experiments.configs.base import get_base_config, shrink_downstream, shrink_training
 
 
 def get_config(arg: str | None = None):
@@ -60,18 +60,12 @@ def get_config(arg: str | None = None):
     c.data.num_heldout = 32
     c.data.num_duplicated = 4
     c.data.duplicate_factor = 4
-    c.model.ch = 16
+    shrink_training(c)
     c.model.ch_mult = (1, 2)
     c.model.num_res_blocks_down = 1
     c.model.num_res_blocks_up = 2
     c.model.attn_resolutions = ()
-    c.model.num_groups = 4
     c.train.num_steps = 300
-    c.train.batch_size = 32
-    c.train.warmup_steps = 50
-    c.train.lr = 1e-3
-    c.train.ckpt_every = 100
-    c.train.log_every = 50
     c.train.sample_every = 0
     c.score.batch_size = 32
     c.score.num_probes = 2

@@ -39,7 +39,7 @@ entries are expected nulls (named in summary.json) and no score wins; T1, T4 and
 columns are filled (e.g. T1 AUROC hutchinson 0.77 +- 0.03, cal_hutchinson 0.92 +- 0.01).
 """
 
-from experiments.configs.base import get_base_config, shrink_downstream
+from experiments.configs.base import get_base_config, shrink_downstream, shrink_training
 
 
 def get_config(arg: str | None = None):
@@ -72,13 +72,7 @@ def get_config(arg: str | None = None):
     c.data.dup_strata = ((1, 8), (2, 4), (4, 2))
     c.data.num_train = 14
     c.data.num_heldout = 8
-    c.model.ch = 16
-    c.model.num_groups = 4
-    c.train.batch_size = 32
-    c.train.warmup_steps = 50
-    c.train.lr = 1e-3
-    c.train.ckpt_every = 100
-    c.train.log_every = 50
+    shrink_training(c)
     c.score.estimators = ("hutchinson",)
     c.score.peers = ("loss", "pia", "logp")  # compiling every peer in 4 scoring runs costs minutes
     c.score.batch_size = 48

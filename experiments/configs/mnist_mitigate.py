@@ -54,7 +54,7 @@ its numbers only need to exist and be finite): about 5 min on 2 cores (16 arms, 
 baselines, PGD).
 """
 
-from experiments.configs.base import get_base_config, shrink_downstream
+from experiments.configs.base import get_base_config, shrink_downstream, shrink_training
 
 
 def _arms(regimes, core_only=False):
@@ -118,14 +118,8 @@ def get_config(arg: str | None = None):
     c.data.num_heldout = 32
     c.data.num_duplicated = 2
     c.data.duplicate_factor = 4
-    c.model.ch = 16
-    c.model.num_groups = 4
+    shrink_training(c)
     c.train.num_steps = 200
-    c.train.batch_size = 32
-    c.train.warmup_steps = 50
-    c.train.lr = 1e-3
-    c.train.ckpt_every = 100
-    c.train.log_every = 50
     c.score.batch_size = 48
     c.score.num_probes = 2
     shrink_downstream(c)
