@@ -196,17 +196,6 @@ def test_a_killed_bench_resumes_at_the_unfinished_seed_only(tmp_path, monkeypatc
   assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.slow
-def test_quick_bench_end_to_end(tmp_path):
-  here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-  env = dict(os.environ, PYTHONPATH=here)
-  wd = str(tmp_path / "qb")
-  subprocess.run([sys.executable, "-m", "experiments.main", "--config=experiments/configs/mnist_bench.py:quick",
-                  f"--workdir={wd}", "--mode=bench"], cwd=here, env=env, check=True)
-  r = subprocess.run([sys.executable, "scripts/check_bench.py", wd], cwd=here, env=env, capture_output=True, text=True)
-  assert r.returncode == 0, r.stdout
-
-
 def test_spearman_paired_bootstrap_z():
   rng = np.random.default_rng(1)
   y = rng.integers(0, 5, 60).astype(float)
