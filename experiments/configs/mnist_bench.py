@@ -17,17 +17,18 @@ detect) and a reference model trained on the reference pool (train, score 120 im
 its own 40 and the 80 target images). Scores: hutchinson, hutchinson@rank8,
 hutchinson@rank32 (log volume and L_capped each) and the seven peers, raw and calibrated.
 
-Sizing, from measured costs on 2 CPU cores (the default UNet trains ~9.5 steps/s at batch
-64; 256 x 500 SDE steps ~90 s; scoring 144 images with Hutchinson adaptive and the peers
-~290 s on one core; the rank presets cost 8 and 32 passes per image against Hutchinson's
-~2200, BUILD.md "Cheap L"): length stage ~320 s of training + 2 x ~90 s sampling; per seed
-two trainings of 1500 steps (~160 s each) or 3000 (~320 s), ~90 s sampling and ~400-500 s of
-scoring (200 images: 80 under the target model, 120 under the reference) plus compilation:
-~18 min a seed at 1500 steps, ~60 min for the plan; ~22 min a seed and ~75 min if 3000
-steps are chosen. Which is likely: 1500 steps show each singleton ~920 times, 3000 ~1850;
-the default job (~1260 per singleton) copied 5 of 88 singletons (6 %), below the band.
-Measured runtime and result of the full plan: to be filled in after the first full run
-(report.md's leaderboard; README "Benchmark").
+Length, as measured (bench/length.json): at 1500 steps the seed-0 model copies 0 of the 24
+singletons (10 digits copied, 116 copies in 256 samples: the duplicated strata only); at
+3000 steps 8 of 24 (33 %; 24 digits, 201 copies), so every seed trains 3000 steps. The
+length stage took 45 min on 2 CPU cores shared with three other jobs (training 2012 s at
+~1.5 steps/s, the two copy counts 392 s and 348 s).
+
+Runtime of the full plan (length, then 3 seeds x a target and a reference model of 3000
+steps): not yet measured end to end. On quiet cores the parts cost ~5.5 min per training
+(9.5 steps/s), ~1.5 min per 256 x 500-step sampling and ~8-10 min of scoring per seed (80
+images under the target model, 120 under the reference, Hutchinson ~2200 passes per image
+and FLIPD 197 dominating): ~25 min a seed, ~1.5 h for the plan; on cores shared with other
+jobs it is several times that.
 
 `:quick` (the CI check, checked by scripts/check_bench.py; its numbers only need to exist
 and be finite): strata 8 / 4 / 2 digits at d = 1 / 2 / 4, 8 held-out, a tiny model, 2 seeds,
