@@ -129,6 +129,7 @@ ADDED_FIELDS = {
     "data.member_split_path": "", "data.drop_ids": [], "data.augment_ids": [], "data.augment_shift": 2,
     "data.augment_noise": 0.05, "data.replace_path": "", "data.replace_sha256": "",
     "data.dup_strata": [], "data.role": "target",
+    "options.richardson": False,  # a volume option added later: old score settings lack it
 }
 
 
@@ -144,6 +145,11 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = ""
     elif a != b:
       out.append(f"{path}: {a!r} -> {b!r}")
   return out
+
+
+def same_settings(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+  """Whether two settings records agree (config_diff finds nothing; ADDED_FIELDS honoured)."""
+  return not config_diff(old, new)
 
 
 def check_config_matches(config: Any, path: str, sections: Sequence[str], what: str) -> None:

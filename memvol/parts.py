@@ -90,7 +90,7 @@ def load_part(path: str, settings: Mapping[str, Any], root: str) -> dict[str, np
     saved = json.loads(saved_json)
   except (ValueError, KeyError) as e:
     raise CorruptPartError(f"{path} is corrupt ({e!r})") from e
-  if saved != canonical(settings):
+  if not io.same_settings(saved, canonical(settings)):
     raise _mismatch(path, saved, settings, root)
   return arrays
 

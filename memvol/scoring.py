@@ -565,7 +565,7 @@ def _refuse_overwrite(manifest: str, est: str, s: dict[str, Any], root: str) -> 
   if not os.path.exists(manifest):
     return
   saved = io.load_json(manifest).get("settings", {}).get(est)
-  if saved is not None and saved != s:
+  if saved is not None and not io.same_settings(saved, s):
     raise ValueError(
         f"{root} holds {est} scores made with other settings "
         f"({'; '.join(io.config_diff(saved, s))}); they are not overwritten. "
@@ -586,7 +586,9 @@ def _merged(workdir: str, ests: tuple[str, ...], all_settings: dict[str, Any], p
   except ValueError:
     return False
   extra = {} if pl is None else pl.manifest_extra()
-  return (manifest.get("estimators") == list(ests) and manifest.get("settings") == all_settings
+  saved = manifest.get("settings") or {}
+  same = set(saved) == set(all_settings) and all(io.same_settings(saved[k], v) for k, v in all_settings.items())
+  return (manifest.get("estimators") == list(ests) and same
           and all(manifest.get(k, [] if k == "peers" else {}) == v for k, v in extra.items()))
 
 

@@ -18,3 +18,12 @@ def test_a_field_added_later_matches_records_made_before_it(tmp_path):
   io.check_config_matches({"model": {"name": "unet", "pretrained": ""}}, path, ("model",), "w")
   with pytest.raises(ValueError, match="model.pretrained"):
     io.check_config_matches({"model": {"name": "unet", "pretrained": "/x"}}, path, ("model",), "w")
+
+
+def test_same_settings_reads_a_missing_added_option_as_its_default():
+  """A settings record made before an option existed matches the option's as-before value
+  (io.ADDED_FIELDS), and only that value."""
+  old = {"options": {"solver": "tsit5"}}
+  assert io.same_settings(old, {"options": {"solver": "tsit5", "richardson": False}})
+  assert not io.same_settings(old, {"options": {"solver": "tsit5", "richardson": True}})
+  assert not io.same_settings(old, {"options": {"solver": "heun", "richardson": False}})
