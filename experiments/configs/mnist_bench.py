@@ -15,7 +15,7 @@ model copies 15-60 % of the 24 singletons at least once is used for every seed.
 Seeds 0, 1, 2: per seed a target model (train, 256 samples x 500 steps, score 80 images,
 detect) and a reference model trained on the reference pool (train, score 120 images:
 its own 40 and the 80 target images). Scores: hutchinson, hutchinson@rank8,
-hutchinson@rank32 (log volume and L_capped each) and the seven peers, raw and calibrated.
+hutchinson@rank32, hutchinson@vol108 (log volume and L_capped each) and the seven peers, raw and calibrated.
 
 Length, as measured (bench/length.json): at 1500 steps the seed-0 model copies 0 of the 24
 singletons (10 digits copied, 116 copies in 256 samples: the duplicated strata only); at
@@ -61,7 +61,7 @@ def get_config(arg: str | None = None):
   c.sample.num_samples = 256
   c.sample.sde_steps = 500
   c.sample.methods = ("sde",)
-  c.score.estimators = ("hutchinson", "hutchinson@rank8", "hutchinson@rank32")
+  c.score.estimators = ("hutchinson", "hutchinson@rank8", "hutchinson@rank32", "hutchinson@vol108")
   c.score.agreement_subset = 0
 
   b = c.bench
