@@ -53,9 +53,10 @@ comparison with the runner-up survives at report's ALPHA. The leader is picked o
 data it is tested on, which makes that one comparison somewhat optimistic.
 
 Output: workdir/bench/summary.json (`records`: score x task x seed; `aggregates`; `tests`;
-`leaderboard`; `length`; `costs`), report.md, frontier.png (T2 AUROC and T3 Spearman
-against passes per image, log x, sd over seeds, Pareto front) and dose_response.png,
-rewritten atomically after each seed. Expected nulls are named in `not_estimated`.
+`leaderboard`, with `pareto`: the cost-accuracy front per task; `length`; `costs`),
+report.md, frontier.png (T2 AUROC and T3 Spearman against passes per image, log x, sd over
+seeds, Pareto front) and dose_response.png, rewritten atomically after each seed. Expected
+nulls are named in `not_estimated`.
 """
 
 from __future__ import annotations
@@ -508,11 +509,31 @@ def combine_or_reason(zs: list[float]) -> tuple[float, float]:
 # --- outputs -------------------------------------------------------------------------
 
 
+def is_volume(name: str) -> bool:
+  """Whether a score (raw or cal_) comes from a volume estimator rather than a peer."""
+  return not name.removeprefix("cal_").startswith("peer_")
+
+
+def pareto_fronts(names: list[str], agg: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+  """Per leaderboard task: the scores on the cost-accuracy front of the seed means (no other
+  score has fewer passes per image and a higher mean), cheapest first, and which of them are
+  volume-based."""
+  out = {}
+  for task in TASKS:
+    ok = [n for n in names if np.isfinite(agg[n][task]["mean"]) and np.isfinite(agg[n]["passes_per_image"]["mean"])]
+    x = np.array([agg[n]["passes_per_image"]["mean"] for n in ok], np.float64)
+    y = np.array([agg[n][task]["mean"] for n in ok], np.float64)
+    front = [ok[i] for i in _pareto(x, y)] if ok else []
+    out[task] = {"front": front, "volume_on_front": [n for n in front if is_volume(n)]}
+  return out
+
+
 def summarise(config: Any, records: list[dict[str, Any]], length: dict[str, Any], planned: int) -> dict[str, Any]:
   """summary.json's content (NaN / NotEstimated still in it)."""
   names = list(records[0]["score_order"])  # JSON sorts the keys of `metrics`
   agg = aggregate(records, names)
   lb = leaderboard(records, names, agg, int(config.bench.num_bootstrap), report.ALPHA)
+  lb["pareto"] = pareto_fronts(names, agg)
   flat = [{"score": n, "seed": r["seed"], "task": k, "value": r["metrics"][n].get(k)}
           for r in records for n in names for k in SCALARS]
   strata = {str(d): int(sum(np.asarray(records[0]["d"]) == d)) for d in sorted(set(records[0]["d"]))}
@@ -573,6 +594,12 @@ def render_markdown(s: dict[str, Any], figures: list[str]) -> str:
     extra = (f" (vs `{first['b']}`: z {report.fmt(first['z'], 3)}, p {report.fmt_p(first['p'])}, Holm "
              f"{report.fmt_p(first['p_holm'])})" if first else "")
     lines.append(f"- {t}: {verdict}{extra}.")
+  lines += ["", "Cost-accuracy front (no other score is cheaper in passes per image and better on the seed mean; "
+            "cheapest first):", ""]
+  for t in TASKS:
+    pf = lb["pareto"][t]
+    vol = ", ".join(f"`{n}`" for n in pf["volume_on_front"]) or "none"
+    lines.append(f"- {t}: " + (", ".join(f"`{n}`" for n in pf["front"]) or "no score") + f"; volume-based on it: {vol}.")
   lines += ["", "Spearman with the copy count within each stratum (mean ± sd over seeds):", ""]
   ds = sorted({k[len("T3_spearman_d"):] for n in s["scores"] for k in agg[n] if k.startswith("T3_spearman_d")}, key=int)
   lines += [report.markdown_table(["score"] + [f"d={d}" for d in ds],
@@ -611,7 +638,7 @@ def frontier_figure(s: dict[str, Any], path: str) -> None:
       ax.errorbar(xi, yi, yerr=ei, fmt="o" if n.startswith("cal_") else "s", capsize=3, alpha=0.8)
       ax.annotate(n, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
     if len(names):
-      f = _pareto(x, y)
+      f = [names.index(n) for n in s["leaderboard"]["pareto"][task]["front"]]
       ax.step(x[f], y[f], "k--", where="post", lw=1, label="Pareto front")
       ax.legend(fontsize=8)
     else:

@@ -1,7 +1,8 @@
 """Check a finished benchmark run (CI): every planned seed is in summary.json, every score
-has its per-seed records, aggregates, cost and leaderboard entries, every number is finite,
-every null is one summary.json names under `not_estimated` (with the reason), and
-report.md and both figures exist. Values are not judged.
+has its per-seed records, aggregates, cost and leaderboard entries, every task its
+cost-accuracy front, every number is finite, every null is one summary.json names under
+`not_estimated` (with the reason), and report.md and both figures exist. Values are not
+judged.
 
   python scripts/check_bench.py WORKDIR        # exit 0 when sound, 1 with the reason
 """
@@ -35,9 +36,10 @@ def main(workdir: str) -> int:
   lacking = [n for n in names if n not in s.get("aggregates", {})
              or "passes_per_image" not in s["aggregates"][n] or "seconds_per_image" not in s["aggregates"][n]]
   boards = s.get("leaderboard", {}).get("tasks", {})
-  if missing or lacking or sorted(boards) != sorted(TASKS):
+  fronts = s.get("leaderboard", {}).get("pareto", {})
+  if missing or lacking or sorted(boards) != sorted(TASKS) or sorted(fronts) != sorted(TASKS):
     print(f"{folder}: records missing {missing[:8]}, aggregates or cost missing for {lacking}, "
-          f"leaderboard tasks {sorted(boards)}")
+          f"leaderboard tasks {sorted(boards)}, Pareto fronts of {sorted(fronts)}")
     return 1
   bad = [(p, v) for p, v in _numbers(s) if not math.isfinite(v)]
   nulls = unexpected_nulls(s)

@@ -1,7 +1,9 @@
-"""Render the README's results tables from a workdir's summary.json (main job, mitigation).
+"""Render the README's results tables from a workdir's summary.json (main job, mitigation,
+benchmark).
 
   python scripts/render_results.py --main=runs/mnist --hardware="2 CPU cores" --write
   python scripts/render_results.py --mitigate=runs/mitigate --name=mnist_mitigate --hardware=... --write
+  python scripts/render_results.py --bench=runs/bench --write
   python scripts/render_results.py --check        # CI: the README's blocks = the committed copies
 
 --write keeps the numbers the tables need as docs/results/<name>.summary.json (a small
@@ -14,7 +16,7 @@ of the text from the line that starts with START up to the line that starts with
 included); without it a missing block is an error. --check renders every committed copy
 and exits 1 naming each README block that differs or is missing. Without --write or
 --check the rendered markdown is printed. Names: `mnist` for --main, `mnist_mitigate` for
---mitigate unless --name says otherwise.
+--mitigate, `mnist_bench` for --bench, unless --name says otherwise.
 """
 
 from __future__ import annotations
@@ -202,10 +204,65 @@ def render_mitigate(s: dict[str, Any]) -> str:
   return "\n".join(out).rstrip("\n")
 
 
+# --- the benchmark stage ---------------------------------------------------------------
+
+
+BENCH_TASKS = (("T1_auroc", "T1 AUROC"), ("T2_auroc", "T2 AUROC"), ("T3_spearman", "T3 Spearman"))  # = bench.TASKS
+BENCH_COLUMNS = BENCH_TASKS + (("T1_tpr", "T1 TPR@1%"), ("T2_tpr", "T2 TPR@1%"),
+                               ("passes_per_image", "passes / image"), ("seconds_per_image", "s / image"))
+
+
+def extract_bench(summary: dict[str, Any]) -> dict[str, Any]:
+  """The part of a benchmark summary.json the README's table uses."""
+  lb = summary["leaderboard"]
+  return {"seeds_done": summary["seeds_done"], "strata": summary["strata"], "num_samples": summary["num_samples"],
+          "chosen_steps": summary["length"]["chosen_steps"], "T2_positives": summary["T2_positives"],
+          "T2_negatives": summary["T2_negatives"], "scores": summary["scores"],
+          "aggregates": {n: {m: {k: summary["aggregates"][n][m].get(k) for k in ("mean", "sd", "n")}
+                             for m, _ in BENCH_COLUMNS} for n in summary["scores"]},
+          "num_comparisons": lb["num_comparisons"], "alpha": lb["alpha"],
+          "tasks": {t: {"winner": lb["tasks"][t]["winner"], "leader": (lb["tasks"][t]["ranking"] or [None])[0],
+                        "first": {k: (lb["tasks"][t]["comparisons"] or [{}])[0].get(k) for k in ("b", "z", "p", "p_holm")},
+                        **lb["pareto"][t]} for t, _ in BENCH_TASKS}}
+
+
+def _bench_cell(g: dict[str, Any], digits: int) -> str:
+  if g.get("mean") is None:
+    return "n/a"
+  return fmt(g["mean"], digits) + ("" if g.get("sd") is None else f" ± {fmt(g['sd'], 2)}")
+
+
+def render_bench(s: dict[str, Any]) -> str:
+  """The leaderboard (mean ± sd over seeds, winners after Holm in bold) and the verdicts."""
+  rows = []
+  for n in s["scores"]:
+    g = s["aggregates"][n]
+    cells = [_bench_cell(g[m], 4 if m == "passes_per_image" else 3) for m, _ in BENCH_COLUMNS]
+    cells = [f"**{c}**" if i < len(BENCH_TASKS) and s["tasks"][BENCH_TASKS[i][0]]["winner"] == n else c
+             for i, c in enumerate(cells)]
+    rows.append([f"`{n}`"] + cells)
+  lines = [f"Measured: seeds {s['seeds_done']}, {s['num_samples']} samples per seed, {s['chosen_steps']} training "
+           f"steps; strata (d: digits, 0 = held out) {s['strata']}; T2 positives / negatives per seed "
+           f"{s['T2_positives']} / {s['T2_negatives']}. Mean ± sd over seeds:", "",
+           table(["score"] + [name for _, name in BENCH_COLUMNS], rows), "",
+           f"{s['num_comparisons']} comparisons (each task's leader against every other score, paired on the same "
+           f"images) corrected together by Holm; a winner needs Holm p < {s['alpha']:g} against the runner-up.", ""]
+  for t, name in BENCH_TASKS:
+    k = s["tasks"][t]
+    f = k["first"]
+    vs = (f" (vs `{f['b']}`: z {fmt(f['z'], 3)}, p {fmt_p(f['p'])}, Holm {fmt_p(f['p_holm'])})" if f.get("b") else "")
+    verdict = f"**`{k['winner']}`** wins" if k["winner"] else f"no winner; leader `{k['leader']}`"
+    front = ", ".join(f"`{n}`" for n in k["front"]) or "none"
+    vol = ", ".join(f"`{n}`" for n in k["volume_on_front"]) or "none"
+    lines.append(f"- {name}: {verdict}{vs}. Cost-accuracy front: {front}; volume-based on it: {vol}.")
+  return "\n".join(lines)
+
+
 # --- README blocks --------------------------------------------------------------------
 
 
-RENDER = {"main": (extract_main, render_main), "mitigate": (extract_mitigate, render_mitigate)}
+RENDER = {"main": (extract_main, render_main), "mitigate": (extract_mitigate, render_mitigate),
+          "bench": (extract_bench, render_bench)}
 
 
 def render(copy: dict[str, Any]) -> str:
@@ -267,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--main", help="workdir of the main job (reads report/summary.json)")
   ap.add_argument("--mitigate", help="workdir of a mitigation run (reads mitigate/summary.json)")
-  ap.add_argument("--name", help="block / copy name (default: mnist, or mnist_mitigate)")
+  ap.add_argument("--bench", help="workdir of a benchmark run (reads bench/summary.json)")
+  ap.add_argument("--name", help="block / copy name (default: mnist, mnist_mitigate or mnist_bench)")
   ap.add_argument("--hardware", default="", help="the machine the run was measured on, e.g. '2 CPU cores'")
   ap.add_argument("--command", default="", help="the command that made the workdir, as the README names it")
   ap.add_argument("--write", action="store_true", help="save the copy and replace the README block")
@@ -282,11 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     if not problems:
       print("README.md: every results block agrees with docs/results/")
     return 1 if problems else 0
-  if bool(args.main) == bool(args.mitigate):
-    ap.error("give one of --main, --mitigate (or --check)")
-  kind = "main" if args.main else "mitigate"
-  path = (os.path.join(args.main, "report", "summary.json") if args.main
-          else os.path.join(args.mitigate, "mitigate", "summary.json"))
+  given = {k: v for k, v in (("main", args.main), ("mitigate", args.mitigate), ("bench", args.bench)) if v}
+  if len(given) != 1:
+    ap.error("give one of --main, --mitigate, --bench (or --check)")
+  (kind, wd), = given.items()
+  path = os.path.join(wd, {"main": "report", "mitigate": "mitigate", "bench": "bench"}[kind], "summary.json")
   with open(path) as f:
     summary = json.load(f)
   copy = {"kind": kind, **RENDER[kind][0](summary)}
@@ -297,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
   if not args.write:
     print(body)
     return 0
-  name = args.name or ("mnist" if kind == "main" else "mnist_mitigate")
+  name = args.name or {"main": "mnist", "mitigate": "mnist_mitigate", "bench": "mnist_bench"}[kind]
   text = open(README).read()
   if args.region and readme_block(text, name) is None:
     text = make_block(text, name, *args.region)

@@ -145,6 +145,22 @@ def test_choose_length_rule():
   assert bench.choose_length({1500: 0.7, 3000: 0.9}, (0.15, 0.6)) == (1500, False)
 
 
+def test_pareto_front_by_hand():
+  # passes / mean: a (1, 0.6), b (8, 0.9), c (8, 0.7: b is as cheap and better), d (100, 0.95),
+  # e (200, 0.8: d is cheaper and better), peer_f (2, 0.6: a is cheaper and as good)
+  pts = {"a": (1, 0.6), "b": (8, 0.9), "c": (8, 0.7), "d": (100, 0.95), "e": (200, 0.8), "cal_peer_f": (2, 0.6)}
+  agg = {n: {"passes_per_image": {"mean": float(x)}, **{t: {"mean": y} for t in bench.TASKS}}
+         for n, (x, y) in pts.items()}
+  agg["g"] = {"passes_per_image": {"mean": 0.5}, **{t: {"mean": math.nan} for t in bench.TASKS}}  # no value: off
+  fronts = bench.pareto_fronts(list(agg), agg)
+  assert fronts["T2_auroc"]["front"] == ["a", "b", "d"]
+  agg["a"]["T2_auroc"]["mean"] = 0.5
+  agg["peer_h"] = {"passes_per_image": {"mean": 1.0}, **{t: {"mean": 0.99} for t in bench.TASKS}}
+  fronts = bench.pareto_fronts(list(agg), agg)
+  assert fronts["T2_auroc"] == {"front": ["peer_h"], "volume_on_front": []}
+  assert bench.is_volume("cal_hutchinson@rank8_L_capped") and not bench.is_volume("cal_peer_loss")
+
+
 def _fake_record(seed, rng):
   d = np.array([1] * 10 + [2] * 4 + [0] * 6)
   c = np.where(d == 2, 3, (rng.random(20) < 0.5).astype(int)) * (d > 0)

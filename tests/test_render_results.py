@@ -91,3 +91,23 @@ def test_mitigation_tables_come_from_the_summary():
   assert (f"| score-drop-q0.1 vs random-drop-q0.1 | {r.fmt_p(t['copies']['welch_p'])} "
           f"({r.fmt_p(t['copies']['welch_p_holm'])}) |") in md
   assert "| 6 |" in md   # targeted: 8 - mean(1, 2, 3), a difference without a test
+
+
+def test_benchmark_table_comes_from_the_summary():
+  import test_bench
+  from experiments.configs import mnist_bench
+  from memvol import bench
+  r = _script()
+  rng = np.random.default_rng(0)
+  recs = [test_bench._fake_record(k, rng) for k in (0, 1, 2)]
+  length = {"chosen_steps": 100, "grid": [], "rule": "test"}
+  s = json.loads(json.dumps(report.jsonable(bench.summarise(mnist_bench.get_config("quick"), recs, length, 3), "", [], {})))
+  md = r.render({"kind": "bench", **r.extract_bench(s)})
+  g = s["aggregates"]["a"]
+  assert (f"| `a` | {r.fmt(g['T1_auroc']['mean'], 3)} ± {r.fmt(g['T1_auroc']['sd'], 2)} |") in md
+  assert f"| 5 ± 0 | {r.fmt(g['seconds_per_image']['mean'], 3)} ± 0 |" in md  # a cost the same on every seed
+  assert f"{s['leaderboard']['num_comparisons']} comparisons" in md and "seeds [0, 1, 2]" in md
+  front = s["leaderboard"]["pareto"]["T2_auroc"]["front"]
+  assert "- T2 AUROC: " in md and f"Cost-accuracy front: {', '.join(f'`{n}`' for n in front)};" in md
+  t2 = s["leaderboard"]["tasks"]["T2_auroc"]
+  assert (f"**`{t2['winner']}`** wins" if t2["winner"] else f"no winner; leader `{t2['ranking'][0]}`") in md
