@@ -23,12 +23,18 @@ singletons (10 digits copied, 116 copies in 256 samples: the duplicated strata o
 length stage took 45 min on 2 CPU cores shared with three other jobs (training 2012 s at
 ~1.5 steps/s, the two copy counts 392 s and 348 s).
 
-Runtime of the full plan (length, then 3 seeds x a target and a reference model of 3000
-steps): not yet measured end to end. On quiet cores the parts cost ~5.5 min per training
-(9.5 steps/s), ~1.5 min per 256 x 500-step sampling and ~8-10 min of scoring per seed (80
-images under the target model, 120 under the reference, Hutchinson ~2200 passes per image
-and FLIPD 197 dominating): ~25 min a seed, ~1.5 h for the plan; on cores shared with other
-jobs it is several times that.
+Runtime of the full plan, measured: 2 h 30 min wall on 2 CPU cores (07:29-09:58), with the
+seeds run as three processes at once (seed 1 and 2 in their own workdirs, their seed folders
+copied in; the final rerun only renders, 12 s) and the default main job sharing the cores.
+Each training of 3000 steps took 14-16 min alone (3.5-3.9 steps/s) and ~28 min three at once;
+scoring 80 target images 8-9 min, 120 reference images 8.5 min. One process doing the seeds in
+turn needs ~3 h.
+
+What it showed (README "Which score to use"): no score wins any task after Holm over 75
+comparisons. T1 is saturated (AUROC ~1 for nearly every raw score); T2 (8 / 14 / 13 copied
+singletons of 24 per seed) AUROC 0.715-0.735 for every volume score, 0.71 logp, 0.58 loss, sd
+~0.15 over seeds; reference calibration lowers every volume score on T2 and T3; rank8 and
+rank32 are on the cost-accuracy front, the 2,139-pass reference is not.
 
 `:quick` (the CI check, checked by scripts/check_bench.py; its numbers only need to exist
 and be finite): strata 8 / 4 / 2 digits at d = 1 / 2 / 4, 8 held-out, a tiny model, 2 seeds,
