@@ -514,13 +514,18 @@ def is_volume(name: str) -> bool:
   return not name.removeprefix("cal_").startswith("peer_")
 
 
+def with_cost_and(names: list[str], agg: dict[str, dict[str, Any]], task: str) -> list[str]:
+  """The scores whose seed means of `task` and of passes per image are both finite."""
+  return [n for n in names if np.isfinite(agg[n][task]["mean"]) and np.isfinite(agg[n]["passes_per_image"]["mean"])]
+
+
 def pareto_fronts(names: list[str], agg: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
   """Per leaderboard task: the scores on the cost-accuracy front of the seed means (no other
   score has fewer passes per image and a higher mean), cheapest first, and which of them are
   volume-based."""
   out = {}
   for task in TASKS:
-    ok = [n for n in names if np.isfinite(agg[n][task]["mean"]) and np.isfinite(agg[n]["passes_per_image"]["mean"])]
+    ok = with_cost_and(names, agg, task)
     x = np.array([agg[n]["passes_per_image"]["mean"] for n in ok], np.float64)
     y = np.array([agg[n][task]["mean"] for n in ok], np.float64)
     front = [ok[i] for i in _pareto(x, y)] if ok else []
@@ -630,7 +635,7 @@ def frontier_figure(s: dict[str, Any], path: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(13, 5))
   for ax, task, label in zip(axes, ("T2_auroc", "T3_spearman"),
                              ("T2 AUROC (copied vs not, singletons)", "T3 Spearman with copy count")):
-    names = [n for n in s["scores"] if np.isfinite(agg[n][task]["mean"]) and np.isfinite(agg[n]["passes_per_image"]["mean"])]
+    names = with_cost_and(s["scores"], agg, task)
     x = np.array([agg[n]["passes_per_image"]["mean"] for n in names])
     y = np.array([agg[n][task]["mean"] for n in names])
     e = np.nan_to_num(np.array([_f([agg[n][task]["sd"]])[0] for n in names]))  # no sd (one seed): no bar

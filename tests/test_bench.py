@@ -147,7 +147,7 @@ def test_choose_length_rule():
 
 def test_pareto_front_by_hand():
   # passes / mean: a (1, 0.6), b (8, 0.9), c (8, 0.7: b is as cheap and better), d (100, 0.95),
-  # e (200, 0.8: d is cheaper and better), peer_f (2, 0.6: a is cheaper and as good)
+  # e (200, 0.8: d is cheaper and better), cal_peer_f (2, 0.6: a is cheaper and as good)
   pts = {"a": (1, 0.6), "b": (8, 0.9), "c": (8, 0.7), "d": (100, 0.95), "e": (200, 0.8), "cal_peer_f": (2, 0.6)}
   agg = {n: {"passes_per_image": {"mean": float(x)}, **{t: {"mean": y} for t in bench.TASKS}}
          for n, (x, y) in pts.items()}
