@@ -552,10 +552,7 @@ def summarise(config: Any, records: list[dict[str, Any]], length: dict[str, Any]
 
 
 def _ms(g: dict[str, Any], digits: int = 3) -> str:
-  if g["mean"] is None or not np.isfinite(g["mean"]):
-    return "n/a"
-  sd = g["sd"]
-  return report.fmt(g["mean"], digits) + (f" ± {report.fmt(sd, 2)}" if sd is not None and np.isfinite(sd) else "")
+  return report.fmt_ms(g["mean"], g["sd"], g.get("n"), digits)
 
 
 def render_markdown(s: dict[str, Any], figures: list[str]) -> str:
@@ -571,7 +568,7 @@ def render_markdown(s: dict[str, Any], figures: list[str]) -> str:
            f"T2 (memorised vs not among singletons) positives / negatives per seed: "
            f"{s['T2_positives']} / {s['T2_negatives']}.", "",
            "Every score: higher = more memorised; `cal_<s>` = s under the target model minus s under the reference "
-           "model (trained the same way on a disjoint pool). Mean ± sd over seeds. Passes = network evaluations "
+           "model (trained the same way on a disjoint pool). Mean ± sd (n: seeds with a finite value). Passes = network evaluations "
            "(forward + JVP) per image; a calibrated score pays its target and its reference evaluation.", ""]
   header = ["score", "T1 AUROC", "T1 TPR", "T2 AUROC", "T2 TPR", "T3 Spearman", "passes / image", "s / image"]
   bold = {t: lb["tasks"][t]["winner"] for t in TASKS}
@@ -605,7 +602,7 @@ def render_markdown(s: dict[str, Any], figures: list[str]) -> str:
     pf = lb["pareto"][t]
     vol = ", ".join(f"`{n}`" for n in pf["volume_on_front"]) or "none"
     lines.append(f"- {t}: " + (", ".join(f"`{n}`" for n in pf["front"]) or "no score") + f"; volume-based on it: {vol}.")
-  lines += ["", "Spearman with the copy count within each stratum (mean ± sd over seeds):", ""]
+  lines += ["", "Spearman with the copy count within each stratum (mean ± sd (n) over seeds):", ""]
   ds = sorted({k[len("T3_spearman_d"):] for n in s["scores"] for k in agg[n] if k.startswith("T3_spearman_d")}, key=int)
   lines += [report.markdown_table(["score"] + [f"d={d}" for d in ds],
                           [[f"`{n}`"] + [_ms(agg[n][f"T3_spearman_d{d}"]) for d in ds] for n in s["scores"]]), ""]

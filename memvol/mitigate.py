@@ -579,12 +579,7 @@ def summarise(records: list[dict[str, Any]], baselines: dict[str, dict[str, Any]
 
 def fmt_group(g: dict[str, Any], m: str, digits: int = 3) -> str:
   """'mean ± sd (n)' of metric m in group g, n = the seeds with a finite value; '-' if none."""
-  mean, sd, n = g[m + "_mean"], g[m + "_sd"], g.get(m + "_n")
-  if mean is None or not np.isfinite(mean):
-    return "-"
-  text = f"{report.fmt(mean, digits)} ± {report.fmt(sd, 2)}" if sd is not None and np.isfinite(sd) \
-      else report.fmt(mean, digits)
-  return text + ("" if n is None else f" ({n})")
+  return report.fmt_ms(g[m + "_mean"], g[m + "_sd"], g.get(m + "_n"), digits, missing="-")
 
 
 def fmt_p_holm(c: dict[str, Any], key: str) -> str:

@@ -5,6 +5,7 @@ benchmark).
   python scripts/render_results.py --mitigate=runs/mitigate --name=mnist_mitigate --hardware=... --write
   python scripts/render_results.py --bench=runs/bench --write
   python scripts/render_results.py --check        # CI: the README's blocks = the committed copies
+  python scripts/render_results.py --refresh      # after a renderer change: re-render every block
 
 --write keeps the numbers the tables need as docs/results/<name>.summary.json (a small
 copy) and replaces the README's marked block
@@ -14,7 +15,8 @@ copy) and replaces the README's marked block
 with the rendered text. Where the README has no such block yet, --region START END makes one
 of the text from the line that starts with START up to the line that starts with END (not
 included); without it a missing block is an error. --check renders every committed copy
-and exits 1 naming each README block that differs or is missing. Without --write or
+and exits 1 naming each README block that differs or is missing; --refresh rewrites every
+README block from its committed copy (for a change of the renderer, not of the numbers). Without --write or
 --check the rendered markdown is printed. Names: `mnist` for --main, `mnist_mitigate` for
 --mitigate, `mnist_bench` for --bench, unless --name says otherwise.
 """
@@ -175,12 +177,15 @@ def extract_mitigate(summary: dict[str, Any]) -> dict[str, Any]:
                     for t in summary["tests"]]}
 
 
-def _mean_sd(g: dict[str, Any], m: str) -> str:
-  mean, sd, n = g.get(f"{m}_mean"), g.get(f"{m}_sd"), g.get(f"{m}_n")
+def mean_sd_n(mean: Any, sd: Any, n: Any, digits: int = 3, missing: str = "n/a") -> str:
+  """'mean ± sd (n)' as memvol.report.fmt_ms prints it."""
   if mean is None:
-    return "-"
-  text = f"{fmt(mean, 3)} ± {fmt(sd, 2)}" if sd is not None else fmt(mean, 3)
-  return text + ("" if n is None else f" ({n})")
+    return missing
+  return fmt(mean, digits) + ("" if sd is None else f" ± {fmt(sd, 2)}") + ("" if n is None else f" ({n})")
+
+
+def _mean_sd(g: dict[str, Any], m: str) -> str:
+  return mean_sd_n(g.get(f"{m}_mean"), g.get(f"{m}_sd"), g.get(f"{m}_n"), missing="-")
 
 
 def render_mitigate(s: dict[str, Any]) -> str:
@@ -227,9 +232,7 @@ def extract_bench(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bench_cell(g: dict[str, Any], digits: int) -> str:
-  if g.get("mean") is None:
-    return "n/a"
-  return fmt(g["mean"], digits) + ("" if g.get("sd") is None else f" ± {fmt(g['sd'], 2)}")
+  return mean_sd_n(g.get("mean"), g.get("sd"), g.get("n"), digits)
 
 
 def render_bench(s: dict[str, Any]) -> str:
@@ -243,7 +246,7 @@ def render_bench(s: dict[str, Any]) -> str:
     rows.append([f"`{n}`"] + cells)
   lines = [f"Measured: seeds {s['seeds_done']}, {s['num_samples']} samples per seed, {s['chosen_steps']} training "
            f"steps; strata (d: digits, 0 = held out) {s['strata']}; T2 positives / negatives per seed "
-           f"{s['T2_positives']} / {s['T2_negatives']}. Mean ± sd over seeds:", "",
+           f"{s['T2_positives']} / {s['T2_negatives']}. Mean ± sd (n: seeds with a finite value):", "",
            table(["score"] + [name for _, name in BENCH_COLUMNS], rows), "",
            f"{s['num_comparisons']} comparisons (each task's leader against every other score, paired on the same "
            f"images) corrected together by Holm; a winner needs Holm p < {s['alpha']:g} against the runner-up.", ""]
@@ -320,6 +323,13 @@ def check(readme: str = README, results: str = RESULTS) -> list[str]:
   return problems
 
 
+def _write_atomic(path: str, content: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(content)
+  os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--main", help="workdir of the main job (reads report/summary.json)")
@@ -330,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--command", default="", help="the command that made the workdir, as the README names it")
   ap.add_argument("--write", action="store_true", help="save the copy and replace the README block")
   ap.add_argument("--check", action="store_true", help="exit 1 when a README block disagrees with its copy")
+  ap.add_argument("--refresh", action="store_true", help="re-render every README block from its committed copy")
   ap.add_argument("--region", nargs=2, metavar=("START", "END"),
                   help="with --write, where the README has no block yet: make one of these lines")
   args = ap.parse_args(argv)
@@ -340,6 +351,15 @@ def main(argv: list[str] | None = None) -> int:
     if not problems:
       print("README.md: every results block agrees with docs/results/")
     return 1 if problems else 0
+  if args.refresh:
+    text = open(README).read()
+    for p in sorted(glob.glob(os.path.join(RESULTS, "*.summary.json"))):
+      name = os.path.basename(p)[: -len(".summary.json")]
+      with open(p) as f:
+        text = replace_block(text, name, render(json.load(f)))
+    _write_atomic(README, text)
+    print("README.md: every results block re-rendered from docs/results/")
+    return 0
   given = {k: v for k, v in (("main", args.main), ("mitigate", args.mitigate), ("bench", args.bench)) if v}
   if len(given) != 1:
     ap.error("give one of --main, --mitigate, --bench (or --check)")
@@ -361,12 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     text = make_block(text, name, *args.region)
   text = replace_block(text, name, body)
   os.makedirs(RESULTS, exist_ok=True)
-  for target, content in ((os.path.join(RESULTS, f"{name}.summary.json"), json.dumps(copy, indent=1, sort_keys=True) + "\n"),
-                          (README, text)):
-    tmp = target + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(content)
-    os.replace(tmp, target)
+  _write_atomic(os.path.join(RESULTS, f"{name}.summary.json"), json.dumps(copy, indent=1, sort_keys=True) + "\n")
+  _write_atomic(README, text)
   print(f"wrote {os.path.relpath(os.path.join(RESULTS, name + '.summary.json'), ROOT)} and README.md block results:{name}")
   return 0
 

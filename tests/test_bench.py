@@ -10,7 +10,7 @@ import pytest
 from scipy import stats as sps
 
 from experiments.configs import mnist_bench
-from memvol import bench, data, io, stats
+from memvol import bench, data, io, report, stats
 from memvol import workdir as wdir
 
 STRATA = ((1, 12), (2, 4), (4, 2), (8, 1))
@@ -232,3 +232,16 @@ def test_bench_refuses_a_config_without_strata():
   c.data.dup_strata, c.data.num_train = ((2, 4), (4, 2)), 0
   with pytest.raises(ValueError, match="singletons"):
     bench.check_config(c)
+
+
+def test_benchmark_tables_count_the_seeds_behind_each_mean():
+  rng = np.random.default_rng(1)
+  recs = [_fake_record(k, rng) for k in (0, 1, 2)]
+  recs[1]["metrics"]["b"]["T1_auroc"] = float("nan")
+  length = {"chosen_steps": 100, "grid": [], "rule": "test"}
+  s = bench.summarise(mnist_bench.get_config("quick"), recs, length, 3)
+  md = bench.render_markdown(s, [])
+  b = np.array([recs[k]["metrics"]["b"]["T1_auroc"] for k in (0, 2)])
+  assert s["aggregates"]["b"]["T1_auroc"]["n"] == 2
+  assert f"| `b` | {report.fmt(float(b.mean()), 3)} ± {report.fmt(float(b.std(ddof=1)), 2)} (2) |" in md
+  assert "| 5 ± 0 (3) |" in md  # a's passes per image, the same on every seed

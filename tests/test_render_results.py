@@ -100,14 +100,24 @@ def test_benchmark_table_comes_from_the_summary():
   r = _script()
   rng = np.random.default_rng(0)
   recs = [test_bench._fake_record(k, rng) for k in (0, 1, 2)]
+  recs[2]["metrics"]["a"]["T2_auroc"] = float("nan")  # a seed without a finite value: n = 2 in that cell
   length = {"chosen_steps": 100, "grid": [], "rule": "test"}
   s = json.loads(json.dumps(report.jsonable(bench.summarise(mnist_bench.get_config("quick"), recs, length, 3), "", [], {})))
   md = r.render({"kind": "bench", **r.extract_bench(s)})
   g = s["aggregates"]["a"]
-  assert (f"| `a` | {r.fmt(g['T1_auroc']['mean'], 3)} ± {r.fmt(g['T1_auroc']['sd'], 2)} |") in md
-  assert f"| 5 ± 0 | {r.fmt(g['seconds_per_image']['mean'], 3)} ± 0 |" in md  # a cost the same on every seed
+  t2 = np.array([rec["metrics"]["a"]["T2_auroc"] for rec in recs[:2]])
+  assert (f"| `a` | {r.fmt(g['T1_auroc']['mean'], 3)} ± {r.fmt(g['T1_auroc']['sd'], 2)} (3) | "
+          f"{r.fmt(float(t2.mean()), 3)} ± {r.fmt(float(t2.std(ddof=1)), 2)} (2) |") in md
+  assert f"| 5 ± 0 (3) | {r.fmt(g['seconds_per_image']['mean'], 3)} ± 0 (3) |" in md  # a cost the same on every seed
   assert f"{s['leaderboard']['num_comparisons']} comparisons" in md and "seeds [0, 1, 2]" in md
   front = s["leaderboard"]["pareto"]["T2_auroc"]["front"]
   assert "- T2 AUROC: " in md and f"Cost-accuracy front: {', '.join(f'`{n}`' for n in front)};" in md
   t2 = s["leaderboard"]["tasks"]["T2_auroc"]
   assert (f"**`{t2['winner']}`** wins" if t2["winner"] else f"no winner; leader `{t2['ranking'][0]}`") in md
+
+
+def test_mean_sd_cells_print_as_the_report_prints_them():
+  r = _script()
+  for mean, sd, n in ((0.7321, 0.1534, 3), (5.0, 0.0, 3), (0.5, None, 1), (None, None, 0)):
+    assert r.mean_sd_n(mean, sd, n) == report.fmt_ms(mean if mean is not None else float("nan"),
+                                                     sd if sd is not None else float("nan"), n)

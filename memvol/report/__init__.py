@@ -68,10 +68,10 @@ from memvol.report.figures import (COLORS, curves_figure, estimator_agreement_fi
 from memvol.report.markdown import Findings, render_markdown
 from memvol.report.peers import peers_section
 from memvol.report.profile import profile_section
-from memvol.report.tables import NotEstimated, expected_nan, fmt, fmt_p, jsonable, markdown_table, not_estimated
+from memvol.report.tables import NotEstimated, expected_nan, fmt, fmt_ms, fmt_p, jsonable, markdown_table, not_estimated
 __all__ = [  # the stage, and what other modules (mitigate, scripts, tests) use from the package
     "ALPHA", "COLORS", "COMPARISONS", "PEER_COMPARISONS", "SUCCESS_STATUS", "Findings", "NotEstimated",
-    "comparison_groups", "estimator_stats", "expected_nan", "fmt", "fmt_p", "headline_nonfinite", "is_complete",
+    "comparison_groups", "estimator_stats", "expected_nan", "fmt", "fmt_ms", "fmt_p", "headline_nonfinite", "is_complete",
     "jsonable", "markdown_table", "not_estimated", "peers_section", "profile_section", "rank_correlation",
     "render_markdown", "run",
     "settings", "stale_reason", "window_tests",

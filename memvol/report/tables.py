@@ -68,6 +68,15 @@ def fmt(x: Any, digits: int = 4) -> str:
   return f"{x:.{digits}g}"
 
 
+def fmt_ms(mean: Any, sd: Any, n: Any, digits: int = 3, missing: str = "n/a") -> str:
+  """'mean ± sd (n)', n = the finite values behind it; the sd is left out where it is not
+  finite (one value), the whole cell is `missing` where the mean is."""
+  if mean is None or not math.isfinite(mean):
+    return missing
+  text = fmt(mean, digits) + (f" ± {fmt(sd, 2)}" if sd is not None and math.isfinite(sd) else "")
+  return text + ("" if n is None else f" ({int(n)})")
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(r) + " |" for r in rows]
