@@ -301,16 +301,21 @@ def make_block(text: str, name: str, start: str, end: str) -> str:
   return "\n".join(lines[:i] + [f"<!-- results:{name} -->", f"<!-- /results:{name} -->", ""] + lines[j:])
 
 
+def rendered_copies(results: str = RESULTS) -> dict[str, tuple[str, str]]:
+  """{name: (path, rendered text)} of every committed copy docs/results/<name>.summary.json."""
+  out = {}
+  for p in sorted(glob.glob(os.path.join(results, "*.summary.json"))):
+    with open(p) as f:
+      out[os.path.basename(p)[: -len(".summary.json")]] = (p, render(json.load(f)))
+  return out
+
+
 def check(readme: str = README, results: str = RESULTS) -> list[str]:
   """Why the README's blocks disagree with the committed copies ([] when they agree)."""
   text = open(readme).read()
   problems = []
-  copies = sorted(glob.glob(os.path.join(results, "*.summary.json")))
-  names = {os.path.basename(p)[: -len(".summary.json")] for p in copies}
-  for p in copies:
-    name = os.path.basename(p)[: -len(".summary.json")]
-    with open(p) as f:
-      body = render(json.load(f))
+  copies = rendered_copies(results)
+  for name, (p, body) in copies.items():
     got = readme_block(text, name)
     if got is None:
       problems.append(f"README.md has no block results:{name} for {os.path.relpath(p, ROOT)}")
@@ -318,7 +323,7 @@ def check(readme: str = README, results: str = RESULTS) -> list[str]:
       problems.append(f"README.md block results:{name} differs from the rendering of {os.path.relpath(p, ROOT)}; "
                       f"run python scripts/render_results.py --write ...")
   for name in re.findall(r"<!-- results:([\w.-]+) -->", text):
-    if name not in names:
+    if name not in copies:
       problems.append(f"README.md block results:{name} has no committed copy docs/results/{name}.summary.json")
   return problems
 
@@ -353,10 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if problems else 0
   if args.refresh:
     text = open(README).read()
-    for p in sorted(glob.glob(os.path.join(RESULTS, "*.summary.json"))):
-      name = os.path.basename(p)[: -len(".summary.json")]
-      with open(p) as f:
-        text = replace_block(text, name, render(json.load(f)))
+    for name, (_, body) in rendered_copies().items():
+      text = replace_block(text, name, body)
     _write_atomic(README, text)
     print("README.md: every results block re-rendered from docs/results/")
     return 0
