@@ -24,7 +24,9 @@ augmentation of the selected images), `perturb` (x + delta by PGD on the image's
 perturb.py).
 
 An arm whose arm.json exists is done; a killed run redoes only the unfinished arm (its
-stages resume inside). Per arm: copies (samples that copy a training image, ratio
+stages resume inside). mitigate.adopt names a summary.json made elsewhere (another machine,
+or the committed copy of an unfinished plan): an arm it holds for the same baseline,
+selection and settings is taken from it instead of retrained. Per arm: copies (samples that copy a training image, ratio
 criterion), copied_images (distinct training images copied), both split into selected /
 unselected, sample quality against the held-out images (quality.py), the final training
 loss, and for `perturb` L of the selected images under the retrained model. Output:
@@ -264,34 +266,36 @@ def _detect_table(workdir: str) -> dict[str, np.ndarray]:
   return detect.read_detect(wdir.detect_csv(workdir))
 
 
-def copy_counts(workdir: str, selected: np.ndarray) -> dict[str, int]:
+def copy_counts(workdir: str, selected: np.ndarray) -> dict[str, Any]:
   """copies (samples copying any training image), copied_images (distinct images copied),
-  each split into selected / unselected ids, and Carlini's copies, from detect.csv."""
+  each split into selected / unselected ids, Carlini's copies, and copies_by_id ({id: copies}
+  of every copied training image, ids as strings), from detect.csv."""
   d = _detect_table(workdir)
   sel = np.isin(d["id"], selected)
   c = d["copies_ratio"]
   return {"copies": int(c.sum()), "copied_images": int((c > 0).sum()),
           "copies_selected": int(c[sel].sum()), "copies_unselected": int(c[~sel].sum()),
           "copied_selected": int((c[sel] > 0).sum()), "copied_unselected": int((c[~sel] > 0).sum()),
-          "copies_carlini": int(d["copies_carlini"].sum())}
+          "copies_carlini": int(d["copies_carlini"].sum()),
+          "copies_by_id": {str(int(i)): int(n) for i, n in zip(d["id"], c) if n > 0}}
 
 
-def with_targeted(workdir: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def with_targeted(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
   """The records, each with `targeted`: the copies its regime's `none` arms made of the
-  arm's selected images (mean over those arms; NaN for `none` itself or without `none`
-  arms): how much copying a selection aims at, before any modification."""
-  tables: dict[str, list[dict[str, np.ndarray]]] = {}
+  arm's selected images (mean over those arms, from their copies_by_id; NaN for `none`
+  itself or without `none` arms): how much copying a selection aims at, before any
+  modification. Records only, so arms gathered from elsewhere count like local ones."""
+  none: dict[str, list[dict[str, int]]] = {}
   for r in records:
     if r["selection"] == "none":
-      none = Arm(r["regime"], "none", "", 0.0, int(r["seed"]))
-      tables.setdefault(r["regime"], []).append(_detect_table(arm_dir(workdir, none)))
+      none.setdefault(r["regime"], []).append(r["copies_by_id"])
   out = []
   for r in records:
-    ts = tables.get(r["regime"], [])
+    counts = none.get(r["regime"], [])
     val = report.not_estimated("a none arm selects nothing" if r["selection"] == "none"
                                else "the regime has no none arm")
-    if r["selection"] != "none" and ts:
-      val = float(np.mean([t["copies_ratio"][np.isin(t["id"], r["selected_ids"])].sum() for t in ts]))
+    if r["selection"] != "none" and counts:
+      val = float(np.mean([sum(c.get(str(int(i)), 0) for i in r["selected_ids"]) for c in counts]))
     out.append({**r, "targeted": val})
   return out
 
@@ -421,15 +425,64 @@ def _perturbed(reg: _Regime, arm: Arm, ids: np.ndarray, log: Callable[[str], Non
   return os.path.abspath(path), io.file_sha256(path), io.load_npz(path)
 
 
-def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None]) -> dict[str, Any]:
-  """Run (or resume) one arm; its record, also written to <arm dir>/arm.json."""
+def _check_selection(rec: dict[str, Any], ids: np.ndarray, where: str, reg: _Regime) -> None:
+  if list(rec["selected_ids"]) != ids.tolist():
+    raise ValueError(f"{where}: the arm selected {rec['selected_ids']} but the baseline in {reg.dir} now "
+                     f"selects {ids.tolist()}: the baseline changed since the arm ran")
+
+
+def load_adoptable(path: str) -> dict[str, Any]:
+  """A mitigation summary.json (this stage's output, or its committed copy) as a source of
+  finished arms: {'path', 'baselines': {regime: record}, 'arms': {(regime, arm name): record}}."""
+  s = io.load_json(path)
+  if not isinstance(s, dict) or not isinstance(s.get("arms"), list) or not isinstance(s.get("baselines"), dict):
+    raise ValueError(f"mitigate.adopt={path!r} is not a mitigation summary.json (no 'arms' list and 'baselines')")
+  return {"path": path, "baselines": s["baselines"], "arms": {(r["regime"], r["arm"]): r for r in s["arms"]}}
+
+
+def adopt_arm(source: dict[str, Any], reg: _Regime, arm: Arm, cfg: Any, ids: np.ndarray) -> dict[str, Any]:
+  """The record of `arm` from `source` (load_adoptable), checked to be this arm of this
+  baseline: the same copied baseline images, selection and training / sampling settings
+  (ValueError naming what differs). An arm run elsewhere then counts as done here."""
+  rec = source["arms"][(arm.regime, arm.name)]
+  where = f"mitigate.adopt={source['path']}, arm {arm.regime}/{arm.name}"
+  base = source["baselines"].get(arm.regime) or {}
+  if base.get("copied_ids") != reg.copied.tolist() or base.get("num_train") != len(reg.train_ids):
+    raise ValueError(f"{where}: its baseline copied {base.get('copied_ids')} of {base.get('num_train')} images, "
+                     f"the baseline in {reg.dir} {reg.copied.tolist()} of {len(reg.train_ids)}: not the same baseline")
+  _check_selection(rec, ids, where, reg)
+  want = {"num_samples": int(cfg.sample.num_samples), "sde_steps": int(cfg.sample.sde_steps),
+          "train_steps": int(cfg.train.num_steps)}
+  differ = {k: (rec.get(k), v) for k, v in want.items() if rec.get(k) != v}
+  if differ or "copies_by_id" not in rec:
+    raise ValueError(f"{where}: settings differ from this config's (record, config): {differ}"
+                     if differ else f"{where}: the record has no copies_by_id (made by an older memvol)")
+  return {k: v for k, v in rec.items() if k != "targeted"} | {"adopted_from": os.path.abspath(source["path"])}
+
+
+def run_arm(reg: _Regime, arm: Arm, workdir: str, log: Callable[[str], None],
+            adopt: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Run (or resume) one arm, or take it from `adopt` (load_adoptable) where that has it;
+  its record, also written to <arm dir>/arm.json."""
   folder = arm_dir(workdir, arm)
   path = os.path.join(folder, "arm.json")
-  if os.path.exists(path):
-    return io.load_json(path)
   start = time.perf_counter()
   sel = selection(reg, arm)
   ids = sel["ids"]
+  if os.path.exists(path):
+    rec = io.load_json(path)
+    if "copies_by_id" not in rec:  # a record made before records kept the copies of each image
+      rec["copies_by_id"] = copy_counts(folder, ids)["copies_by_id"]
+      io.save_json(path, rec)
+    _check_selection(rec, ids, path, reg)
+    return rec
+  if adopt is not None and (arm.regime, arm.name) in adopt["arms"]:
+    # the PGD file is not needed to read the arm's settings
+    cfg = arm_config(reg.config, arm, ids, ("", "") if arm.modification == "perturb" else None, reg.split)
+    rec = adopt_arm(adopt, reg, arm, cfg, ids)
+    io.save_json(path, rec)
+    log(f"[memvol] mitigate {reg.name}: {arm.name} adopted from {adopt['path']}: {rec['copies']} copies")
+    return rec
   if arm.selection != "none" and len(ids) == 0:
     log(f"[memvol] mitigate {reg.name}: {arm.name} selects no image (the baseline copied none); "
         "it is the same as `none`")
@@ -479,15 +532,16 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[s
   arms = parse_arms(config.mitigate)
   for regime in dict.fromkeys(a.regime for a in arms):
     check_score_column(regime_config(config, regime))
+  adopt = load_adoptable(str(config.mitigate.adopt)) if config.mitigate.get("adopt") else None
   regimes: dict[str, _Regime] = {}
   baselines: dict[str, dict[str, Any]] = {}
   records = []
   for arm in arms:
     if arm.regime not in regimes:
       regimes[arm.regime] = _Regime(config, workdir, arm.regime, log)
-    records.append(run_arm(regimes[arm.regime], arm, workdir, log))
+    records.append(run_arm(regimes[arm.regime], arm, workdir, log, adopt))
     baselines[arm.regime] = regimes[arm.regime].record(log)
-    summary = summarise(with_targeted(workdir, records), baselines) | {"num_arms_planned": len(arms)}
+    summary = summarise(with_targeted(records), baselines) | {"num_arms_planned": len(arms)}
     write_outputs(summary, wdir.mitigate_dir(workdir), log)
   return summary
 

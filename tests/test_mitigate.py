@@ -3,6 +3,7 @@ replace), separate workdirs per arm, arm-by-arm resume, statistics and the outpu
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -348,22 +349,58 @@ def test_mitigation_summary_names_expected_nulls_and_check_fails_on_others(tmp_p
   assert check.main(str(tmp_path)) == 1 and "tests[0].copies.welch_p" in capsys.readouterr().out
 
 
+def _detect_csv(folder, ids, copies):
+  os.makedirs(folder, exist_ok=True)
+  io.save_csv(os.path.join(folder, "detect.csv"),
+              [{**dict.fromkeys(detect.DETECT_COLUMNS, 0), "id": i, "copies_ratio": c, "min_distance": 0.5}
+               for i, c in zip(ids, copies)])
+
+
 def test_targeted_counts_the_none_arms_copies_of_the_selection(tmp_path):
-  wd = str(tmp_path)
+  recs = []
   for seed, copies in ((1, (3, 0, 1, 0)), (2, (5, 2, 0, 0))):
-    folder = os.path.join(mitigate.arm_dir(wd, mitigate.Arm("r", "none", "", 0.0, seed)), "detect")
-    os.makedirs(folder)
-    io.save_csv(os.path.join(folder, "detect.csv"),
-                [{**dict.fromkeys(detect.DETECT_COLUMNS, 0), "id": i, "copies_ratio": c, "min_distance": 0.5}
-                 for i, c in zip((10, 11, 12, 13), copies)])
-  recs = [{"regime": "r", "selection": "none", "seed": s, "selected_ids": []} for s in (1, 2)]
+    folder = mitigate.arm_dir(str(tmp_path), mitigate.Arm("r", "none", "", 0.0, seed))
+    _detect_csv(os.path.join(folder, "detect"), (10, 11, 12, 13), copies)
+    recs.append({"regime": "r", "selection": "none", "seed": seed, "selected_ids": [],
+                 **mitigate.copy_counts(folder, np.zeros(0))})
+  assert recs[0]["copies_by_id"] == {"10": 3, "12": 1} and recs[1]["copies_by_id"] == {"10": 5, "11": 2}
   recs += [{"regime": "r", "selection": "score", "seed": 1, "selected_ids": [10, 12]},
            {"regime": "r", "selection": "random", "seed": 2, "selected_ids": [13]},
            {"regime": "q", "selection": "score", "seed": 1, "selected_ids": [10]}]   # no none arms
-  out = mitigate.with_targeted(wd, recs)
+  out = mitigate.with_targeted(recs)
   assert out[2]["targeted"] == 4.5 and out[3]["targeted"] == 0.0   # (3 + 1 + 5 + 0) / 2
   assert np.isnan(out[0]["targeted"]) and np.isnan(out[4]["targeted"])
   assert "targeted" not in recs[2]   # the records themselves are left alone
+
+
+def _adopt_case(tmp_path, **rec_kw):
+  """A fake baseline (copied ids 3, 5 of 8) and a source summary holding one score arm."""
+  import types
+  reg = types.SimpleNamespace(name="r", dir="/base", copied=np.array([3, 5]), train_ids=np.arange(8))
+  arm = mitigate.Arm("r", "score", "drop", 0.25, 1)
+  cfg = ml_collections.ConfigDict({"sample": {"num_samples": 16, "sde_steps": 20}, "train": {"num_steps": 12}})
+  rec = {"regime": "r", "arm": arm.name, "selection": "score", "selected_ids": [3, 5], "num_samples": 16,
+         "sde_steps": 20, "train_steps": 12, "copies": 4, "copies_by_id": {"3": 4}, "targeted": 6.0, **rec_kw}
+  path = str(tmp_path / "summary.json")
+  io.save_json(path, {"arms": [rec], "baselines": {"r": {"copied_ids": [3, 5], "num_train": 8}}})
+  return mitigate.load_adoptable(path), reg, arm, cfg
+
+
+def test_adopted_arm_must_be_the_same_arm_of_the_same_baseline(tmp_path):
+  source, reg, arm, cfg = _adopt_case(tmp_path)
+  rec = mitigate.adopt_arm(source, reg, arm, cfg, np.array([3, 5]))
+  assert rec["copies"] == 4 and "targeted" not in rec and rec["adopted_from"].endswith("summary.json")
+  with pytest.raises(ValueError, match=r"now selects \[3, 6\]"):
+    mitigate.adopt_arm(source, reg, arm, cfg, np.array([3, 6]))
+  reg.copied = np.array([3])
+  with pytest.raises(ValueError, match="not the same baseline"):
+    mitigate.adopt_arm(source, reg, arm, cfg, np.array([3, 5]))
+  source, reg, arm, cfg = _adopt_case(tmp_path, train_steps=6)
+  with pytest.raises(ValueError, match=r"settings differ.*'train_steps': \(6, 12\)"):
+    mitigate.adopt_arm(source, reg, arm, cfg, np.array([3, 5]))
+  io.save_json(str(tmp_path / "bad.json"), {"groups": []})
+  with pytest.raises(ValueError, match="not a mitigation summary.json"):
+    mitigate.load_adoptable(str(tmp_path / "bad.json"))
 
 
 # --- the stage end to end, and resume ------------------------------------------------
@@ -432,3 +469,15 @@ def test_stage_end_to_end_and_resume_arm_by_arm(tmp_path):
   others = {p for p in changed if not p.startswith(victim)}
   assert all(os.path.dirname(p) == root for p in others), sorted(others)  # only the summary files
   assert not any("checkpoints" in p for p in changed)  # nothing retrained
+
+  # Another workdir adopts every finished arm from this summary: only the baselines run there.
+  c2 = copy.deepcopy(c)
+  c2.mitigate.adopt = os.path.join(root, "summary.json")
+  wd2 = str(tmp_path / "w2")
+  pipeline.run(c2, wd2, "mitigate")
+  s2 = io.load_json(os.path.join(wd2, "mitigate", "summary.json"))
+  summary = io.load_json(os.path.join(root, "summary.json"))
+  assert [a.pop("adopted_from") for a in s2["arms"]] == [c2.mitigate.adopt] * 6
+  assert s2["arms"] == summary["arms"] and s2["tests"] == summary["tests"]
+  assert not any(os.path.exists(os.path.join(wd2, "mitigate", a["regime"], a["arm"], "checkpoints"))
+                 for a in s2["arms"])
