@@ -24,12 +24,13 @@ augmentation of the selected images), `perturb` (x + delta by PGD on the image's
 perturb.py).
 
 An arm whose arm.json exists is done; a killed run redoes only the unfinished arm (its
-stages resume inside). mitigate.adopt names a summary.json made elsewhere (another machine,
-or the committed copy of an unfinished plan): an arm it holds for the same baseline,
-selection and settings is taken from it instead of retrained. Per arm: copies (samples that copy a training image, ratio
-criterion), copied_images (distinct training images copied), both split into selected /
-unselected, sample quality against the held-out images (quality.py), the final training
-loss, and for `perturb` L of the selected images under the retrained model. Output:
+stages resume inside). mitigate.adopt names the arm records of a run made elsewhere (its
+summary.json, or a committed docs/results/<name>.records.json): an arm they hold for the
+same baseline, selection and settings is taken from them instead of retrained. Per arm:
+copies (samples that copy a training image, ratio criterion), copied_images (distinct
+training images copied), both split into selected / unselected, copies_by_id, sample
+quality against the held-out images (quality.py), the final training loss, and for
+`perturb` L of the selected images under the retrained model. Output:
 workdir/mitigate/summary.json (`arms`: one entry per arm and seed; `groups`: mean and sd
 over seeds; `tests`: score vs random at equal k, Welch and Mann-Whitney over seeds, and
 every group against the spread of `none`; p-values raw and Holm-adjusted over all tests of
@@ -432,11 +433,12 @@ def _check_selection(rec: dict[str, Any], ids: np.ndarray, where: str, reg: _Reg
 
 
 def load_adoptable(path: str) -> dict[str, Any]:
-  """A mitigation summary.json (this stage's output, or its committed copy) as a source of
-  finished arms: {'path', 'baselines': {regime: record}, 'arms': {(regime, arm name): record}}."""
+  """Arm records to adopt, from a mitigation summary.json or a committed <name>.records.json
+  (both hold 'baselines' and 'arms'): {'path', 'baselines': {regime: record},
+  'arms': {(regime, arm name): record}}."""
   s = io.load_json(path)
   if not isinstance(s, dict) or not isinstance(s.get("arms"), list) or not isinstance(s.get("baselines"), dict):
-    raise ValueError(f"mitigate.adopt={path!r} is not a mitigation summary.json (no 'arms' list and 'baselines')")
+    raise ValueError(f"mitigate.adopt={path!r} holds no mitigation arm records (no 'arms' list and 'baselines')")
   return {"path": path, "baselines": s["baselines"], "arms": {(r["regime"], r["arm"]): r for r in s["arms"]}}
 
 

@@ -399,7 +399,7 @@ def test_adopted_arm_must_be_the_same_arm_of_the_same_baseline(tmp_path):
   with pytest.raises(ValueError, match=r"settings differ.*'train_steps': \(6, 12\)"):
     mitigate.adopt_arm(source, reg, arm, cfg, np.array([3, 5]))
   io.save_json(str(tmp_path / "bad.json"), {"groups": []})
-  with pytest.raises(ValueError, match="not a mitigation summary.json"):
+  with pytest.raises(ValueError, match="holds no mitigation arm records"):
     mitigate.load_adoptable(str(tmp_path / "bad.json"))
 
 
