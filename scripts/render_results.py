@@ -8,7 +8,9 @@ benchmark).
   python scripts/render_results.py --refresh      # after a renderer change: re-render every block
 
 --write keeps the numbers the tables need as docs/results/<name>.summary.json (a small
-copy) and replaces the README's marked block
+copy) and replaces the README's marked block; for a mitigation run it also keeps the arms'
+own records as docs/results/<name>.records.json (the baselines and one record per arm, from
+which the tests recompute every committed figure, and which `mitigate.adopt` can take)
 
   <!-- results:<name> -->  ...  <!-- /results:<name> -->
 
@@ -385,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
   text = replace_block(text, name, body)
   os.makedirs(RESULTS, exist_ok=True)
   _write_atomic(os.path.join(RESULTS, f"{name}.summary.json"), json.dumps(copy, indent=1, sort_keys=True) + "\n")
+  if kind == "mitigate":
+    records = {"baselines": summary["baselines"], "arms": summary["arms"]}
+    _write_atomic(os.path.join(RESULTS, f"{name}.records.json"), json.dumps(records, indent=1, sort_keys=True) + "\n")
   _write_atomic(README, text)
   print(f"wrote {os.path.relpath(os.path.join(RESULTS, name + '.summary.json'), ROOT)} and README.md block results:{name}")
   return 0

@@ -38,15 +38,16 @@ copied x drop (the oracle, k = the baseline's copied count). 24 arms per regime.
 `:core` plans the first three only; a comma list with a regime name (`:core,natural`)
 keeps that regime's arms.
 
-Runtime on 2 CPU cores, measured for the full plan (one run, the two shards
-above side by side, one core each): a baseline 11-12 min (train 1500 steps ~300 s, sample
-256 x 500 steps ~90 s, score 144 images with the peers ~290 s); an arm ~4.5 min (train
-~230 s at 6.5 steps/s, sample 256 x 250 steps ~40 s, detect 1 s, quality a few s; the
-first arm of a regime also trains the feature classifier, ~1.5 min); `drop_epochs` ~3 min
-(fewer steps); a `perturb` arm ~5-7 min (PGD on its 4-5 images and their L before /
-after / retrained, by the scoring estimator). Whole plan: about 2.5 h as two shards (each
-24 arms + a baseline, a few restarts included), about 3.5 h as one process using both cores
-(extrapolated from the 1.36x of the two shards).
+Runtime on 2 CPU cores (Intel Xeon), one single-threaded process per core, measured for the
+natural regime's 24 arms: its baseline 13 min (train 1500 steps 312 s at 4.8 steps/s, sample
+256 x 500 steps 108 s, score 144 images with the peers 367 s; the planted baseline scores in
+530 s); an arm 5.7-6.5 min (train ~310 s, sample 256 x 250 steps ~56 s, detect 1 s, quality a
+few s); the first arm of a regime 11 min (it also trains the feature classifier); a `perturb`
+arm 6.5-9 min (PGD on its 4-5 images, ~2 min per selection, and their L before / after /
+retrained). 24 arms: 162 min of one core. Whole plan: about 3 h as the two regime shards
+above, a little less with the arms balanced over the two processes (a second workdir copied
+from the first after its baseline, its arms taken back with
+--config.mitigate.adopt=<second workdir>/mitigate/summary.json).
 Result: README.md, "Acting on the score: select, modify, retrain" (tables and tests per regime).
 
 `:quick` runs the same plan shape with a tiny model, 16 digits and 2 seeds (the CI check;
