@@ -456,9 +456,10 @@ def adopt_arm(source: dict[str, Any], reg: _Regime, arm: Arm, cfg: Any, ids: np.
   want = {"num_samples": int(cfg.sample.num_samples), "sde_steps": int(cfg.sample.sde_steps),
           "train_steps": int(cfg.train.num_steps)}
   differ = {k: (rec.get(k), v) for k, v in want.items() if rec.get(k) != v}
-  if differ or "copies_by_id" not in rec:
-    raise ValueError(f"{where}: settings differ from this config's (record, config): {differ}"
-                     if differ else f"{where}: the record has no copies_by_id (made by an older memvol)")
+  if differ:
+    raise ValueError(f"{where}: settings differ from this config's (record, config): {differ}")
+  if "copies_by_id" not in rec:
+    raise ValueError(f"{where}: the record has no copies_by_id (made by an older memvol)")
   return {k: v for k, v in rec.items() if k != "targeted"} | {"adopted_from": os.path.abspath(source["path"])}
 
 
