@@ -39,15 +39,14 @@ copied x drop (the oracle, k = the baseline's copied count). 24 arms per regime.
 keeps that regime's arms.
 
 Runtime on 2 CPU cores (Intel Xeon), one single-threaded process per core, measured for the
-natural regime's 24 arms: its baseline 13 min (train 1500 steps 312 s at 4.8 steps/s, sample
-256 x 500 steps 108 s, score 144 images with the peers 367 s; the planted baseline scores in
-530 s); an arm 5.7-6.5 min (train ~310 s, sample 256 x 250 steps ~56 s, detect 1 s, quality a
-few s); the first arm of a regime 11 min (it also trains the feature classifier); a `perturb`
-arm 6.5-9 min (PGD on its 4-5 images, ~2 min per selection, and their L before / after /
-retrained). 24 arms: 162 min of one core. Whole plan: about 3 h as the two regime shards
-above, a little less with the arms balanced over the two processes (a second workdir copied
-from the first after its baseline, its arms taken back with
---config.mitigate.adopt=<second workdir>/mitigate/summary.json).
+whole plan: the planted baseline 16 min and the natural one 13 min (train 1500 steps ~312 s at
+4.8 steps/s, sample 256 x 500 steps 108 s, score with the peers 530 s / 367 s); an arm 5.5-7 min
+(train ~310 s, sample 256 x 250 steps ~56 s, detect 1 s, quality a few s); the first arm of a
+regime 11 min (it also trains the feature classifier); a `perturb` arm 6.5-12 min (PGD on its 4-5
+images, ~2 min per selection, and their L before / after / retrained); a `drop_epochs` arm 4 min.
+48 arms: about 5.4 core-hours. Whole plan: about 3 h as the two regime shards above, or with the
+arms balanced over the two processes (a second workdir copied from the first after its baseline,
+its arms taken back with --config.mitigate.adopt=<second workdir>/mitigate/summary.json).
 Result: README.md, "Acting on the score: select, modify, retrain" (tables and tests per regime).
 
 `:quick` runs the same plan shape with a tiny model, 16 digits and 2 seeds (the CI check;
