@@ -535,7 +535,7 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[s
   arms = parse_arms(config.mitigate)
   for regime in dict.fromkeys(a.regime for a in arms):
     check_score_column(regime_config(config, regime))
-  adopt = load_adoptable(str(config.mitigate.adopt)) if config.mitigate.get("adopt") else None
+  adopt = load_adoptable(config.mitigate.adopt) if config.mitigate.adopt else None
   regimes: dict[str, _Regime] = {}
   baselines: dict[str, dict[str, Any]] = {}
   records = []

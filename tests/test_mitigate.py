@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,6 @@ def _scores_workdir(wd, values, statuses):
 def test_nonfinite_selection_scores_are_refused_or_ranked_last_and_reported(tmp_path):
   """A solve that hit max_steps (L = inf, status 1) or failed with a finite L (status 2) is
   never silently ranked last: `refuse` names the images and the setting, `last` reports them."""
-  import types
   wd = str(tmp_path)
   c = get_base_config()
   c.score.estimators = ("hutchinson",)
@@ -375,7 +375,6 @@ def test_targeted_counts_the_none_arms_copies_of_the_selection(tmp_path):
 
 def _adopt_case(tmp_path, **rec_kw):
   """A fake baseline (copied ids 3, 5 of 8) and a source summary holding one score arm."""
-  import types
   reg = types.SimpleNamespace(name="r", dir="/base", copied=np.array([3, 5]), train_ids=np.arange(8))
   arm = mitigate.Arm("r", "score", "drop", 0.25, 1)
   cfg = ml_collections.ConfigDict({"sample": {"num_samples": 16, "sde_steps": 20}, "train": {"num_steps": 12}})
