@@ -690,8 +690,12 @@ def log_volume_growth(eps_fn, x0, *, sde: sde_lib.SDE, key: Array | None = None,
   images. key: PRNG key of probes / frames (None: PRNGKey(0)); image i uses
   fold_in(key, image_ids[i]) (image_ids default 0..B-1). options: fields of VolumeOptions
   (estimator, solver, rtol, ...), its defaults where left out.
+  `estimator` may name a preset, "hutchinson@<name>" (PRESETS: its settings replace the
+  defaults; options given here replace both).
   Returns a VolumeResult of numpy arrays.
   """
+  estimator, preset = parse_estimator(options.pop("estimator", "hutchinson"))
+  options = {**(PRESETS[preset] if preset else {}), **options, "estimator": estimator}
   unknown = sorted(set(options) - {f.name for f in dataclasses.fields(VolumeOptions)})
   if unknown:
     raise TypeError(f"log_volume_growth got unknown options {unknown}; the options are the fields of VolumeOptions")

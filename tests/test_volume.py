@@ -128,6 +128,12 @@ def test_vol108_preset_is_richardson_of_two_hutchinson_solves_with_one_probe_set
   np.testing.assert_allclose(rich.log_volume, fine.log_volume + (fine.log_volume - coarse.log_volume) / 3,
                              rtol=1e-10)
   np.testing.assert_array_equal(rich.nfe + rich.num_jvps, [108] * 3)
+  by_name = volume.log_volume_growth(net, x0, sde=sde, key=key, estimator="hutchinson@vol108")
+  np.testing.assert_array_equal(by_name.log_volume, rich.log_volume)
+  coarser = volume.log_volume_growth(net, x0, sde=sde, key=key, estimator="hutchinson@vol108", num_steps=8)
+  np.testing.assert_array_equal(coarser.nfe + coarser.num_jvps, [48] * 3)  # an option given replaces the preset's
+  with pytest.raises(ValueError, match="unknown preset"):
+    volume.log_volume_growth(net, x0, sde=sde, estimator="hutchinson@vol109")
   with pytest.raises(ValueError, match="richardson needs"):
     volume.VolumeOptions(sde=sde, solver="heun", adaptive=False, num_steps=9, richardson=True)
   with pytest.raises(ValueError, match="richardson needs"):
