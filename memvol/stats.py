@@ -28,7 +28,11 @@ Definitions
   negatives; placement values V10_i = mean_j psi(x_i, y_j), V01_j = mean_i psi(x_i, y_j)
   (psi = 1, 1/2, 0 for x > y, =, <), var(A_a - A_b) = c' S10 c / m + c' S01 c / n with
   c = (1, -1) and S10, S01 the (ddof 1) covariances of the placements; z = diff / sd.
-* Stouffer: z = sum z_k / sqrt(K) over K independent tests (seeds), two-sided p.
+* Paired t over replicates: the differences d_m of two scores on replicate m (independent
+  models), t = mean / (sd / sqrt(M)) on M - 1 degrees of freedom; the evidence grows with M.
+* Benjamini-Hochberg: q_(i) = min_{j >= i} min(1, m p_(j) / j) (false discovery rate).
+* Crossed (two-way) bootstrap: models and images resampled independently (see
+  crossed_bootstrap_auroc_diff), for a mean over models of a per-model statistic of shared images.
 
 Statistics that are undefined for the data (a group of one has no variance, a constant
 variable no rank correlation) come back as NaN rather than an error.
@@ -266,14 +270,101 @@ def delong_paired(pos_a: Any, neg_a: Any, pos_b: Any, neg_b: Any) -> dict[str, f
           "p": float(2 * sps.norm.sf(abs(z)))}
 
 
-def mean_z(z: Any) -> tuple[float, float]:
-  """Combined z = the mean of the finite z_k, and its two-sided p as if N(0, 1) (NaN, NaN if
-  none). Valid however the z_k are correlated: each is N(0, 1) under the null, so their mean
-  has variance <= 1 (= 1 when they are identical, 1/K when independent, where Stouffer's
-  sum / sqrt(K) would be exact). For tests on the same images, whose z are correlated."""
-  a = np.asarray(z, np.float64)
-  a = a[np.isfinite(a)]
-  if a.size == 0:
-    return math.nan, math.nan
-  zc = float(a.mean())
-  return zc, float(2 * sps.norm.sf(abs(zc)))
+def paired_t(d: Any, level: float = 0.95) -> dict[str, float]:
+  """One-sample t over the finite paired differences d [n] (one per independent replicate):
+  {mean, sd (ddof 1), n, se, t, p (two-sided), ci_lo, ci_hi (the t interval at `level`)};
+  t, p and the interval NaN for n < 2 or sd = 0."""
+  a, _ = finite(d, "differences")
+  n = int(a.size)
+  mean = float(a.mean()) if n else math.nan
+  sd = float(a.std(ddof=1)) if n > 1 else math.nan
+  out = {"mean": mean, "sd": sd, "n": n, "se": math.nan, "t": math.nan, "p": math.nan,
+         "ci_lo": math.nan, "ci_hi": math.nan}
+  if n < 2 or not sd > 0:
+    return out
+  se = sd / math.sqrt(n)
+  t = mean / se
+  q = float(sps.t.ppf(0.5 + level / 2.0, n - 1))
+  return out | {"se": se, "t": t, "p": float(2 * sps.t.sf(abs(t), n - 1)), "ci_lo": mean - q * se,
+                "ci_hi": mean + q * se}
+
+
+def benjamini_hochberg(p: Any) -> np.ndarray:
+  """Benjamini-Hochberg adjusted p-values (q-values) of one family, in the input order [m]:
+  with p_(1) <= ... <= p_(m), q_(i) = min_{j >= i} min(1, m p_(j) / j). Controls the false
+  discovery rate under independence or positive dependence. NaN entries stay NaN and are not
+  counted in m."""
+  a = np.asarray(p, np.float64).reshape(-1)
+  out = np.full(a.shape, math.nan)
+  keep = np.flatnonzero(np.isfinite(a))
+  if ((a[keep] < 0) | (a[keep] > 1)).any():
+    raise ValueError(f"p-values must be in [0, 1], got {a[keep][(a[keep] < 0) | (a[keep] > 1)].tolist()}")
+  order = keep[np.argsort(a[keep], kind="stable")]
+  m = order.size
+  q = a[order] * m / np.arange(1, m + 1)
+  out[order] = np.minimum(1.0, np.minimum.accumulate(q[::-1])[::-1])
+  return out
+
+
+def auroc_kernel(pos: Any, neg: Any) -> np.ndarray:
+  """psi [P, Q]: 1 where pos_p > neg_q, 1/2 on a tie, 0 below; its mean is the AUROC."""
+  p, n = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+  return (p[:, None] > n[None, :]) + 0.5 * (p[:, None] == n[None, :])
+
+
+def crossed_bootstrap_auroc_diff(units: list[tuple[np.ndarray, np.ndarray, np.ndarray]], num_images: int,
+                                 num_bootstrap: int = 2000, level: float = 0.95, seed: int = 0,
+                                 ) -> dict[str, Any]:
+  """Two-way (crossed) bootstrap of the mean over replicates (models) of an AUROC difference.
+
+  units: per model (pos [P] and neg [Q] image indices in [0, num_images), kernel [P, Q] =
+  auroc_kernel of score a minus that of score b on those images). Each resample draws the
+  models with replacement and, independently, the images with replacement (the same image
+  weights for every model: images and models are crossed random factors); a model's AUROC
+  difference under image weights v is sum v_p v_q K_pq / (sum v_p sum v_q), undefined (left out)
+  when its resampled positives or negatives are empty. Returns {estimate (the plain mean),
+  ci_lo, ci_hi (percentile interval at `level`), sd (of the resamples), draws [num_bootstrap]}."""
+  if not units:
+    raise ValueError("crossed_bootstrap_auroc_diff needs at least one model")
+  rng = np.random.default_rng(seed)
+  m = len(units)
+  v = rng.multinomial(num_images, np.full(num_images, 1.0 / num_images), size=num_bootstrap).astype(np.float64)
+  w = rng.multinomial(m, np.full(m, 1.0 / m), size=num_bootstrap).astype(np.float64)
+  vals = np.full((num_bootstrap, m), math.nan)
+  for j, (pos, neg, kernel) in enumerate(units):
+    vp, vn = v[:, np.asarray(pos, np.int64)], v[:, np.asarray(neg, np.int64)]
+    den = vp.sum(1) * vn.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+      vals[:, j] = np.einsum("bp,pq,bq->b", vp, np.asarray(kernel, np.float64), vn) / den
+  ok = np.isfinite(vals) & (w > 0)
+  with np.errstate(invalid="ignore", divide="ignore"):  # a resample with no defined model: left out
+    draws = np.where(ok, vals * w, 0.0).sum(1) / np.where(ok, w, 0.0).sum(1)
+  draws = draws[np.isfinite(draws)]
+  lo, hi = np.quantile(draws, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+  return {"estimate": float(np.mean([k.mean() for _, _, k in units])), "ci_lo": float(lo), "ci_hi": float(hi),
+          "sd": float(draws.std(ddof=1)), "draws": draws}
+
+
+def spearman_diff_boot(a: np.ndarray, b: np.ndarray, y: np.ndarray, num_bootstrap: int, seed: int = 0
+                       ) -> dict[str, float]:
+  """rho(a, y) - rho(b, y) for two scores a, b [n] of the same units against y [n], with
+  its paired bootstrap (units resampled with replacement): {diff, sd, z = diff / sd, p
+  (two-sided, normal)}; z and p NaN when the bootstrap has no spread."""
+  a, b, y = (np.asarray(v, np.float64) for v in (a, b, y))
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, len(y), (num_bootstrap, len(y)))
+
+  def rho(x: np.ndarray) -> np.ndarray:
+    rx, ry = sps.rankdata(x[idx], axis=1), sps.rankdata(y[idx], axis=1)
+    rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+      return (rx * ry).sum(1) / np.sqrt((rx**2).sum(1) * (ry**2).sum(1))
+
+  diff = spearman(a, y)[0] - spearman(b, y)[0]
+  boot = rho(a) - rho(b)
+  boot = boot[np.isfinite(boot)]
+  sd = float(boot.std(ddof=1)) if boot.size > 1 else math.nan
+  if not sd > 0 or not math.isfinite(diff):
+    return {"diff": diff, "sd": sd, "z": math.nan, "p": math.nan}
+  z = diff / sd
+  return {"diff": diff, "sd": sd, "z": z, "p": float(2 * sps.norm.sf(abs(z)))}
