@@ -513,34 +513,6 @@ def _split_index(data_cfg: Any, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
   return train.astype(np.int64), held.astype(np.int64), dup_counts
 
 
-ROLES = ("target", "reference")
-
-
-def reference_index(data_cfg: Any, labels: np.ndarray, train: np.ndarray, held: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray]:
-  """(reference ids sorted, their dup_counts): as many distinct images as the training set,
-  with the same stream counts (the same strata), drawn from the pool images that are neither
-  training nor held-out, by their own generator default_rng((split_seed, 1)): the target
-  split is the same with or without them."""
-  pool = _class_index(data_cfg, labels)
-  rest = pool[~np.isin(pool, np.concatenate([train, held]))]
-  n = len(train)
-  if n > len(rest):
-    raise ValueError(f"data.role='reference' needs {n} pool images outside the {len(train)} training and "
-                     f"{len(held)} held-out images, but data.name={data_cfg.name!r} has {len(rest)} left")
-  rng = np.random.default_rng((int(data_cfg.split_seed), 1))
-  perm = rest[rng.permutation(len(rest))]
-  ref = np.sort(_round_robin(perm, labels)[:n] if data_cfg.get("balanced", True) else perm[:n])
-  strata = dup_strata(data_cfg)
-  if strata:
-    counts = strata_counts(strata, rng)
-  else:
-    n_dup, factor = int(data_cfg.num_duplicated), int(data_cfg.duplicate_factor)
-    counts = np.ones(n, np.int64)
-    counts[rng.choice(n, n_dup, replace=False)] = factor
-  return ref.astype(np.int64), counts
-
-
 def _with(data_cfg: Any, **fields: Any) -> Any:
   """A copy of the data config with `fields` replaced."""
   sub = data_cfg.copy_and_resolve_references()
@@ -647,27 +619,15 @@ def make_split(data_cfg: Any) -> Split:
   """Disjoint train / held-out images drawn from the pool by data.split_seed (class-balanced
   when the source has labels and data.balanced), and data.num_duplicated training images
   planted as duplicates (dup_count = data.duplicate_factor), or with data.dup_strata
-  ((d, n), ...) n training images with dup_count d per stratum. With data.role='reference'
-  the training images are the reference pool (reference_index) and the held-out images
-  are the target's training and held-out images together. With data.heldout_name set, the
+  ((d, n), ...) n training images with dup_count d per stratum. With data.heldout_name set, the
   held-out images come from that second source; with data.member_split_path, they are the
   published split's members and non-members."""
-  role = str(data_cfg.get("role", "target"))
-  if role not in ROLES:
-    raise ValueError(f"data.role={role!r}; expected one of {ROLES}")
-  if role == "reference" and (data_cfg.get("member_split_path") or data_cfg.get("heldout_name")):
-    raise ValueError("data.role='reference' draws the reference pool from the one source data.name; "
-                     "unset data.member_split_path and data.heldout_name")
   if data_cfg.get("member_split_path"):
     return _member_split(data_cfg)
   if data_cfg.get("heldout_name"):
     return _two_source_split(data_cfg)
   source = _source(data_cfg)
   train, held, dup = _split_index(data_cfg, source.labels)
-  if role == "reference":  # train on the reference pool; "held out" = every target image
-    ref, ref_dup = reference_index(data_cfg, source.labels, train, held)
-    return Split(_load(source, ref, "reference images"),
-                 _load(source, np.sort(np.concatenate([train, held])), "target images"), ref_dup)
   tr = _load(source, train, "training images")
   ho = (_load(source, held, "held-out images") if len(held)
         else ImageSet(np.zeros((0,) + tr.shape, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)))

@@ -122,8 +122,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 # Identity fields (data / model / sde) added after workdirs and checkpoints were first
-# recorded, each with the value that means "as before": a record that lacks the field was
-# made with that value, so old workdirs stay usable.
+# recorded (or removed since), each with the value that means "as before": a record or
+# config that lacks the field stands for that value, so old workdirs stay usable.
 ADDED_FIELDS = {
     "data.heldout_name": "", "data.heldout_path": "", "model.pretrained": "",
     "data.member_split_path": "", "data.drop_ids": [], "data.augment_ids": [], "data.augment_shift": 2,
@@ -135,11 +135,12 @@ ADDED_FIELDS = {
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
   """Dotted paths where two nested config dicts differ, each as 'path: old -> new'. A field
-  of ADDED_FIELDS missing from `old` counts as its as-before value."""
+  of ADDED_FIELDS missing from either side counts as its as-before value (a field added
+  since `old` was recorded, or one removed since, whose old records carry that value)."""
   out = []
   for k in sorted(set(old) | set(new)):
     path = f"{prefix}{k}"
-    a, b = old.get(k, ADDED_FIELDS.get(path, "<missing>")), new.get(k, "<missing>")
+    a, b = (d.get(k, ADDED_FIELDS.get(path, "<missing>")) for d in (old, new))
     if isinstance(a, Mapping) and isinstance(b, Mapping):
       out.extend(config_diff(a, b, path + "."))
     elif a != b:

@@ -271,3 +271,32 @@ def test_bad_configs_and_files_are_refused(tmp_path):
     data.load_pool(dcfg(name="folder", path=str(tmp_path / "empty")))
   with pytest.raises(FileNotFoundError, match="no data_batch_1..5"):
     data.load_pool(dcfg(name="cifar10", path=str(tmp_path / "empty")))
+
+STRATA_PAIRS = ((1, 12), (2, 4), (4, 2), (8, 1))
+
+
+def strata_cfg(**kw):
+  from experiments.configs import digits
+  c = digits.get_config().data
+  c.unlock()
+  c.update(dict(name="digits", resolution=8, dup_strata=STRATA_PAIRS, num_train=19, num_heldout=10, num_duplicated=0))
+  c.update(kw)
+  return c
+
+
+def test_strata_give_the_stream_counts_exactly():
+  split = data.make_split(strata_cfg())
+  assert len(split.train) == 19
+  for d, n in STRATA_PAIRS:
+    assert int(np.sum(split.dup_counts == d)) == n
+  _, ids = split.training_stream()
+  assert len(ids) == sum(d * n for d, n in STRATA_PAIRS)
+  counts = dict(zip(*np.unique(ids, return_counts=True)))
+  assert all(counts[int(i)] == int(c) for i, c in zip(split.train.ids, split.dup_counts))
+
+
+def test_strata_and_planted_duplicates_together_are_refused():
+  with pytest.raises(ValueError, match="data.num_duplicated"):
+    data.make_split(strata_cfg(num_duplicated=2))
+  with pytest.raises(ValueError, match="data.num_train"):
+    data.make_split(strata_cfg(num_train=7))

@@ -37,7 +37,6 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.member_split_path = ""    # npz of mia_train_idxs / mia_eval_idxs (PIA, SecMI): members train, non-members held out
   d.dup_strata = ()           # ((d, n), ...): n distinct training images each d times in the stream
   #                             (num_train = sum n, num_duplicated 0); () = num_duplicated / duplicate_factor
-  d.role = "target"           # target | reference: train on a third pool (same strata), score every target image as held out (memvol/bench.py)
   # A mitigation arm's edits of the training stream (memvol/mitigate.py sets them per arm;
   # memvol/train.py applies them); empty = the stream as the split gives it.
   d.drop_ids = ()             # training ids left out of the stream (they stay in the split)
@@ -197,13 +196,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   mt.classifier_width = 32    # quality: base channels; features = the 2x-width penultimate layer
   mt.knn_k = 3                # quality: k of the k-NN precision / recall balls
 
-  # --- bench (memvol/bench.py; --mode=bench only) -------------------------------------
+  # --- bench (memvol/bench/; --mode=bench only) -------------------------------------
   c.bench = b = ml_collections.ConfigDict()
-  b.seeds = (0, 1, 2)         # config.seed of each retrain (model init, data order, sampling); the split is fixed
-  b.length_grid = (1500, 3000)  # candidate train.num_steps; the smallest whose seed-0 model copies a share of singletons in copied_band is used
-  b.copied_band = (0.15, 0.60)  # wanted share of singletons (d = 1) copied at least once
-  b.ci_level = 0.95           # level of the Wilson copy-rate intervals
-  b.num_bootstrap = 500       # paired bootstrap resamples of a Spearman difference (per seed)
+  b.num_models = 64           # M models, each on a random half of the pool (even: complementary pairs)
+  b.pilot_pool_sizes = (64, 128)  # candidate pool sizes N; the pilot picks one from copy counts
+  b.pilot_steps = (2500, 5000, 10000, 15000, 20000)  # candidate train.num_steps, checkpoints of one pilot run per N
+  b.copied_band = (0.2, 0.6)  # wanted share of a model's IN images copied at least once
+  b.expected_copies = 5.0     # samples per model: an image copied at the pilot's median rate is expected this often
+  b.max_samples = 4096        # ... at most this many samples per model
+  b.shard = ""                # "k/n": this process runs the models m with m mod n = k ("" = all)
+  b.records_dir = ""          # where finished models' records go ("" = workdir/bench/records)
+  b.run_models = True         # False: run nothing, only summarise the records present (gather)
+  b.num_bootstrap = 2000      # resamples of the crossed bootstrap and the Spearman differences
   return c
 
 
