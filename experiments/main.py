@@ -6,8 +6,8 @@
 
 Modes: train | sample | score | detect | report | all (default: the whole chain, skipping
 stages already complete in the workdir) | mitigate (select, modify, retrain and count
-copies again; see experiments/configs/mnist_mitigate.py) | bench (scores judged on graded
-duplication over seeds with reference calibration; see experiments/configs/mnist_bench.py).
+copies again; see experiments/configs/mnist_mitigate.py) | bench (which images will the model
+copy: many models on random halves of a pool; see experiments/configs/digits_bench.py).
 
 Exit status: 0 done; 143 stopped by a preemption notice (SIGTERM) after saving its
 progress (rerun the same command to resume); 75 the workdir is locked by another job.
@@ -28,7 +28,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, samples
 _MODE = flags.DEFINE_enum("mode", "all", ["train", "sample", "score", "detect", "report", "all", "mitigate", "bench"],
                           "Stage to run; 'all' runs the chain and skips completed stages; 'mitigate' "
                           "(not in 'all') retrains with selected images modified (memvol/mitigate.py); 'bench' "
-                          "(not in 'all') judges every score over seeds (memvol/bench.py).")
+                          "(not in 'all') judges every score over models on random halves of a pool (memvol/bench/).")
 _FORCE = flags.DEFINE_bool("force", False, "With --mode=all: rerun stages even if complete.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host runs; see BUILD.md).")

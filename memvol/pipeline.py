@@ -8,6 +8,7 @@ time in `workdir/timings.json`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import time
@@ -125,14 +126,16 @@ def run(config, workdir: str, mode: str = "all", force: bool = False,
   reference: a config whose keys are the known ones (experiments pass their base config);
   any other key in `config` is refused before anything runs. A preemption notice
   (SIGTERM) stops the chain between stages, or inside a stage at its next commit, with
-  preempt.Preempted.
+  preempt.Preempted. A stage module with OWN_LOCKS (the benchmark, whose shards share one
+  workdir) claims its units of work itself instead.
   """
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
   if reference is not None:
     check_keys(config, reference)
   preempt.clear()  # a notice belongs to the run it arrives in
-  with lock.hold(workdir, log=log), preempt.handling():
+  own = mode != "all" and getattr(_module(mode, config), "OWN_LOCKS", False)  # bench: claims its units itself
+  with contextlib.nullcontext() if own else lock.hold(workdir, log=log), preempt.handling():
     check_workdir(config, workdir)
     if config.get("compilation_cache_dir", ""):
       enable_compilation_cache(config.compilation_cache_dir)

@@ -15,8 +15,8 @@ A workdir holds one experiment (one data / model / SDE config):
   detect/detect.csv          copy labels (memvol.detect: read_detect), nn.npz, copies.png
   report/                    report.md, summary.json, figures (memvol.report)
   mitigate/<regime>/<arm>/   a mitigation arm's own workdir (memvol.mitigate)
-  bench/length/, bench/seed<k>/{target,reference}/   the benchmark's sub-workdirs, with
-                             bench/length.json, bench/seed<k>/record.json, summary.json,
+  bench/pilot/n<N>/, bench/models/m<k>/   the benchmark's sub-workdirs, with
+                             bench/pilot.json, bench/plan.npz, records/m<k>.json, summary.json,
                              report.md and figures (memvol.bench)
 
 Each file's reader and writer live in the module that defines its format; this module only
@@ -160,12 +160,11 @@ def bench_dir(workdir: str) -> str:
   return os.path.join(workdir, "bench")
 
 
-def bench_length(workdir: str) -> str:
-  """The sub-workdir that chooses the benchmark's training length."""
-  return os.path.join(bench_dir(workdir), "length")
+def bench_pilot(workdir: str, pool_size: int) -> str:
+  """The pilot sub-workdir of candidate pool size N (training length from copy counts)."""
+  return os.path.join(bench_dir(workdir), "pilot", f"n{int(pool_size)}")
 
 
-def bench_seed(workdir: str, seed: int, role: str = "") -> str:
-  """bench/seed<k> (role ''), or its `target` / `reference` sub-workdir."""
-  folder = os.path.join(bench_dir(workdir), f"seed{int(seed)}")
-  return os.path.join(folder, role) if role else folder
+def bench_model(workdir: str, model: int) -> str:
+  """The sub-workdir of model m of the benchmark (trained on its half of the pool)."""
+  return os.path.join(bench_dir(workdir), "models", f"m{int(model):04d}")

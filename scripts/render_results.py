@@ -20,7 +20,9 @@ included); without it a missing block is an error. --check renders every committ
 and exits 1 naming each README block that differs or is missing; --refresh rewrites every
 README block from its committed copy (for a change of the renderer, not of the numbers). Without --write or
 --check the rendered markdown is printed. Names: `mnist` for --main, `mnist_mitigate` for
---mitigate, `mnist_bench` for --bench, unless --name says otherwise.
+--mitigate, `digits_bench` for --bench, unless --name says otherwise. A benchmark's per-model
+records are committed where its run wrote them (bench.records_dir, docs/results/<name>/),
+and the tests recompute the committed copy from them.
 """
 
 from __future__ import annotations
@@ -214,53 +216,21 @@ def render_mitigate(s: dict[str, Any]) -> str:
 # --- the benchmark stage ---------------------------------------------------------------
 
 
-BENCH_TASKS = (("T1_auroc", "T1 AUROC"), ("T2_auroc", "T2 AUROC"), ("T3_spearman", "T3 Spearman"))  # = bench.TASKS
-BENCH_COLUMNS = BENCH_TASKS + (("T1_tpr", "T1 TPR@1%"), ("T2_tpr", "T2 TPR@1%"),
-                               ("passes_per_image", "passes / image"), ("seconds_per_image", "s / image"))
+BENCH_KEYS = ("models_done", "num_models_planned", "complete", "pool_size", "num_samples", "num_bootstrap", "choice",
+              "scores", "primary", "leaderboard", "ranking_T2", "front_T2", "secondary", "num_secondary", "correction",
+              "copies", "seconds_per_model", "compile_share")
 
 
 def extract_bench(summary: dict[str, Any]) -> dict[str, Any]:
-  """The part of a benchmark summary.json the README's table uses."""
-  lb = summary["leaderboard"]
-  return {"seeds_done": summary["seeds_done"], "strata": summary["strata"], "num_samples": summary["num_samples"],
-          "chosen_steps": summary["length"]["chosen_steps"], "T2_positives": summary["T2_positives"],
-          "T2_negatives": summary["T2_negatives"], "scores": summary["scores"],
-          "aggregates": {n: {m: {k: summary["aggregates"][n][m].get(k) for k in ("mean", "sd", "n")}
-                             for m, _ in BENCH_COLUMNS} for n in summary["scores"]},
-          "num_comparisons": lb["num_comparisons"], "alpha": lb["alpha"],
-          "tasks": {t: {"winner": lb["tasks"][t]["winner"], "leader": (lb["tasks"][t]["ranking"] or [None])[0],
-                        "first": {k: (lb["tasks"][t]["comparisons"] or [{}])[0].get(k) for k in ("b", "z", "p", "p_holm")},
-                        **lb["pareto"][t]} for t, _ in BENCH_TASKS}}
-
-
-def _bench_cell(g: dict[str, Any], digits: int) -> str:
-  return mean_sd_n(g.get("mean"), g.get("sd"), g.get("n"), digits)
+  """The part of a benchmark summary.json the README's block uses (the per-image lists stay out)."""
+  return {k: summary[k] for k in BENCH_KEYS}
 
 
 def render_bench(s: dict[str, Any]) -> str:
-  """The leaderboard (mean ± sd over seeds, winners after Holm in bold) and the verdicts."""
-  rows = []
-  for n in s["scores"]:
-    g = s["aggregates"][n]
-    cells = [_bench_cell(g[m], 4 if m == "passes_per_image" else 3) for m, _ in BENCH_COLUMNS]
-    cells = [f"**{c}**" if i < len(BENCH_TASKS) and s["tasks"][BENCH_TASKS[i][0]]["winner"] == n else c
-             for i, c in enumerate(cells)]
-    rows.append([f"`{n}`"] + cells)
-  lines = [f"Measured: seeds {s['seeds_done']}, {s['num_samples']} samples per seed, {s['chosen_steps']} training "
-           f"steps; strata (d: digits, 0 = held out) {s['strata']}; T2 positives / negatives per seed "
-           f"{s['T2_positives']} / {s['T2_negatives']}. Mean ± sd (n: seeds with a finite value):", "",
-           table(["score"] + [name for _, name in BENCH_COLUMNS], rows), "",
-           f"{s['num_comparisons']} comparisons (each task's leader against every other score, paired on the same "
-           f"images) corrected together by Holm; a winner needs Holm p < {s['alpha']:g} against the runner-up.", ""]
-  for t, name in BENCH_TASKS:
-    k = s["tasks"][t]
-    f = k["first"]
-    vs = (f" (vs `{f['b']}`: z {fmt(f['z'], 3)}, p {fmt_p(f['p'])}, Holm {fmt_p(f['p_holm'])})" if f.get("b") else "")
-    verdict = f"**`{k['winner']}`** wins" if k["winner"] else f"no winner; leader `{k['leader']}`"
-    front = ", ".join(f"`{n}`" for n in k["front"]) or "none"
-    vol = ", ".join(f"`{n}`" for n in k["volume_on_front"]) or "none"
-    lines.append(f"- {name}: {verdict}{vs}. Cost-accuracy front: {front}; volume-based on it: {vol}.")
-  return "\n".join(lines)
+  """The plan, the primary test and its verdict, the leaderboards, the significant secondary
+  tests and the cost (memvol.bench.outputs.readme_markdown)."""
+  from memvol.bench import outputs
+  return outputs.readme_markdown(s)
 
 
 # --- README blocks --------------------------------------------------------------------
@@ -342,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--main", help="workdir of the main job (reads report/summary.json)")
   ap.add_argument("--mitigate", help="workdir of a mitigation run (reads mitigate/summary.json)")
   ap.add_argument("--bench", help="workdir of a benchmark run (reads bench/summary.json)")
-  ap.add_argument("--name", help="block / copy name (default: mnist, mnist_mitigate or mnist_bench)")
+  ap.add_argument("--name", help="block / copy name (default: mnist, mnist_mitigate or digits_bench)")
   ap.add_argument("--hardware", default="", help="the machine the run was measured on, e.g. '2 CPU cores'")
   ap.add_argument("--command", default="", help="the command that made the workdir, as the README names it")
   ap.add_argument("--write", action="store_true", help="save the copy and replace the README block")
@@ -380,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
   if not args.write:
     print(body)
     return 0
-  name = args.name or {"main": "mnist", "mitigate": "mnist_mitigate", "bench": "mnist_bench"}[kind]
+  name = args.name or {"main": "mnist", "mitigate": "mnist_mitigate", "bench": "digits_bench"}[kind]
   text = open(README).read()
   if args.region and readme_block(text, name) is None:
     text = make_block(text, name, *args.region)

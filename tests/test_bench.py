@@ -1,247 +1,269 @@
-"""The benchmark stage: strata, the reference pool, seeds' workdirs, paired tests, T2, resume."""
+"""The counterfactual benchmark: balanced halves, shards and claims, the pilot's rules, LiRA,
+propensity, the primary test's statistics, records and resume."""
 
 import math
+import multiprocessing as mp
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-from experiments.configs import mnist_bench
-from memvol import bench, data, io, report, stats
+from experiments.configs import digits_bench
+from memvol import bench, io, stats
 from memvol import workdir as wdir
+from memvol.bench import analysis, model, plan
 
-STRATA = ((1, 12), (2, 4), (4, 2), (8, 1))
-
-
-def dcfg(**kw):
-  c = mnist_bench.get_config().data
-  c.unlock()
-  c.update(dict(name="digits", resolution=8, dup_strata=STRATA, num_train=19, num_heldout=10, num_duplicated=0))
-  c.update(kw)
-  return c
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def test_strata_give_the_stream_counts_exactly():
-  split = data.make_split(dcfg())
-  assert len(split.train) == 19
-  for d, n in STRATA:
-    assert int(np.sum(split.dup_counts == d)) == n
-  _, ids = split.training_stream()
-  assert len(ids) == sum(d * n for d, n in STRATA)
-  counts = dict(zip(*np.unique(ids, return_counts=True)))
-  assert all(counts[int(i)] == int(c) for i, c in zip(split.train.ids, split.dup_counts))
+def test_halves_put_every_image_in_exactly_half_of_the_models_class_balanced():
+  labels = np.repeat(np.arange(10), 13)[:128]  # 128 images, classes of 13 (the last of 11)
+  mask = plan.balanced_halves(labels, 16, seed=3)
+  assert mask.shape == (16, 128)
+  np.testing.assert_array_equal(mask.sum(0), 8)       # every image IN for M/2 models
+  np.testing.assert_array_equal(mask.sum(1), 64)      # every model trains on N/2
+  np.testing.assert_array_equal(mask[0::2], ~mask[1::2])  # complementary pairs
+  for m in range(16):  # classes take turns: each class split as evenly as the half allows
+    per = np.bincount(labels[mask[m]], minlength=10)
+    assert per.max() - np.floor(np.bincount(labels) / 2).min() <= 2, per
+  assert len({mask[m].tobytes() for m in range(16)}) == 16  # pairs draw their own halves
+  np.testing.assert_array_equal(mask, plan.balanced_halves(labels, 16, seed=3))
+  with pytest.raises(ValueError, match="even number"):
+    plan.balanced_halves(labels, 3, seed=0)
 
 
-def test_strata_and_planted_duplicates_together_are_refused():
-  with pytest.raises(ValueError, match="data.num_duplicated"):
-    data.make_split(dcfg(num_duplicated=2))
-  with pytest.raises(ValueError, match="data.num_train"):
-    data.make_split(dcfg(num_train=7))
-  with pytest.raises(ValueError, match="data.role"):
-    data.make_split(dcfg(role="other"))
+def test_shards_partition_the_models():
+  for n in (1, 2, 3, 5):
+    parts = [plan.shard_models(11, f"{k}/{n}") for k in range(n)]
+    assert sorted(sum(parts, [])) == list(range(11))
+  assert plan.shard_models(4, "") == [0, 1, 2, 3]
+  for bad in ("2/2", "1", "a/b", "-1/2"):
+    with pytest.raises(ValueError, match="bench.shard"):
+      plan.parse_shard(bad)
 
 
-def test_reference_pool_is_disjoint_and_leaves_the_target_split_unchanged():
-  target = data.make_split(dcfg())
-  ref = data.make_split(dcfg(role="reference"))
-  # the reference model trains on its pool only; every target image is held out for it
-  assert np.intersect1d(ref.train.ids, target.train.ids).size == 0
-  assert np.intersect1d(ref.train.ids, target.heldout.ids).size == 0
-  np.testing.assert_array_equal(ref.heldout.ids, np.sort(np.concatenate([target.train.ids, target.heldout.ids])))
-  assert len(ref.train) == len(target.train)
-  np.testing.assert_array_equal(np.sort(ref.dup_counts), np.sort(target.dup_counts))  # the same strata
-  # the target split does not depend on whether a reference pool is drawn, and the default
-  # spelling (no strata) is untouched
-  again = data.make_split(dcfg(role="target"))
-  np.testing.assert_array_equal(again.train.ids, target.train.ids)
-  np.testing.assert_array_equal(again.dup_counts, target.dup_counts)
-  legacy = dcfg(dup_strata=(), num_train=20, num_duplicated=3, duplicate_factor=4)
-  a, b = data.make_split(legacy), data.make_split(dcfg(dup_strata=(), num_train=20, num_duplicated=3,
-                                                        duplicate_factor=4, role="reference"))
-  assert np.intersect1d(a.train.ids, b.train.ids).size == 0 and int(np.sum(b.dup_counts == 4)) == 3
+def _claimer(folder: str, out: str, barrier) -> None:
+  barrier.wait()
+  ran = plan.claim_and_run(folder, lambda: os.path.exists(os.path.join(folder, "done")),
+                           lambda: (time.sleep(1.0), open(os.path.join(folder, "done"), "w").close(),
+                                    open(os.path.join(out, f"ran{os.getpid()}"), "w").close()), lambda s: None)
+  open(os.path.join(out, f"claim{os.getpid()}_{int(ran)}"), "w").close()
 
 
-def test_seeds_never_share_a_sub_workdir(tmp_path):
-  c = mnist_bench.get_config()
-  dirs = [wdir.bench_seed(str(tmp_path), s, r) for s in c.bench.seeds for r in ("target", "reference")]
-  dirs.append(wdir.bench_length(str(tmp_path)))
-  assert len(set(dirs)) == len(dirs)
-  cfgs = [bench.sub_config(c, s, 100, r) for s in c.bench.seeds for r in ("target", "reference")]
-  assert [x.seed for x in cfgs] == [s for s in c.bench.seeds for _ in range(2)]
-  assert {x.data.role for x in cfgs} == {"target", "reference"}
-  # seed 0 at the longest grid step reuses the length run's model; no other seed does
-  length = {"seed": 0, "chosen_steps": max(c.bench.length_grid)}
-  targets = [bench.target_dir(c, str(tmp_path), s, length) for s in c.bench.seeds]
-  assert targets[0] == wdir.bench_length(str(tmp_path)) and len(set(targets)) == len(targets)
-  assert bench.target_dir(c, str(tmp_path), 0, length | {"chosen_steps": min(c.bench.length_grid)}) == \
-      wdir.bench_seed(str(tmp_path), 0, "target")
+def test_two_processes_never_run_the_same_unit(tmp_path):
+  folder, out = str(tmp_path / "m0000"), str(tmp_path)
+  ctx = mp.get_context("spawn")
+  barrier = ctx.Barrier(2)
+  procs = [ctx.Process(target=_claimer, args=(folder, out, barrier)) for _ in range(2)]
+  for p in procs:
+    p.start()
+  for p in procs:
+    p.join(60)
+  names = os.listdir(out)
+  assert len([f for f in names if f.startswith("ran")]) == 1  # one process trained it
+  assert len([f for f in names if f.startswith("claim")]) == 2
+  # the unit is done now: nobody runs it again, and a dead holder's claim is taken over
+  assert plan.claim_and_run(folder, lambda: True, lambda: pytest.fail("ran twice"), lambda s: None)
 
 
-def test_wilson_interval_hand_computed():
-  # k = 5 of n = 10 at 95 %: z = 1.959964, centre 0.5, half z sqrt(0.025 + z^2/400) / (1 + z^2/10)
-  lo, hi = stats.wilson_interval(5, 10)
-  z = 1.959963984540054
-  half = z * math.sqrt(0.25 / 10 + z * z / 400) / (1 + z * z / 10)
-  assert lo == pytest.approx(0.5 - half, abs=1e-12) and hi == pytest.approx(0.5 + half, abs=1e-12)
-  assert lo == pytest.approx(0.2366, abs=1e-4)
-  lo0, hi0 = stats.wilson_interval(0, 20)
-  assert lo0 == 0.0 and hi0 == pytest.approx(z * z / 20 / (1 + z * z / 20), abs=1e-12)
+def test_choose_regime_and_sample_sizing_rules():
+  shares = {(64, 2500): 0.3, (64, 5000): 0.7, (128, 5000): 0.1, (128, 10000): 0.25, (128, 20000): 0.5}
+  assert plan.choose_regime(shares, (0.2, 0.6)) == (128, 10000, True)  # largest N, then fewest steps
+  assert plan.choose_regime({(64, 1): 0.0, (128, 1): 0.1, (128, 2): 0.9}, (0.2, 0.6)) == (128, 1, False)
+  # copied images with 1, 1, 2, 4 copies of 100 samples: r_med = 1.5 / 100, 5 / r_med = 334 -> 384 in batches of 128
+  n, r = plan.size_samples(np.array([0, 1, 1, 2, 4, 0]), 100, 128, 5.0, 4096)
+  assert r == pytest.approx(0.015) and n == 384
+  assert plan.size_samples(np.array([0, 1, 1, 2, 4]), 100, 128, 5.0, 256)[0] == 256  # the cap
+  assert plan.size_samples(np.zeros(4), 100, 128, 5.0, 256)[0] == 100  # nothing copied: as given
 
 
-def test_delong_paired_hand_computed():
-  # positives / negatives under a and b; placements worked out by hand:
-  # a: pos (3, 4), neg (1, 2): V10 = (1, 1), V01 = (1, 1) -> AUC 1
-  # b: pos (1.5, 4), neg (1, 2): V10 = (.5, 1), V01 = (1, .5) -> AUC .75
-  # diff .25; S10: var(V10a - V10b) = var(.5, 0) = .125; S01: var(0, .5) = .125
-  # var = .125 / 2 + .125 / 2 = .125, z = .25 / sqrt(.125) = .70711
-  r = stats.delong_paired([3, 4], [1, 2], [1.5, 4], [1, 2])
-  assert r["auc_a"] == 1.0 and r["auc_b"] == 0.75
-  assert r["z"] == pytest.approx(0.25 / math.sqrt(0.125), abs=1e-12)
-  assert r["p"] == pytest.approx(2 * (1 - 0.7602499389), abs=1e-8)
-  same = stats.delong_paired([3, 4], [1, 2], [3, 4], [1, 2])
-  assert math.isnan(same["z"])  # identical rankings: no variance, no test
-  # the mean of the finite z (NaN left out); Holm on (0.01, 0.04, 0.03) = (0.03, 0.06, 0.06)
-  assert stats.mean_z([1.0, 2.0, math.nan]) == pytest.approx((1.5, 2 * sps.norm.sf(1.5)))
-  assert all(math.isnan(v) for v in stats.mean_z([math.nan]))
-  np.testing.assert_allclose(stats.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+def test_paired_t_and_benjamini_hochberg_by_hand():
+  t = stats.paired_t([0.1, 0.3, 0.2, math.nan])
+  # mean 0.2, sd 0.1, se 0.1 / sqrt(3), t = 2 sqrt(3) on 2 dof
+  assert t["n"] == 3 and t["mean"] == pytest.approx(0.2) and t["sd"] == pytest.approx(0.1)
+  assert t["t"] == pytest.approx(2 * math.sqrt(3))
+  assert t["p"] == pytest.approx(2 * sps.t.sf(2 * math.sqrt(3), 2))
+  half = sps.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)
+  assert (t["ci_lo"], t["ci_hi"]) == pytest.approx((0.2 - half, 0.2 + half))
+  assert math.isnan(stats.paired_t([0.1, 0.1])["p"])  # no spread: no test
+  # BH of (0.01, 0.04, 0.03, nan): sorted 0.01, 0.03, 0.04 -> 0.03, 0.04, 0.04
+  np.testing.assert_allclose(stats.benjamini_hochberg([0.01, 0.04, 0.03, math.nan]), [0.03, 0.04, 0.04, math.nan])
 
 
-def test_delong_agrees_with_a_simulation_of_its_null():
+def test_crossed_bootstrap_by_hand():
+  # a kernel that is the same constant for every pair: every resample gives that constant
+  k = np.full((2, 3), 0.25)
+  r = stats.crossed_bootstrap_auroc_diff([(np.array([0, 1]), np.array([2, 3, 4]), k)] * 3, 5, 200, seed=1)
+  assert r["estimate"] == 0.25 and r["ci_lo"] == r["ci_hi"] == pytest.approx(0.25)
+  # models with constant kernels d_m: only the model resampling varies, and the interval is that of
+  # the mean of d over models (sd / sqrt(M))
   rng = np.random.default_rng(0)
-  zs = []
-  for _ in range(300):  # two exchangeable scores of the same images: z ~ N(0, 1) under the null
-    base = rng.normal(size=60)
-    lab = np.arange(60) < 30
-    a, b = base + rng.normal(size=60) + lab, base + rng.normal(size=60) + lab
-    zs.append(stats.delong_paired(a[lab], a[~lab], b[lab], b[~lab])["z"])
-  assert abs(np.mean(zs)) < 0.2 and 0.8 < np.std(zs) < 1.2
+  d = rng.normal(0.1, 0.2, 40)
+  units = [(np.array([0]), np.array([1]), np.full((1, 1), v)) for v in d]
+  r = stats.crossed_bootstrap_auroc_diff(units, 2, 4000, seed=2)
+  assert r["estimate"] == pytest.approx(d.mean())
+  assert r["sd"] == pytest.approx(d.std() / math.sqrt(40), rel=0.1)
+  # weighted AUROC under image weights: one model, positives 0, 1 and negative 2; with
+  # a kernel (1, 0) the resamples are the share of positive weight on image 0
+  r = stats.crossed_bootstrap_auroc_diff([(np.array([0, 1]), np.array([2]), np.array([[1.0], [0.0]]))], 3, 3000, seed=3)
+  assert r["estimate"] == 0.5 and 0.0 <= r["ci_lo"] < 0.5 < r["ci_hi"] <= 1.0
 
 
-def test_t2_on_a_synthetic_table_with_a_known_answer():
-  # 6 singletons (3 copied), 2 at d = 4, 4 held out; the score ranks the copied singletons
-  # above the others except one swap: AUROC = 8 / 9 among singletons
-  d = np.array([1, 1, 1, 1, 1, 1, 4, 4, 0, 0, 0, 0])
-  c = np.array([2, 1, 3, 0, 0, 0, 5, 9, 0, 0, 0, 0])
-  is_train = d > 0
-  s = np.array([5.0, 2.0, 6.0, 3.0, 1.0, 0.0, 7.0, 8.0, -1.0, -2.0, -3.0, 9.0])
-  m = bench.task_metrics(s, is_train, d, c, num_samples=10, num_bootstrap=50)
-  assert (m["T2_pos"], m["T2_neg"]) == (3, 3)
-  assert m["T2_auroc"] == pytest.approx(8 / 9)
-  assert m["T1_auroc"] == pytest.approx(stats.auroc(s[is_train], s[~is_train]))
-  assert m["T4"]["4"]["copy_rate"] == pytest.approx(0.7) and m["T4"]["0"]["copy_rate"] == 0.0
-  assert m["T4"]["1"]["mean_score"] == pytest.approx(17 / 6)
-  assert m["T3_by_d"]["4"] is not None
-  nope = bench.task_metrics(s, is_train, d, np.zeros_like(c), num_samples=10, num_bootstrap=50)
-  assert nope["T2_pos"] == 0 and math.isnan(nope["T2_auroc"]) and hasattr(nope["T2_auroc"], "reason")
+def _simulated_models(rng, num_models, n, effect=0.0):
+  """IN [M, N], c [M, N], scores a and b: b = noise, a = noise + effect x copied."""
+  IN = plan.balanced_halves(np.arange(n) % 4, num_models, int(rng.integers(1 << 30)))
+  copied = IN & (rng.random((num_models, n)) < 0.4)
+  c = copied * rng.integers(1, 4, (num_models, n))
+  return IN, c, rng.normal(size=(num_models, n)) + effect * copied, rng.normal(size=(num_models, n))
 
 
-def test_choose_length_rule():
-  assert bench.choose_length({1500: 0.2, 3000: 0.5}, (0.15, 0.6)) == (1500, True)
-  assert bench.choose_length({1500: 0.05, 3000: 0.3}, (0.15, 0.6)) == (3000, True)
-  assert bench.choose_length({1500: 0.0, 3000: 0.1}, (0.15, 0.6)) == (3000, False)
-  assert bench.choose_length({1500: 0.7, 3000: 0.9}, (0.15, 0.6)) == (1500, False)
+def test_primary_test_rejects_at_its_alpha_under_a_simulated_null():
+  rng = np.random.default_rng(0)
+  rejections, covered = [], []
+  for _ in range(400):
+    IN, c, a, b = _simulated_models(rng, 32, 40)
+    d = analysis.per_model(a, IN, c)["T2_auroc"] - analysis.per_model(b, IN, c)["T2_auroc"]
+    rejections.append(stats.paired_t(d)["p"] < 0.05)
+  rate = np.mean(rejections)
+  assert 0.02 < rate < 0.085, rate  # about alpha = 0.05 (400 draws: sd 0.011)
+  for _ in range(60):  # the crossed bootstrap's 95 % interval covers the null's 0 about 95 % of the time
+    IN, c, a, b = _simulated_models(rng, 16, 40)
+    r = stats.crossed_bootstrap_auroc_diff(analysis.primary_units(a, b, IN, c), 40, 300, seed=int(rng.integers(99)))
+    covered.append(r["ci_lo"] <= 0 <= r["ci_hi"])
+  assert np.mean(covered) > 0.8
 
 
-def test_pareto_front_by_hand():
-  # passes / mean: a (1, 0.6), b (8, 0.9), c (8, 0.7: b is as cheap and better), d (100, 0.95),
-  # e (200, 0.8: d is cheaper and better), cal_peer_f (2, 0.6: a is cheaper and as good)
-  pts = {"a": (1, 0.6), "b": (8, 0.9), "c": (8, 0.7), "d": (100, 0.95), "e": (200, 0.8), "cal_peer_f": (2, 0.6)}
-  agg = {n: {"passes_per_image": {"mean": float(x)}, **{t: {"mean": y} for t in bench.TASKS}}
-         for n, (x, y) in pts.items()}
-  agg["g"] = {"passes_per_image": {"mean": 0.5}, **{t: {"mean": math.nan} for t in bench.TASKS}}  # no value: off
-  fronts = bench.pareto_fronts(list(agg), agg)
-  assert fronts["T2_auroc"]["front"] == ["a", "b", "d"]
-  agg["a"]["T2_auroc"]["mean"] = 0.5
-  agg["peer_h"] = {"passes_per_image": {"mean": 1.0}, **{t: {"mean": 0.99} for t in bench.TASKS}}
-  fronts = bench.pareto_fronts(list(agg), agg)
-  assert fronts["T2_auroc"] == {"front": ["peer_h"], "volume_on_front": []}
-  assert bench.is_volume("cal_hutchinson@rank8_L_capped") and not bench.is_volume("cal_peer_loss")
+def test_lira_calibration_by_hand():
+  # one image, 6 models: IN for models 0-2 (scores 10, 12, 14), OUT for 3-5 (1, 2, 3)
+  s = np.array([[10.0], [12.0], [14.0], [1.0], [2.0], [3.0]])
+  IN = np.array([[True]] * 3 + [[False]] * 3)
+  r = analysis.lira(s, IN)
+  # model 0 (IN): OUT models 3-5, mean 2, sd 1 -> (10 - 2) / 1; IN others 12, 14: mean 13, sd sqrt(2)
+  assert r["lira_off"][0, 0] == pytest.approx(8.0)
+  on0 = (-0.5 * ((10 - 13) / math.sqrt(2)) ** 2 - math.log(math.sqrt(2))) - (-0.5 * 64 - 0.0)
+  assert r["lira_on"][0, 0] == pytest.approx(on0)
+  # model 3 (OUT) is left out of its own OUT set: others 2, 3 -> mean 2.5, sd sqrt(0.5)
+  assert r["lira_off"][3, 0] == pytest.approx((1 - 2.5) / math.sqrt(0.5))
+  # too few models left: NaN, not a number from nothing
+  assert np.isnan(analysis.lira(s[:4], IN[:4])["lira_off"][3, 0])
 
 
-def _fake_record(seed, rng):
-  d = np.array([1] * 10 + [2] * 4 + [0] * 6)
-  c = np.where(d == 2, 3, (rng.random(20) < 0.5).astype(int)) * (d > 0)
-  c[:2] = (1, 0)  # both groups of T2 are never empty
-  s = {"a": c + rng.normal(size=20) * 0.5, "b": rng.normal(size=20), "cal_a": c + rng.normal(size=20),
-       "cal_b": rng.normal(size=20)}
-  tab = {"ids": np.arange(20), "is_train": d > 0, "d": d, "c": c, "num_samples": 16, "scores": s,
-         "costs": {"a": (5.0, 0.01), "b": (1.0, 0.001), "cal_a": (10.0, 0.02), "cal_b": (2.0, 0.002)}}
-  cfg = mnist_bench.get_config("quick")
-  return bench.seed_record(cfg, seed, tab, 1.0)
+def test_propensity_on_a_synthetic_table():
+  IN = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 0], [0, 1, 1]], bool)
+  c = np.array([[4, 0, 2], [1, 2, 0], [2, 0, 0], [0, 4, 6]], float)
+  p = analysis.propensity(IN, c, num_samples=10)
+  # image 0: IN models 0, 2 -> (0.4 + 0.2) / 2 = 0.3; OUT models 1, 3 -> (0.1 + 0) / 2
+  np.testing.assert_allclose(p["in_rate"], [0.3, 0.3, 0.4])
+  np.testing.assert_allclose(p["out_rate"], [0.05, 0.0, 0.0])
+  np.testing.assert_allclose(p["p"], [0.25, 0.3, 0.4])
 
 
-def test_a_killed_bench_resumes_at_the_unfinished_seed_only(tmp_path, monkeypatch):
-  cfg = mnist_bench.get_config("quick")
+def _records(rng, num_models=8, n=24, effect=2.0):
+  IN, c, a, b = _simulated_models(rng, num_models, n, effect)
+  names = [analysis.PRIMARY["a"], analysis.PRIMARY["b"]]
+  return [{"model": m, "seed": m, "fingerprint": "f", "num_samples": 50, "in_mask": IN[m].astype(int).tolist(),
+           "c": c[m].astype(int).tolist(), "score_order": names,
+           "scores": {names[0]: a[m].tolist(), names[1]: b[m].tolist()},
+           "costs": {names[0]: {"passes_per_image": 32.0, "seconds_per_image": 0.01},
+                     names[1]: {"passes_per_image": 4.0, "seconds_per_image": 0.001}},
+           "seconds": {"train": 10.0, "sample": 2.0, "score": 5.0, "detect": 0.1, "total": 17.5},
+           "compile_seconds": 3.0} for m in range(num_models)]
+
+
+CHOICE = {"pilots": [{"pool_size": 24, "num_samples": 50, "train_seconds": 1.0,
+                      "grid": [{"steps": 100, "share_copied": 0.4, "copied": 5, "copies": 9, "seconds": 1.0}]}],
+          "band": [0.2, 0.6], "pool_size": 24, "train_steps": 100, "in_band": True, "rule": "test rule",
+          "num_samples": 50, "r_med": 0.02, "sizing": "test sizing"}
+
+
+def test_summary_of_records_finds_a_planted_effect_and_writes_its_report(tmp_path):
+  recs = _records(np.random.default_rng(1), num_models=16)
+  s = analysis.summarise(recs, CHOICE, 16, 500)
+  pr = s["primary"]
+  assert pr["n"] == 16 and pr["mean"] > 0.3 and pr["p"] < 0.01 and pr["boot_ci"][0] > 0
+  assert pr["verdict"] == "volume better"
+  assert set(s["scores"]) == {f"{k}{n}" for n in (analysis.PRIMARY["a"], analysis.PRIMARY["b"])
+                              for k in ("", "lira_off_", "lira_on_")}
+  assert s["ranking_T2"][0].endswith(analysis.PRIMARY["a"]) and s["complete"]
+  assert all(t["q"] >= t["p"] * (1 - 1e-12) for t in s["secondary"] if math.isfinite(t["p"]))
+  assert s["compile_share"]["mean"] == pytest.approx(3.0 / 17.5)
+  null = analysis.summarise(_records(np.random.default_rng(2), num_models=8, effect=0.0), CHOICE, 12, 300)
+  assert null["primary"]["verdict"].startswith("inconclusive") and not null["complete"]
+  cfg = digits_bench.get_config("quick")
   cfg.unlock()
-  cfg.bench.seeds = (0, 1, 2)
-  wd = str(tmp_path)
-  rng = np.random.default_rng(0)
-  io.save_json(os.path.join(wdir.bench_dir(wd), "length.json"),
-               {"seed": 0, "grid": [{"steps": 100, "singletons_copied_share": 0.3, "singletons_copied": 3,
-                                     "singletons": 10, "images_copied": 7, "copies": 20, "wall_s": 1.0}],
-                "band": [0.15, 0.6], "chosen_steps": 100, "in_band": True, "rule": "test"})
-  bench.save_record(os.path.join(wdir.bench_seed(wd, 0), "record.json"), _fake_record(0, rng))  # seed 0 finished
-  calls = []
+  cfg.bench.num_models = 16
+  clean = bench.write_outputs(cfg, str(tmp_path), recs, CHOICE, log=lambda m: None)
+  md = open(os.path.join(wdir.bench_dir(str(tmp_path)), "report.md")).read()
+  assert md.index("Primary comparison (fixed before any run)") < md.index("Verdict: volume better")
+  assert clean["primary"]["verdict"] == "volume better"
 
-  def measure(config, workdir, seed, length, log):
-    calls.append(seed)
-    return _fake_record(seed, rng)
 
-  monkeypatch.setattr(bench, "measure_seed", measure)
-  monkeypatch.setattr(bench, "run_length", lambda config, workdir, seed, log: io.load_json(
-      os.path.join(wdir.bench_dir(wd), "length.json")))
-  summary = bench.run(cfg, wd, log=lambda s: None)
-  assert calls == [1, 2]
-  assert summary["seeds_done"] == [0, 1, 2]
-  assert os.path.exists(os.path.join(wdir.bench_dir(wd), "report.md"))
-  for f in ("frontier.png", "dose_response.png"):
-    assert os.path.getsize(os.path.join(wdir.bench_dir(wd), f)) > 0
-  lb = summary["leaderboard"]
-  assert lb["num_comparisons"] <= 3 * 3  # the leader against 3 others, 3 tasks
-  assert set(lb["tasks"]) == set(bench.TASKS)
-  # a rerun measures nothing
-  calls.clear()
-  bench.run(cfg, wd, log=lambda s: None)
-  assert calls == []
-  here = os.path.dirname(os.path.abspath(__file__))
-  r = subprocess.run([sys.executable, os.path.join(here, "..", "scripts", "check_bench.py"), wd],
+def test_records_round_trip_and_refuse_another_plan(tmp_path):
+  rec = _records(np.random.default_rng(3), num_models=2)[0]
+  rec["scores"][analysis.PRIMARY["a"]][0] = math.nan  # a failed solve
+  path = str(tmp_path / "m0000.json")
+  model.save_record(path, rec)
+  back = model.load_records(str(tmp_path), "f")
+  assert len(back) == 1 and math.isnan(back[0]["scores"][analysis.PRIMARY["a"]][0])
+  assert "failed" in next(iter(io.load_json(path)["not_estimated"].values()))
+  with pytest.raises(ValueError, match="another plan"):
+    model.load_records(str(tmp_path), "g")
+
+
+def test_bench_refuses_a_plan_it_cannot_run():
+  c = digits_bench.get_config("quick")
+  c.unlock()
+  for field, value, match in (("num_models", 3, "complementary pairs"), ("pilot_pool_sizes", (15,), "even pool"),
+                              ("shard", "2/2", "bench.shard"), ("copied_band", (0.7, 0.2), "copied_band")):
+    old = c.bench[field]
+    c.bench[field] = value
+    with pytest.raises(ValueError, match=match):
+      bench.check_config(c)
+    c.bench[field] = old
+  c.score.peers = ("pia",)
+  with pytest.raises(ValueError, match="primary comparison"):
+    bench.check_config(c)
+
+
+def _bench(wd: str, *extra: str) -> subprocess.Popen:
+  env = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  return subprocess.Popen([sys.executable, "-m", "experiments.main", "--config=experiments/configs/digits_bench.py:quick",
+                           f"--workdir={wd}", "--mode=bench", *extra], cwd=os.path.join(HERE, ".."), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_two_shards_share_a_workdir_and_a_killed_one_resumes(tmp_path):
+  """Two real processes on one workdir with the whole plan each (so every model is contested):
+  each model is trained once; then a process killed mid-plan leaves its model to the rerun."""
+  wd = str(tmp_path / "w")
+  procs = [_bench(wd), _bench(wd)]
+  logs = [p.communicate(timeout=900)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), logs
+  trained = [line for log in logs for line in log.splitlines() if "bench: model" in line and "shard)" in line]
+  assert sorted(int(line.split("model ")[1].split()[0]) for line in trained) == list(range(8)), trained
+  r = subprocess.run([sys.executable, os.path.join(HERE, "..", "scripts", "check_bench.py"), wd],
                      capture_output=True, text=True)
   assert r.returncode == 0, r.stdout + r.stderr
-
-
-def test_spearman_paired_bootstrap_z():
-  rng = np.random.default_rng(1)
-  y = rng.integers(0, 5, 60).astype(float)
-  good, bad = y + rng.normal(size=60) * 0.5, rng.normal(size=60)
-  diff, z = bench.spearman_boot_z(good, bad, y, 300)
-  assert diff == pytest.approx(stats.spearman(good, y)[0] - stats.spearman(bad, y)[0])
-  assert z > 3  # a score that tracks y beats noise clearly
-  diff0, z0 = bench.spearman_boot_z(good, good, y, 50)
-  assert diff0 == 0.0 and math.isnan(z0)  # the same score twice: no variance, no test
-
-
-def test_bench_refuses_a_config_without_strata():
-  c = mnist_bench.get_config("quick")
-  c.unlock()
-  c.data.dup_strata = ()
-  with pytest.raises(ValueError, match="data.dup_strata"):
-    bench.check_config(c)
-  c.data.dup_strata, c.data.num_train = ((2, 4), (4, 2)), 0
-  with pytest.raises(ValueError, match="singletons"):
-    bench.check_config(c)
-
-
-def test_benchmark_tables_count_the_seeds_behind_each_mean():
-  rng = np.random.default_rng(1)
-  recs = [_fake_record(k, rng) for k in (0, 1, 2)]
-  recs[1]["metrics"]["b"]["T1_auroc"] = float("nan")
-  length = {"chosen_steps": 100, "grid": [], "rule": "test"}
-  s = bench.summarise(mnist_bench.get_config("quick"), recs, length, 3)
-  md = bench.render_markdown(s, [])
-  b = np.array([recs[k]["metrics"]["b"]["T1_auroc"] for k in (0, 2)])
-  assert s["aggregates"]["b"]["T1_auroc"]["n"] == 2
-  assert f"| `b` | {report.fmt(float(b.mean()), 3)} ± {report.fmt(float(b.std(ddof=1)), 2)} (2) |" in md
-  assert "| 5 ± 0 (3) |" in md  # a's passes per image, the same on every seed
+  # kill a shard during its first model of a fresh plan that reuses this pilot, then rerun it
+  wd2 = str(tmp_path / "w2")
+  os.makedirs(wdir.bench_dir(wd2))
+  for f in ("pilot.json",):
+    io.save_json(os.path.join(wdir.bench_dir(wd2), f), io.load_json(os.path.join(wdir.bench_dir(wd), f)))
+  p = _bench(wd2, "--config.bench.shard=1/2")
+  rec1 = os.path.join(wdir.bench_dir(wd2), "records", "m0001.json")
+  deadline = time.time() + 300
+  while not os.path.exists(os.path.join(wdir.bench_model(wd2, 3), "checkpoints")) and time.time() < deadline:
+    time.sleep(0.2)
+  p.kill()
+  p.communicate()
+  assert os.path.exists(rec1) and not os.path.exists(os.path.join(wdir.bench_dir(wd2), "records", "m0003.json"))
+  before = os.path.getmtime(rec1)
+  out = _bench(wd2, "--config.bench.shard=1/2").communicate(timeout=600)[0]
+  assert "model 3 (" in out and "model 1 (" not in out, out
+  assert os.path.getmtime(rec1) == before
+  assert sorted(os.listdir(os.path.join(wdir.bench_dir(wd2), "records"))) == [f"m{m:04d}.json" for m in (1, 3, 5, 7)]

@@ -111,27 +111,36 @@ def test_committed_mitigation_figures_follow_from_the_arm_records():
     assert {"kind": "mitigate", **r.extract_mitigate(s)} == committed, name
 
 
-def test_benchmark_table_comes_from_the_summary():
+def test_benchmark_block_comes_from_the_summary():
   import test_bench
-  from experiments.configs import mnist_bench
-  from memvol import bench
+  from memvol.bench import analysis
   r = _script()
-  rng = np.random.default_rng(0)
-  recs = [test_bench._fake_record(k, rng) for k in (0, 1, 2)]
-  recs[2]["metrics"]["a"]["T2_auroc"] = float("nan")  # a seed without a finite value: n = 2 in that cell
-  length = {"chosen_steps": 100, "grid": [], "rule": "test"}
-  s = json.loads(json.dumps(report.jsonable(bench.summarise(mnist_bench.get_config("quick"), recs, length, 3), "", [], {})))
+  recs = test_bench._records(np.random.default_rng(0), num_models=8)
+  s = json.loads(json.dumps(report.jsonable(analysis.summarise(recs, test_bench.CHOICE, 8, 200), "", [], {})))
   md = r.render({"kind": "bench", **r.extract_bench(s)})
-  g = s["aggregates"]["a"]
-  t2 = np.array([rec["metrics"]["a"]["T2_auroc"] for rec in recs[:2]])
-  assert (f"| `a` | {r.fmt(g['T1_auroc']['mean'], 3)} ± {r.fmt(g['T1_auroc']['sd'], 2)} (3) | "
-          f"{r.fmt(float(t2.mean()), 3)} ± {r.fmt(float(t2.std(ddof=1)), 2)} (2) |") in md
-  assert f"| 5 ± 0 (3) | {r.fmt(g['seconds_per_image']['mean'], 3)} ± 0 (3) |" in md  # a cost the same on every seed
-  assert f"{s['leaderboard']['num_comparisons']} comparisons" in md and "seeds [0, 1, 2]" in md
-  front = s["leaderboard"]["pareto"]["T2_auroc"]["front"]
-  assert "- T2 AUROC: " in md and f"Cost-accuracy front: {', '.join(f'`{n}`' for n in front)};" in md
-  t2 = s["leaderboard"]["tasks"]["T2_auroc"]
-  assert (f"**`{t2['winner']}`** wins" if t2["winner"] else f"no winner; leader `{t2['ranking'][0]}`") in md
+  pr = s["primary"]
+  assert f"mean difference **{r.fmt(pr['mean'], 3)}**" in md and f"**Verdict: {pr['verdict']}.**" in md
+  assert md.index("fixed before any run") < md.index("Verdict")
+  a = s["leaderboard"][analysis.PRIMARY["a"]]
+  assert f"| `{analysis.PRIMARY['a']}` | {report.fmt_ms(a['T1_auroc']['mean'], a['T1_auroc']['sd'], 8)} |" in md
+  assert f"| `lira_on_{analysis.PRIMARY['b']}` |" in md and "Secondary tests with q < 0.05" in md
+
+
+def test_committed_benchmark_figures_follow_from_the_model_records():
+  """Every committed benchmark copy is recomputed from the per-model records committed beside it."""
+  from memvol.bench import analysis, model
+  r = _script()
+  results = os.path.join(ROOT, "docs", "results")
+  for name in sorted(f[: -len(".summary.json")] for f in os.listdir(results) if f.endswith(".summary.json")):
+    with open(os.path.join(results, f"{name}.summary.json")) as f:
+      committed = json.load(f)
+    if committed["kind"] != "bench":
+      continue
+    recs = model.load_records(os.path.join(results, name))
+    assert [x["model"] for x in recs] == committed["models_done"], name
+    s = analysis.summarise(recs, committed["choice"], committed["num_models_planned"], committed["num_bootstrap"])
+    s = json.loads(json.dumps(report.jsonable(s, "", [], {})))
+    assert {"kind": "bench", **r.extract_bench(s)} == committed, name
 
 
 def test_mean_sd_cells_print_as_the_report_prints_them():

@@ -1,0 +1,221 @@
+"""The benchmark's report.md and figures, from summary.json's content (analysis.summarise)."""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from memvol import io, plotting, report
+from memvol.bench import analysis
+
+FIGURES = ("primary.png", "propensity.png", "frontier.png")
+TASK_NAMES = {"T1_auroc": "T1 AUROC", "T2_auroc": "T2 AUROC", "T3_spearman": "T3 Spearman", "T5_spearman": "T5 Spearman"}
+
+
+def _ms(g: dict[str, Any], digits: int = 3) -> str:
+  return report.fmt_ms(g.get("mean"), g.get("sd"), g.get("n"), digits)
+
+
+def _f(x: Any) -> float:
+  return math.nan if x is None else float(x)
+
+
+def primary_lines(s: dict[str, Any]) -> list[str]:
+  """The pre-registered comparison, stated before its numbers, then the numbers and the verdict."""
+  pr = s["primary"]
+  lines = [f"**Primary comparison (fixed before any run):** {TASK_NAMES[pr['task']]} of `{pr['a']}` minus "
+           f"that of `{pr['b']}`, per model; the mean over the models; {pr['test']} at alpha = {pr['alpha']:g}, "
+           f"with a {pr['interval']}.", ""]
+  if "mean" not in pr:
+    return lines + [f"Result: {pr['verdict']}."]
+  pos, neg = pr["positives"], pr["negatives"]
+  lines += [f"Result over M = {pr['n']} models with both groups ({len(s['models_done'])} of "
+            f"{s['num_models_planned']} planned done): mean difference **{report.fmt(pr['mean'], 3)}** "
+            f"(sd {report.fmt(pr['sd'], 2)} over models), t = {report.fmt(pr['t'], 3)}, p = {report.fmt_p(pr['p'])}; "
+            f"t interval [{report.fmt(pr['t_ci'][0], 3)}, {report.fmt(pr['t_ci'][1], 3)}], crossed bootstrap 95 % "
+            f"interval [{report.fmt(pr['boot_ci'][0], 3)}, {report.fmt(pr['boot_ci'][1], 3)}]. "
+            f"Copied / not copied IN images per model: {np.mean(pos):.1f} / {np.mean(neg):.1f} on average "
+            f"(min {min(pos)} / {min(neg)}). **Verdict: {pr['verdict']}.**", "",
+            f"Power: with this sd, a +-{pr['target_half_width']:g} interval needs about "
+            f"{report.fmt(pr['models_for_target'])} models.", ""]
+  if not s["complete"]:
+    lines += [f"Interim: {len(s['models_done'])} of {s['num_models_planned']} models; the test is read at the "
+              "planned M.", ""]
+  return lines
+
+
+def plan_lines(s: dict[str, Any]) -> list[str]:
+  ch = s["choice"]
+  return [f"{s['num_models_planned']} models, each trained on a class-balanced random half of a pool of "
+          f"{s['pool_size']} distinct images (every image IN for exactly half of them, in complementary pairs), "
+          f"{ch['train_steps']} training steps, {s['num_samples']} samples per model searched for copies of the whole "
+          f"pool. Regime: {ch['rule']}. Samples: {ch['sizing']}.", ""]
+
+
+def pilot_table(s: dict[str, Any]) -> list[str]:
+  ch = s["choice"]
+  return [report.markdown_table(["pool N", "steps", "IN copied", "share", "copies", "samples"],
+                                [[str(p["pool_size"]), str(r["steps"]), str(r["copied"]), report.fmt(r["share_copied"], 3),
+                                  str(r["copies"]), str(p["num_samples"])] for p in ch["pilots"] for r in p["grid"]]), ""]
+
+
+def copies_lines(s: dict[str, Any]) -> list[str]:
+  cp = s["copies"]
+  return [f"Copy rate per (model, image): IN {report.fmt(cp['IN_rate'], 3)}, OUT {report.fmt(cp['OUT_rate'], 3)} "
+          f"(the criterion's false positives); share of a model's IN images copied at least once "
+          f"{_ms(cp['IN_share_copied'])}, of its OUT images {_ms(cp['OUT_share_copied'])}.", ""]
+
+
+def leaderboard_lines(s: dict[str, Any], names: list[str]) -> list[str]:
+  """The leaderboard rows of `names` (in that order) with the lines that explain them."""
+  board = s["leaderboard"]
+  header = ["score", "T1 AUROC", "TPR@1%", "TPR@0.1%", "T2 AUROC", "T2 vs loss q", "T3 rho", "T5 rho", "T5 q",
+            "passes / image", "s / image"]
+  rows = [[f"`{n}`", _ms(board[n]["T1_auroc"]), report.fmt(board[n]["T1_tpr@0.01"], 3),
+           report.fmt(board[n]["T1_tpr@0.001"], 3), _ms(board[n]["T2_auroc"]), report.fmt_p(board[n]["T2_q_vs_baseline"]),
+           report.fmt(board[n]["T3_spearman"], 3), report.fmt(board[n]["T5_spearman"], 3), report.fmt_p(board[n]["T5_q_vs_0"]),
+           _ms(board[n]["passes_per_image"], 4), _ms(board[n]["seconds_per_image"], 3)] for n in names]
+  return ["Higher = more memorised; ranked by T2 (mean ± sd over models (n)). T1: IN vs OUT per model (TPRs pooled "
+          "over models). T2: copied vs not among a model's IN images. T3 / T5: Spearman over images of the score "
+          "averaged over the image's IN / OUT models with its counterfactual propensity p_i. q: "
+          f"{s['correction']} ({s['num_secondary']} tests); `lira_off_` / `lira_on_`: LiRA's offline / online "
+          "per-example calibration from the other models. Passes and seconds are the scored model's own; a "
+          "calibrated score also needs the image scored by the other models (shadow models, here the plan's own).", "",
+          report.markdown_table(header, rows), "",
+          f"Cost-accuracy front on T2 among the raw scores (cheapest first): "
+          f"{', '.join(f'`{n}`' for n in s['front_T2']) or 'none'}.", ""]
+
+
+def significant(s: dict[str, Any], q: float = 0.05) -> list[dict[str, Any]]:
+  """The secondary tests with q below `q`, smallest q first."""
+  sig = [t for t in s["secondary"] if math.isfinite(_f(t["q"])) and t["q"] < q]
+  return sorted(sig, key=lambda t: t["q"])
+
+
+def secondary_lines(s: dict[str, Any], most: int = 40) -> list[str]:
+  sig = significant(s)
+  lines = [f"Secondary tests with q < 0.05: {len(sig)} of {s['num_secondary']}" + (":" if sig else ".")]
+  lines += [f"- `{t['score']}` vs {t['vs']} on {TASK_NAMES[t['task']]}: difference {report.fmt(t['diff'], 3)}, "
+            f"p {report.fmt_p(t['p'])}, q {report.fmt_p(t['q'])} ({t['test']})" for t in sig[:most]]
+  if len(sig) > most:
+    lines.append(f"- ... and {len(sig) - most} more (summary.json)")
+  return lines + [""]
+
+
+def cost_lines(s: dict[str, Any]) -> list[str]:
+  sec = s["seconds_per_model"]
+  return ["Seconds per model (mean ± sd (n)): " + ", ".join(f"{k} {_ms(v, 3)}" for k, v in sec.items())
+          + f"; share of a model's time spent compiling {_ms(s['compile_share'], 2)} (the first model of a process "
+          "compiles, the rest reuse its programs).", ""]
+
+
+def ranked(s: dict[str, Any], calibrated: bool | None = None) -> list[str]:
+  """Scores ranked by T2 (those without a T2 value last); only raw or only calibrated ones
+  when `calibrated` says so."""
+  names = s["ranking_T2"] + [n for n in s["scores"] if n not in s["ranking_T2"]]
+  if calibrated is None:
+    return names
+  return [n for n in names if (analysis.raw_of(n) != n) == calibrated]
+
+
+def render_markdown(s: dict[str, Any], figures: list[str]) -> str:
+  lines = ["# memvol benchmark: which training images will the model copy?", ""]
+  lines += plan_lines(s) + pilot_table(s) + copies_lines(s) + primary_lines(s)
+  lines += leaderboard_lines(s, ranked(s)) + secondary_lines(s) + cost_lines(s)
+  lines += [f"![{os.path.basename(f)}]({os.path.basename(f)})" for f in figures]
+  return "\n".join(lines) + "\n"
+
+
+def readme_markdown(s: dict[str, Any]) -> str:
+  """The README's block: the plan, the primary test and verdict, the raw scores' leaderboard,
+  the calibrated ones', the significant secondary tests and the cost."""
+  lines = plan_lines(s) + copies_lines(s) + primary_lines(s)
+  lines += leaderboard_lines(s, ranked(s, calibrated=False))
+  lines += ["The same scores after LiRA calibration:", "", report.markdown_table(
+      ["score", "T1 AUROC", "TPR@0.1%", "T2 AUROC", "T5 rho"],
+      [[f"`{n}`", _ms(s["leaderboard"][n]["T1_auroc"]), report.fmt(s["leaderboard"][n]["T1_tpr@0.001"], 3),
+        _ms(s["leaderboard"][n]["T2_auroc"]), report.fmt(s["leaderboard"][n]["T5_spearman"], 3)]
+       for n in ranked(s, calibrated=True)]), ""]
+  lines += secondary_lines(s, most=12) + cost_lines(s)
+  return "\n".join(lines).rstrip("\n")
+
+
+def primary_figure(s: dict[str, Any], path: str) -> None:
+  """Per-model T2 AUROC difference (sorted), its mean, t and bootstrap intervals."""
+  plt = plotting.pyplot()
+  pr = s["primary"]
+  fig, ax = plt.subplots(figsize=(8, 4.5))
+  d = np.array([_f(v) for v in pr.get("per_model", [])])
+  d = np.sort(d[np.isfinite(d)])
+  if d.size:
+    ax.plot(np.arange(d.size), d, "o", ms=4, label="one model")
+    ax.axhline(pr["mean"], color="k", lw=1.5, label=f"mean {pr['mean']:.3f}")
+    lo, hi = (_f(v) for v in pr["boot_ci"])
+    if math.isfinite(lo):
+      ax.axhspan(lo, hi, color="C1", alpha=0.3, label=f"crossed bootstrap 95% [{lo:.3f}, {hi:.3f}]")
+  else:
+    ax.text(0.5, 0.5, "no model has copied and uncopied IN images", transform=ax.transAxes, ha="center")
+  ax.axhline(0, color="grey", lw=0.8, ls="--")
+  ax.set_xlabel("model (sorted by its difference)")
+  ax.set_ylabel(f"T2 AUROC: {pr['a']} - {pr['b']}")
+  ax.set_title(f"primary comparison: {pr['verdict']}", fontsize=10)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  plotting.save_figure(fig, path)
+
+
+def propensity_figure(s: dict[str, Any], path: str) -> None:
+  """p_i against the primary pair's scores averaged over the image's IN (T3) and OUT (T5) models."""
+  plt = plotting.pyplot()
+  p = np.array([_f(v) for v in s["propensity"]["p"]])
+  names = list(s["mean_scores"])
+  fig, axes = plt.subplots(len(names) or 1, 2, figsize=(11, 4 * max(1, len(names))), squeeze=False)
+  for row, n in zip(axes, names):
+    for ax, task in zip(row, ("T3", "T5")):
+      v = np.array([_f(x) for x in s["mean_scores"][n][task]])
+      ax.scatter(v, p, s=10, alpha=0.7)
+      rho = s["leaderboard"][n][f"{task}_spearman"]
+      ax.set_title(f"{task}: {n}, Spearman {report.fmt(rho, 3)}", fontsize=9)
+      ax.set_xlabel(f"score averaged over the image's {'IN' if task == 'T3' else 'OUT'} models")
+      ax.set_ylabel("copy propensity p_i (IN rate - OUT rate)")
+      ax.grid(alpha=0.3)
+  plotting.save_figure(fig, path)
+
+
+def frontier_figure(s: dict[str, Any], path: str) -> None:
+  """T2 AUROC (mean ± sd over models) against network passes per image, with the front."""
+  plt = plotting.pyplot()
+  board = s["leaderboard"]
+  fig, ax = plt.subplots(figsize=(9, 5.5))
+  names = [n for n in s["scores"] if math.isfinite(_f(board[n]["T2_auroc"]["mean"]))
+           and math.isfinite(_f(board[n]["passes_per_image"]["mean"]))]
+  for n in names:
+    x, y = board[n]["passes_per_image"]["mean"], board[n]["T2_auroc"]["mean"]
+    kind = n.split("_")[0] + "_" + n.split("_")[1] if n.startswith("lira_") else "raw"
+    ax.errorbar(x, y, yerr=np.nan_to_num(_f(board[n]["T2_auroc"]["sd"])), capsize=2, alpha=0.7,
+                fmt={"raw": "s", "lira_off": "o", "lira_on": "^"}[kind], color="C0" if analysis.is_volume(n) else "C3")
+    ax.annotate(n, (x, y), fontsize=5, xytext=(3, 3), textcoords="offset points")
+  front = s["front_T2"]
+  if front:
+    ax.step([board[n]["passes_per_image"]["mean"] for n in front], [board[n]["T2_auroc"]["mean"] for n in front],
+            "k--", where="post", lw=1, label="front of the raw scores (blue: volume, red: peers; s raw, o LiRA offline, ^ online)")
+    ax.legend(fontsize=7)
+  ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+  ax.set_xscale("log")
+  ax.set_xlabel("network passes per image (log)")
+  ax.set_ylabel("T2 AUROC (copied vs not among IN), mean ± sd over models")
+  ax.grid(alpha=0.3)
+  plotting.save_figure(fig, path)
+
+
+def write(s: dict[str, Any], folder: str) -> list[str]:
+  """The three figures and report.md in `folder`; the figures' paths."""
+  figs = [os.path.join(folder, f) for f in FIGURES]
+  for fn, path in zip((primary_figure, propensity_figure, frontier_figure), figs):
+    fn(s, path)
+  with io.atomic_open(os.path.join(folder, "report.md"), "w") as f:
+    f.write(render_markdown(s, figs))
+  return figs
