@@ -1,7 +1,7 @@
 """Cheap L: every hutchinson setting against the adaptive reference, on a trained job's images.
 
   python scripts/bench_cheap_l.py --workdir=runs/mnist [--out=runs/mnist/bench_cheap_l]
-      [--config=experiments/configs/mnist.py] [--num_images=0] [--only=name,name]
+      [--config=experiments/configs/mnist.py] [--num_images=0] [--only=name,name] [--probe_keys=5]
 
 Loads the job's (EMA) network and split through memvol.loading / memvol.data, scores every
 image (train then held-out, the score stage's order and probe keys) with each setting of
@@ -28,6 +28,7 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,9 +65,10 @@ def options_of(config, name: str) -> volume.VolumeOptions:
   return volume.VolumeOptions.from_config(config, base, **spec)
 
 
-def _digest(opts: volume.VolumeOptions, params_digest: str, images_digest: str) -> str:
+def _digest(opts: volume.VolumeOptions, params_digest: str, images_digest: str, key_index: int = 0) -> str:
   o = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts) if f.name != "sde"}
-  blob = json.dumps([o, type(opts.sde).__name__, dataclasses.asdict(opts.sde), params_digest, images_digest],
+  extra = [key_index] if key_index else []  # key 0 keeps the digests of caches made before keys were counted
+  blob = json.dumps([o, type(opts.sde).__name__, dataclasses.asdict(opts.sde), params_digest, images_digest] + extra,
                     sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -107,6 +109,20 @@ def row_of(name: str, rec: dict[str, np.ndarray], ref: dict[str, np.ndarray], is
           "spearman": rho, "rel_err_of_mean": float(abs(np.mean(L) - np.mean(Lr)) / abs(np.mean(Lr))),
           "median_rel_err": float(np.median(rel)), "max_rel_err": float(np.max(rel)),
           "num_failed": int(np.sum(rec["status"] != 0)), "auroc": aurocs}
+
+
+def over_keys(rows: list[dict]) -> dict:
+  """One row from the rows of K probe keys: every number its mean, the AUROCs with their sd
+  (ddof 1; NaN for one key) under `auroc_sd`, and `num_keys`."""
+  out = dict(rows[0])
+  for k, v in rows[0].items():
+    if isinstance(v, float):
+      out[k] = float(np.mean([r[k] for r in rows]))
+  out["auroc"] = {c: float(np.mean([r["auroc"][c] for r in rows])) for c in rows[0]["auroc"]}
+  out["auroc_sd"] = {c: float(np.std([r["auroc"][c] for r in rows], ddof=1)) if len(rows) > 1 else float("nan")
+                     for c in rows[0]["auroc"]}
+  out["num_keys"] = len(rows)
+  return out
 
 
 def reference_profile(config, table, ref: dict[str, np.ndarray], is_train, det) -> tuple[str, dict]:
@@ -163,7 +179,8 @@ def markdown(rows: list[dict], ref_passes: float) -> str:
              f"{r['seconds_per_image']:.3f}", f"{r['mean_L']:.1f}", f"{r['spearman']:.4f}",
              f"{100 * r['rel_err_of_mean']:.2f}%",
              f"{100 * r['median_rel_err']:.2f}% / {100 * r['max_rel_err']:.2f}%"]
-    cells += [f"{r['auroc'][k]:.3f}" for k in comps]
+    sd = r.get("auroc_sd", {})
+    cells += [f"{r['auroc'][k]:.3f}" + (f" ± {sd[k]:.3f}" if np.isfinite(sd.get(k, np.nan)) else "") for k in comps]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -175,6 +192,7 @@ def main(argv=None) -> None:
   ap.add_argument("--config", default="experiments/configs/mnist.py")
   ap.add_argument("--num_images", type=int, default=0, help="score only the first n images of each split (0 = all)")
   ap.add_argument("--only", default="", help="comma-separated setting names (the reference is always scored)")
+  ap.add_argument("--probe_keys", type=int, default=1, help="probe keys per setting but the reference (mean ± sd)")
   args = ap.parse_args(argv)
   from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
   import importlib.util
@@ -206,17 +224,20 @@ def main(argv=None) -> None:
   results = {}
   for name in names:
     opts = options_of(config, name)
-    cache = os.path.join(out, "cache", f"{name.replace(' ', '_').replace('@', '-')}_{_digest(opts, pdig, idig)}.npz")
-    if os.path.exists(cache):
-      results[name] = io.load_npz(cache)
-      print(f"[bench] {name}: cached {cache}", flush=True)
-      continue
-    print(f"[bench] {name}: {len(table.ids)} images", flush=True)
-    rec = score_setting(eps_fn, table, key, opts, mesh, bs, lambda s: print(s, flush=True))
-    io.save_npz(cache, **rec)
-    results[name] = rec
-  ref = results["reference"]
-  rows = [row_of(n, results[n], ref, is_train, det) for n in names]
+    results[name] = []
+    for k in range(1 if name == "reference" else max(1, args.probe_keys)):
+      cache = os.path.join(out, "cache", f"{name.replace(' ', '_').replace('@', '-')}_{_digest(opts, pdig, idig, k)}.npz")
+      if os.path.exists(cache):
+        results[name].append(io.load_npz(cache))
+        print(f"[bench] {name} key {k}: cached {cache}", flush=True)
+        continue
+      print(f"[bench] {name} key {k}: {len(table.ids)} images", flush=True)
+      rec = score_setting(eps_fn, table, key if k == 0 else jax.random.fold_in(key, k), opts, mesh, bs,
+                          lambda s: print(s, flush=True))
+      io.save_npz(cache, **rec)
+      results[name].append(rec)
+  ref = results["reference"][0]
+  rows = [over_keys([row_of(n, rec, ref, is_train, det) for rec in results[n]]) for n in names]
   md = markdown(rows, rows[0]["passes_per_image"])
   prof_md, prof = reference_profile(config, table, ref, is_train, det)
   md += "\n" + prof_md
