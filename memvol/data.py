@@ -437,7 +437,7 @@ def load_pool(data_cfg: Any) -> ImageSet:
 # --- split -----------------------------------------------------------------------------
 
 
-def _round_robin(index: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def round_robin(index: np.ndarray, labels: np.ndarray) -> np.ndarray:
   """`index` reordered so classes take turns (k-th image of every class, then the
   (k+1)-th, ...), each class's images in their order in `index`: a prefix of any length
   is class-balanced."""
@@ -499,9 +499,9 @@ def _split_index(data_cfg: Any, labels: np.ndarray) -> tuple[np.ndarray, np.ndar
   rng = np.random.default_rng(int(data_cfg.split_seed))
   perm = pool[rng.permutation(len(pool))]
   if data_cfg.get("balanced", True):
-    train = _round_robin(perm, labels)[:n_train]
+    train = round_robin(perm, labels)[:n_train]
     rest = perm[~np.isin(perm, train)]
-    held = _round_robin(rest, labels)[:n_held]
+    held = round_robin(rest, labels)[:n_held]
   else:
     train, held = perm[:n_train], perm[n_train:n_train + n_held]
   train, held = np.sort(train), np.sort(held)
@@ -609,10 +609,21 @@ def _member_split(data_cfg: Any) -> Split:
       raise ValueError(f"data.{field}={n} must be in [1, {len(index)}], the {what} in {path}"
                        + (f" of classes {tuple(data_cfg.classes)}" if len(data_cfg.classes) else ""))
     perm = index[rng.permutation(len(index))]
-    drawn.append(np.sort(_round_robin(perm, source.labels)[:n] if data_cfg.get("balanced", True) else perm[:n]))
+    drawn.append(np.sort(round_robin(perm, source.labels)[:n] if data_cfg.get("balanced", True) else perm[:n]))
   tr = _load(source, drawn[0], f"members ({path})")
   ho = _load(source, drawn[1], f"non-members ({path})")
   return Split(tr, ho, np.ones(len(tr), np.int64))
+
+
+def draw_pool(data_cfg: Any, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(ids [size] ascending, their labels): `size` distinct images of data.name, drawn as the
+  training images of a split with data.num_train = size would be (class-balanced when
+  data.balanced, by data.split_seed), so pools of growing size are nested."""
+  sub = _with(data_cfg, num_train=int(size), num_heldout=0, num_duplicated=0, dup_strata=(),
+              member_split_path="", heldout_name="")
+  labels = _source(sub).labels
+  ids, _, _ = _split_index(sub, labels)
+  return ids, labels[ids]
 
 
 def make_split(data_cfg: Any) -> Split:

@@ -1,6 +1,6 @@
 """The benchmark's plan: the pool, each model's half of it, shards, claims and the pilot.
 
-Pool: N distinct images of data.name drawn class-balanced by data.split_seed (the prefix of
+Pool: N distinct images of data.name drawn class-balanced by data.split_seed (data.draw_pool:
 the draw data.num_train = N would make, so the candidate pools of the pilot are nested).
 Halves: models come in complementary pairs; pair k orders the pool by its own permutation
 (default_rng((split_seed, PAIR_STREAM, k))), class by class in turn, and model 2k trains on
@@ -37,16 +37,9 @@ PILOT_SEED = 10_000  # config.seed + this: the pilot's models, never one of the 
 # --- pool and halves -------------------------------------------------------------------
 
 
-def pool(config: Any, pool_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(ids [N] ascending, labels [N]): the pool of N (default bench.pool_size) distinct images."""
-  n = int(config.bench.pool_size if pool_size is None else pool_size)
-  d = copy.deepcopy(config.data)
-  d.unlock()
-  d.num_train, d.num_heldout, d.num_duplicated, d.dup_strata = n, 0, 0, ()
-  d.member_split_path, d.heldout_name = "", ""
-  labels = data._source(d).labels
-  ids, _, _ = data._split_index(d, labels)
-  return ids, labels[ids]
+def pool(config: Any, pool_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """(ids [N] ascending, labels [N]): the pool of N distinct images (data.draw_pool)."""
+  return data.draw_pool(config.data, int(pool_size))
 
 
 def balanced_halves(labels: np.ndarray, num_models: int, seed: int) -> np.ndarray:
@@ -59,7 +52,7 @@ def balanced_halves(labels: np.ndarray, num_models: int, seed: int) -> np.ndarra
   mask = np.zeros((m, n), bool)
   for k in range(m // 2):
     rng = np.random.default_rng((int(seed), PAIR_STREAM, k))
-    order = data._round_robin(rng.permutation(n), labels)
+    order = data.round_robin(rng.permutation(n), labels)
     mask[2 * k, order[: n // 2]] = True
     mask[2 * k + 1] = ~mask[2 * k]
   return mask
