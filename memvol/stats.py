@@ -22,12 +22,6 @@ Definitions
 * Holm: the step-down Bonferroni correction of a family of m p-values (controls the
   family-wise error rate): with p_(1) <= ... <= p_(m), adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)).
 
-* Wilson interval of a binomial proportion k / n: the score interval
-  (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), z the normal quantile of the level.
-* DeLong paired AUROC test (DeLong et al. 1988): two scores a, b on the same positives and
-  negatives; placement values V10_i = mean_j psi(x_i, y_j), V01_j = mean_i psi(x_i, y_j)
-  (psi = 1, 1/2, 0 for x > y, =, <), var(A_a - A_b) = c' S10 c / m + c' S01 c / n with
-  c = (1, -1) and S10, S01 the (ddof 1) covariances of the placements; z = diff / sd.
 * Paired t over replicates: the differences d_m of two scores on replicate m (independent
   models), t = mean / (sd / sqrt(M)) on M - 1 degrees of freedom; the evidence grows with M.
 * Benjamini-Hochberg: q_(i) = min_{j >= i} min(1, m p_(j) / j) (false discovery rate).
@@ -217,57 +211,23 @@ def compare(pos: Any, neg: Any, *, num_bootstrap: int = 1000, seed: int = 0,
   }
 
 
-def holm(p: Any) -> np.ndarray:
-  """Holm-adjusted p-values of one family, in the input order [m]; NaN entries (no test)
-  stay NaN and are not counted in m."""
+def _family(p: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(p [m] as float64, an all-NaN output [m], the indices of the finite p in ascending order):
+  the shared start of a multiple-testing correction. ValueError for a p outside [0, 1]."""
   a = np.asarray(p, np.float64).reshape(-1)
-  out = np.full(a.shape, math.nan)
   keep = np.flatnonzero(np.isfinite(a))
   if ((a[keep] < 0) | (a[keep] > 1)).any():
     raise ValueError(f"p-values must be in [0, 1], got {a[keep][(a[keep] < 0) | (a[keep] > 1)].tolist()}")
-  order = keep[np.argsort(a[keep], kind="stable")]
+  return a, np.full(a.shape, math.nan), keep[np.argsort(a[keep], kind="stable")]
+
+
+def holm(p: Any) -> np.ndarray:
+  """Holm-adjusted p-values of one family, in the input order [m]; NaN entries (no test)
+  stay NaN and are not counted in m."""
+  a, out, order = _family(p)
   m = order.size
   out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * a[order]))
   return out
-
-
-def wilson_interval(k: Any, n: Any, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-  """Wilson score interval (lo, hi) of the proportions k / n (arrays broadcast; n >= 1)."""
-  k, n = np.asarray(k, np.float64), np.asarray(n, np.float64)
-  if np.any(n < 1) or np.any(k < 0) or np.any(k > n):
-    raise ValueError("wilson_interval needs 0 <= k <= n and n >= 1")
-  z = float(sps.norm.ppf(0.5 + level / 2.0))
-  p = k / n
-  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-  half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-  return np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
-
-
-def _placements(p: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """DeLong placement values: V10 [m] of the positives, V01 [k] of the negatives."""
-  psi = (p[:, None] > n[None, :]) + 0.5 * (p[:, None] == n[None, :])
-  return psi.mean(1), psi.mean(0)
-
-
-def delong_paired(pos_a: Any, neg_a: Any, pos_b: Any, neg_b: Any) -> dict[str, float]:
-  """DeLong test of AUROC(a) - AUROC(b), two scores of the same images (pos_a[i] and
-  pos_b[i] are one image; all values finite): {auc_a, auc_b, diff, se, z, p (two-sided)};
-  z and p NaN when the difference has zero variance (e.g. identical rankings)."""
-  arrs = [np.asarray(v, np.float64) for v in (pos_a, neg_a, pos_b, neg_b)]
-  if arrs[0].shape != arrs[2].shape or arrs[1].shape != arrs[3].shape or min(arrs[0].size, arrs[1].size) < 2:
-    raise ValueError("delong_paired needs the same >= 2 positives and >= 2 negatives under both scores")
-  if not all(np.isfinite(a).all() for a in arrs):
-    raise ValueError("delong_paired needs finite scores (drop the images first, for both scores)")
-  (v10a, v01a), (v10b, v01b) = _placements(arrs[0], arrs[1]), _placements(arrs[2], arrs[3])
-  auc_a, auc_b = float(v10a.mean()), float(v10b.mean())
-  c = np.array([1.0, -1.0])
-  var = c @ np.cov(np.stack([v10a, v10b])) @ c / v10a.size + c @ np.cov(np.stack([v01a, v01b])) @ c / v01a.size
-  diff = auc_a - auc_b
-  if not var > 1e-15:
-    return {"auc_a": auc_a, "auc_b": auc_b, "diff": diff, "se": 0.0, "z": math.nan, "p": math.nan}
-  z = diff / math.sqrt(var)
-  return {"auc_a": auc_a, "auc_b": auc_b, "diff": diff, "se": math.sqrt(var), "z": float(z),
-          "p": float(2 * sps.norm.sf(abs(z)))}
 
 
 def paired_t(d: Any, level: float = 0.95) -> dict[str, float]:
@@ -294,12 +254,7 @@ def benjamini_hochberg(p: Any) -> np.ndarray:
   with p_(1) <= ... <= p_(m), q_(i) = min_{j >= i} min(1, m p_(j) / j). Controls the false
   discovery rate under independence or positive dependence. NaN entries stay NaN and are not
   counted in m."""
-  a = np.asarray(p, np.float64).reshape(-1)
-  out = np.full(a.shape, math.nan)
-  keep = np.flatnonzero(np.isfinite(a))
-  if ((a[keep] < 0) | (a[keep] > 1)).any():
-    raise ValueError(f"p-values must be in [0, 1], got {a[keep][(a[keep] < 0) | (a[keep] > 1)].tolist()}")
-  order = keep[np.argsort(a[keep], kind="stable")]
+  a, out, order = _family(p)
   m = order.size
   q = a[order] * m / np.arange(1, m + 1)
   out[order] = np.minimum(1.0, np.minimum.accumulate(q[::-1])[::-1])

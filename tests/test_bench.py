@@ -92,6 +92,20 @@ def test_paired_t_and_benjamini_hochberg_by_hand():
   assert math.isnan(stats.paired_t([0.1, 0.1])["p"])  # no spread: no test
   # BH of (0.01, 0.04, 0.03, nan): sorted 0.01, 0.03, 0.04 -> 0.03, 0.04, 0.04
   np.testing.assert_allclose(stats.benjamini_hochberg([0.01, 0.04, 0.03, math.nan]), [0.03, 0.04, 0.04, math.nan])
+  np.testing.assert_allclose(stats.holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])  # Holm: 3p, max(2p, .), ...
+  with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    stats.benjamini_hochberg([0.5, 1.5])
+
+
+def test_spearman_paired_bootstrap():
+  rng = np.random.default_rng(1)
+  y = rng.integers(0, 5, 60).astype(float)
+  good, bad = y + rng.normal(size=60) * 0.5, rng.normal(size=60)
+  r = stats.spearman_diff_boot(good, bad, y, 300)
+  assert r["diff"] == pytest.approx(stats.spearman(good, y)[0] - stats.spearman(bad, y)[0])
+  assert r["z"] > 3 and r["p"] < 0.01  # a score that tracks y beats noise clearly
+  same = stats.spearman_diff_boot(good, good, y, 50)
+  assert same["diff"] == 0.0 and math.isnan(same["z"]) and math.isnan(same["p"])  # no variance, no test
 
 
 def test_crossed_bootstrap_by_hand():
