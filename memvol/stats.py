@@ -269,7 +269,7 @@ def auroc_kernel(pos: Any, neg: Any) -> np.ndarray:
 
 def crossed_bootstrap_auroc_diff(units: list[tuple[np.ndarray, np.ndarray, np.ndarray]], num_images: int,
                                  num_bootstrap: int = 2000, level: float = 0.95, seed: int = 0,
-                                 ) -> dict[str, Any]:
+                                 models: bool = True, images: bool = True) -> dict[str, Any]:
   """Two-way (crossed) bootstrap of the mean over replicates (models) of an AUROC difference.
 
   units: per model (pos [P] and neg [Q] image indices in [0, num_images), kernel [P, Q] =
@@ -278,13 +278,16 @@ def crossed_bootstrap_auroc_diff(units: list[tuple[np.ndarray, np.ndarray, np.nd
   weights for every model: images and models are crossed random factors); a model's AUROC
   difference under image weights v is sum v_p v_q K_pq / (sum v_p sum v_q), undefined (left out)
   when its resampled positives or negatives are empty. Returns {estimate (the plain mean),
-  ci_lo, ci_hi (percentile interval at `level`), sd (of the resamples), draws [num_bootstrap]}."""
+  ci_lo, ci_hi (percentile interval at `level`), sd (of the resamples), draws [num_bootstrap]}.
+  models / images False keeps that factor fixed (weights 1): the two one-way bootstraps say
+  how much of the spread each factor makes."""
   if not units:
     raise ValueError("crossed_bootstrap_auroc_diff needs at least one model")
   rng = np.random.default_rng(seed)
   m = len(units)
   v = rng.multinomial(num_images, np.full(num_images, 1.0 / num_images), size=num_bootstrap).astype(np.float64)
   w = rng.multinomial(m, np.full(m, 1.0 / m), size=num_bootstrap).astype(np.float64)
+  v, w = (x if on else np.ones_like(x) for x, on in ((v, images), (w, models)))
   vals = np.full((num_bootstrap, m), math.nan)
   for j, (pos, neg, kernel) in enumerate(units):
     vp, vn = v[:, np.asarray(pos, np.int64)], v[:, np.asarray(neg, np.int64)]

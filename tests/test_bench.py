@@ -121,6 +121,9 @@ def test_crossed_bootstrap_by_hand():
   r = stats.crossed_bootstrap_auroc_diff(units, 2, 4000, seed=2)
   assert r["estimate"] == pytest.approx(d.mean())
   assert r["sd"] == pytest.approx(d.std() / math.sqrt(40), rel=0.1)
+  # ... and the one-way bootstraps split it: all of it from the models, none from the images
+  assert stats.crossed_bootstrap_auroc_diff(units, 2, 4000, seed=2, images=False)["sd"] == pytest.approx(r["sd"], rel=0.1)
+  assert stats.crossed_bootstrap_auroc_diff(units, 2, 500, seed=2, models=False)["sd"] == pytest.approx(0.0, abs=1e-12)
   # weighted AUROC under image weights: one model, positives 0, 1 and negative 2; with
   # a kernel (1, 0) the resamples are the share of positive weight on image 0
   r = stats.crossed_bootstrap_auroc_diff([(np.array([0, 1]), np.array([2]), np.array([[1.0], [0.0]]))], 3, 3000, seed=3)

@@ -143,7 +143,9 @@ def primary_units(a: np.ndarray, b: np.ndarray, IN: np.ndarray, c: np.ndarray
 def primary_test(table: dict[str, Any], scores: dict[str, np.ndarray], IN: np.ndarray, c: np.ndarray,
                  num_bootstrap: int, seed: int = 0) -> dict[str, Any]:
   """The pre-registered comparison (PRIMARY): per-model differences, paired t, crossed
-  bootstrap interval, verdict, and the models a +-CI_TARGET interval would need."""
+  bootstrap interval, verdict, the models a +-CI_TARGET t interval would need, and the sd of
+  the two one-way bootstraps (models only, images only): the images' part of the crossed
+  interval is what more models cannot shrink; a larger pool can."""
   a, b = PRIMARY["a"], PRIMARY["b"]
   out: dict[str, Any] = dict(PRIMARY)
   if a not in scores or b not in scores:
@@ -151,8 +153,10 @@ def primary_test(table: dict[str, Any], scores: dict[str, np.ndarray], IN: np.nd
   d = table[a]["T2_auroc"] - table[b]["T2_auroc"]
   t = stats.paired_t(d)
   units = primary_units(scores[a], scores[b], IN, c)
-  boot = (stats.crossed_bootstrap_auroc_diff(units, IN.shape[1], num_bootstrap, seed=seed) if len(units) > 1
-          else {"ci_lo": math.nan, "ci_hi": math.nan, "sd": math.nan})
+  nan = {"ci_lo": math.nan, "ci_hi": math.nan, "sd": math.nan}
+  boot, by_models, by_images = ((stats.crossed_bootstrap_auroc_diff(units, IN.shape[1], num_bootstrap, seed=seed, **kw)
+                                 if len(units) > 1 else nan)
+                                for kw in ({}, {"images": False}, {"models": False}))
   lo, hi = boot["ci_lo"], boot["ci_hi"]
   better = "volume" if t["mean"] > 0 else "loss"
   decided = t["p"] < PRIMARY["alpha"] and (lo > 0 or hi < 0) and (lo > 0) == (t["mean"] > 0)
@@ -161,11 +165,13 @@ def primary_test(table: dict[str, Any], scores: dict[str, np.ndarray], IN: np.nd
   need = math.ceil((1.96 * t["sd"] / CI_TARGET) ** 2) if math.isfinite(t["sd"]) else math.nan
   why = (f"{t['n']} model(s) with both copied and uncopied IN images: no paired test" if t["n"] < 2
          else "the per-model differences have no spread")
-  t, boot_sd, lo, hi, need = (_named(v, why) for v in (t, boot["sd"], lo, hi, need))
+  t, boot_sd, lo, hi, need, sd_m, sd_i = (_named(v, why) for v in (t, boot["sd"], lo, hi, need, by_models["sd"],
+                                                                     by_images["sd"]))
   return out | {"per_model": [_named(float(v), "no copied or no uncopied IN image in this model") for v in d],
                 "mean": t["mean"], "sd": t["sd"], "n": t["n"], "t": t["t"], "p": t["p"],
                 "t_ci": [t["ci_lo"], t["ci_hi"]], "boot_ci": [lo, hi], "boot_sd": boot_sd, "verdict": verdict,
-                "models_for_target": need, "target_half_width": CI_TARGET,
+                "models_for_target": need, "target_half_width": CI_TARGET, "boot_sd_models_only": sd_m,
+                "boot_sd_images_only": sd_i,
                 "positives": [int(((c[m] > 0) & IN[m]).sum()) for m in range(len(c))],
                 "negatives": [int(((c[m] == 0) & IN[m]).sum()) for m in range(len(c))]}
 

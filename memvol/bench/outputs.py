@@ -39,8 +39,11 @@ def primary_lines(s: dict[str, Any]) -> list[str]:
             f"interval [{report.fmt(pr['boot_ci'][0], 3)}, {report.fmt(pr['boot_ci'][1], 3)}]. "
             f"Copied / not copied IN images per model: {np.mean(pos):.1f} / {np.mean(neg):.1f} on average "
             f"(min {min(pos)} / {min(neg)}). **Verdict: {pr['verdict']}.**", "",
-            f"Power: with this sd, a +-{pr['target_half_width']:g} interval needs about "
-            f"{report.fmt(pr['models_for_target'])} models.", ""]
+            f"Power: with this sd over models, a +-{pr['target_half_width']:g} t interval needs about "
+            f"{report.fmt(pr['models_for_target'])} models. The crossed interval also carries the sampling of the "
+            f"pool's images: bootstrap sd {report.fmt(pr['boot_sd'], 2)} with both factors resampled, "
+            f"{report.fmt(pr['boot_sd_models_only'], 2)} with models alone, {report.fmt(pr['boot_sd_images_only'], 2)} "
+            "with images alone; the images' part does not shrink with more models, only with a larger pool.", ""]
   if not s["complete"]:
     lines += [f"Interim: {len(s['models_done'])} of {s['num_models_planned']} models; the test is read at the "
               "planned M.", ""]
