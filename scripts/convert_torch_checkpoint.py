@@ -67,6 +67,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "diffusion_pytorch_model.safetensors"  # = memvol.pretrained's
 NESTED = ("state_dict", "ema", "ema_model", "model")
 FORMATS = ("diffusers", "pytorch-ddpm", "hasegawa", "edm")
+EXPECTED = {"diffusers": "diffusers UNet2DModel checkpoint", "pytorch-ddpm": "pytorch-ddpm ckpt.pt",  # what a file should be
+            "hasegawa": "Hasegawa & Yasuda model file", "edm": "NVlabs/edm network-snapshot .pkl or training-state .pt"}
 TIME_TABLE_KEY = "time_embedding.timembedding.0.weight"
 TIME_TABLE_ATOL = 2e-4  # float32 rounding of n w_k at n < 1000 moves a table entry by < 1e-4
 
@@ -543,7 +545,7 @@ def _found(obj: Any) -> str:
 
 
 def _pytorch_ddpm(args) -> tuple[dict, dict]:
-  ckpt = load_checkpoint(args.checkpoint, "pytorch-ddpm ckpt.pt", weights_only=True)
+  ckpt = load_checkpoint(args.checkpoint, EXPECTED["pytorch-ddpm"], weights_only=True)
   key = {"ema": "ema_model", "net": "net_model"}[args.weights]
   if not isinstance(ckpt, dict) or key not in ckpt:
     raise ValueError(f"{args.checkpoint} is not a pytorch-ddpm ckpt.pt: no {key!r} (it holds net_model and "
@@ -604,7 +606,7 @@ def _hasegawa(args) -> tuple[dict, dict]:
   import_hasegawa_unet(os.path.abspath(args.source or ""))
   cfg = read_hasegawa_yaml(args.config)
   config = hasegawa_config(cfg)
-  module = load_checkpoint(args.checkpoint, "Hasegawa & Yasuda model file", weights_only=False)
+  module = load_checkpoint(args.checkpoint, EXPECTED["hasegawa"], weights_only=False)
   if not isinstance(module, torch.nn.Module):
     raise ValueError(f"{args.checkpoint} is not a Hasegawa & Yasuda model file (a pickled UNet module); found {_found(module)}")
   state, _ = map_state(hasegawa_module_state(module), hasegawa_spec(cfg), "Hasegawa & Yasuda")
@@ -620,7 +622,7 @@ def load_edm(path: str, edm_repo: str | None) -> Any:
     raise ValueError(f"--format=edm needs --edm_repo=PATH, a checkout of NVlabs/edm (its torch_utils and dnnlib "
                      f"unpickle the network); got {edm_repo!r}")
   sys.path.insert(0, os.path.abspath(edm_repo))
-  what = "NVlabs/edm network-snapshot .pkl or training-state .pt"
+  what = EXPECTED["edm"]
   kind = sniff(path)
   if kind != "pickle":
     return load_checkpoint(path, what, weights_only=False)
@@ -656,7 +658,12 @@ def _edm(args) -> tuple[dict, dict]:
 
 
 def convert(args) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """(state, config) of the folder for the parsed command line."""
+  """(state, config) of the folder for the parsed command line. A file that is empty or
+  neither a torch archive nor a pickle is refused before torch is imported."""
+  kind = sniff(args.checkpoint)
+  if kind in ("empty", "unknown"):
+    what = "an empty file" if kind == "empty" else "neither a torch archive nor a pickle"
+    raise ValueError(f"{args.checkpoint} is not a {EXPECTED[args.format]}: {what}")
   if args.format == "pytorch-ddpm":
     state, config = _pytorch_ddpm(args)
   elif args.format == "hasegawa":
@@ -665,7 +672,7 @@ def convert(args) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     state, config = _edm(args)
   else:
     state, config = _diffusers_state_and_config(
-        load_checkpoint(args.checkpoint, "diffusers UNet2DModel checkpoint", weights_only=False), args.config)
+        load_checkpoint(args.checkpoint, EXPECTED["diffusers"], weights_only=False), args.config)
   config.update({"_source_format": args.format, "_source_checkpoint": os.path.basename(args.checkpoint)})
   return state, config
 
