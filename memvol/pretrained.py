@@ -229,6 +229,7 @@ SONG_UNET_DEFAULTS: dict[str, Any] = {
     "model_channels": 128, "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4, "num_blocks": 4,
     "attn_resolutions": [16], "dropout": 0.1, "label_dropout": 0.0, "embedding_type": "positional",
     "channel_mult_noise": 1, "encoder_type": "standard", "decoder_type": "standard", "resample_filter": [1, 1],
+    "skip_connections": [],  # sail-sg/DiffMemorize's SongUNet: 0 / 1 per encoder skip (empty: all on)
 }
 PRECOND_DEFAULTS: dict[str, Any] = {"precond": "edm", "sigma_data": 0.5, "beta_d": 19.9, "beta_min": 0.1, "M": 1000,
                                     "epsilon_t": 1e-5, "sigma_min": None, "sigma_max": None, "use_fp16": False}
@@ -281,6 +282,10 @@ def song_unet_from_config(config: Mapping[str, Any]) -> tuple[Preconditioned, tu
   chans = [int(c["model_channels"]) * m for m in mult]
   if int(c["model_channels"]) < 4 or any(x % min(32, x // 4) for x in chans):
     raise _refuse_edm("model_channels", c["model_channels"], f"GroupNorm's min(32, C / 4) groups must divide {chans}")
+  skips = [int(k) for k in c["skip_connections"] or []]
+  if skips and (len(skips) != len(mult) * (int(c["num_blocks"]) + 1) or set(skips) - {0, 1}):
+    raise _refuse_edm("skip_connections", c["skip_connections"], f"one 0 or 1 per encoder skip, "
+                      f"{len(mult) * (int(c['num_blocks']) + 1)} here")
   if len(c["resample_filter"]) < 1 or len(c["resample_filter"]) % 2 or sum(c["resample_filter"]) == 0:
     raise _refuse_edm("resample_filter", c["resample_filter"], "an even number of taps with a nonzero sum (side / 2, x 2)")
   net = SongUNet(img_resolution=size, in_channels=int(c["in_channels"]), out_channels=int(c["out_channels"]),
@@ -288,7 +293,8 @@ def song_unet_from_config(config: Mapping[str, Any]) -> tuple[Preconditioned, tu
                  channel_mult_emb=int(c["channel_mult_emb"]), num_blocks=int(c["num_blocks"]),
                  attn_resolutions=tuple(int(r) for r in c["attn_resolutions"]), embedding_type=c["embedding_type"],
                  channel_mult_noise=int(c["channel_mult_noise"]), encoder_type=c["encoder_type"],
-                 decoder_type=c["decoder_type"], resample_filter=tuple(float(f) for f in c["resample_filter"]))
+                 decoder_type=c["decoder_type"], resample_filter=tuple(float(f) for f in c["resample_filter"]),
+                 skip_connections=() if all(skips) else tuple(skips))
   model = Preconditioned(net, precond=c["precond"], sigma_data=float(c["sigma_data"]),
                          beta_min=float(c["beta_min"]), beta_d=float(c["beta_d"]))
   return model, (size, size, int(c["in_channels"]))

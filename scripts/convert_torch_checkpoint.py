@@ -351,7 +351,8 @@ EDM_PRECOND_FIELDS = {"vp": ("beta_d", "beta_min", "M", "epsilon_t", "use_fp16")
                       "edm": ("sigma_min", "sigma_max", "sigma_data", "use_fp16")}
 EDM_NET_FIELDS = ("img_resolution", "in_channels", "out_channels", "label_dim", "augment_dim", "model_channels",
                   "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions", "dropout", "label_dropout",
-                  "embedding_type", "channel_mult_noise", "encoder_type", "decoder_type", "resample_filter")
+                  "embedding_type", "channel_mult_noise", "encoder_type", "decoder_type", "resample_filter",
+                  "skip_connections")  # the last: sail-sg/DiffMemorize's SongUNet
 EDM_UNUSED = ("map_augment.weight",)  # the augmentation-label layer: sampling never passes labels
 
 

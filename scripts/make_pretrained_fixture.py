@@ -5,7 +5,7 @@ diffusers ones, which memvol does not depend on; run it in a separate venv):
   /tmp/venv-torch/bin/pip install torch diffusers safetensors numpy pyyaml
   /tmp/venv-torch/bin/python scripts/make_pretrained_fixture.py tests/fixtures \
       [--only=ddpm_unet,...] [--ddpm-source=PYTORCH_DDPM_REPO] [--hasegawa-source=THEIR_REPO] \
-      [--edm-source=NVLABS_EDM_REPO]
+      [--edm-source=NVLABS_EDM_REPO] [--diffmemorize-source=DIFFMEMORIZE_REPO]
 
 Writes two random UNet2DModel folders (config.json, diffusion_pytorch_model.safetensors,
 reference.npz with x [B, H, W, C] in [-1, 1], t [B] in (0, 1] and the network's output eps
@@ -50,7 +50,10 @@ pickled as its training loop writes a network-snapshot .pkl and converted with -
   edm_ncsnpp  NCSN++ (Fourier embedding, channel_mult_noise 2, residual encoder, filter
               [1, 3, 3, 1]) under VEPrecond;
   both SongUNet(model_channels 16, channel_mult [1, 2], num_blocks 1, attention at 8x8) at
-  16x16x3, float16 weights (and Fourier freqs) stored as float16. Their reference.npz holds
+  16x16x3, float16 weights (and Fourier freqs) stored as float16; and with sail-sg/
+  DiffMemorize's SongUNet (--diffmemorize-source, its own training/networks.py, run in the
+  same way), model_channels 8 under VPPrecond with some encoder skips off:
+  diffmem_ddpmpp (skip_connections [1, 0, 0, 1]) and diffmem_ncsnpp ([1, 1, 0, 1]). Their reference.npz holds
   x = x0 + sigma z [B, H, W, C] at sigma [B] = 0.002, 0.02, 0.2, 2, 20, 80, NVlabs' D(x; sigma)
   of the same SongUNet under each of VPPrecond, VEPrecond and EDMPrecond (D_vp, D_ve, D_edm) in
   float64 (their forward casts to float32, and their attention and positional frequencies are
@@ -253,11 +256,14 @@ def make_hasegawa(out: str, source: str, seed: int) -> None:
 
 # --- NVlabs/edm SongUNets ---------------------------------------------------------------
 
-EDM_NETS = {  # small DDPM++ and NCSN++ at 16x16x3: two levels (16, 32 channels), attention at 8x8
-    "edm_ddpmpp": ("VPPrecond", dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard",
-                                     resample_filter=[1, 1], augment_dim=9)),
-    "edm_ncsnpp": ("VEPrecond", dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual",
-                                     resample_filter=[1, 3, 3, 1])),
+_DDPMPP = dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard", resample_filter=[1, 1])
+_NCSNPP = dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=[1, 3, 3, 1])
+EDM_NETS = {  # small DDPM++ and NCSN++ at 16x16x3: two levels, attention at 8x8
+    "edm_ddpmpp": ("VPPrecond", dict(_DDPMPP, augment_dim=9, model_channels=16)),
+    "edm_ncsnpp": ("VEPrecond", dict(_NCSNPP, model_channels=16)),
+    # sail-sg/DiffMemorize's SongUNet, two of its four encoder skips off
+    "diffmem_ddpmpp": ("VPPrecond", dict(_DDPMPP, model_channels=8, skip_connections=[1, 0, 0, 1])),
+    "diffmem_ncsnpp": ("VPPrecond", dict(_NCSNPP, model_channels=8, skip_connections=[1, 1, 0, 1])),
 }
 EDM_SIGMAS = [0.002, 0.02, 0.2, 2.0, 20.0, 80.0]
 
@@ -298,11 +304,12 @@ def _edm_denoise64(model, precond: str, x: torch.Tensor, sigma: torch.Tensor, vp
 def make_edm(name: str, out: str, source: str, seed: int) -> None:
   import copy
   import pickle
+  for module in [m for m in sys.modules if m.split(".")[0] in ("training", "torch_utils", "dnnlib")]:
+    del sys.modules[module]  # another checkout's (NVlabs/edm vs DiffMemorize)
   sys.path.insert(0, os.path.abspath(source))
-  from training import networks  # NVlabs/edm's training/networks.py
+  from training import networks  # NVlabs/edm's (or DiffMemorize's) training/networks.py
   precond_class, kw = EDM_NETS[name]
-  kw = dict(kw, model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8],
-            dropout=0.1)
+  kw = dict(kw, model_type="SongUNet", channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.1)
   torch.manual_seed(seed)
   net = getattr(networks, precond_class)(img_resolution=16, img_channels=3, **kw).eval()
   _perturb(net, half=True)
@@ -347,6 +354,7 @@ def main() -> None:
   p.add_argument("--hasegawa-source", default="",
                  help="a checkout of masa-longriver/Quantifying_the_Ease_of_Reproduction")
   p.add_argument("--edm-source", default="", help="a checkout of NVlabs/edm")
+  p.add_argument("--diffmemorize-source", default="", help="a checkout of sail-sg/DiffMemorize")
   args = p.parse_args()
   names = args.only.split(",") if args.only else list(CONFIGS) + ["pytorch_ddpm_unet", "hasegawa_unet"] + list(EDM_NETS)
   for i, name in enumerate(CONFIGS):
@@ -358,7 +366,8 @@ def main() -> None:
     make_hasegawa(args.out, args.hasegawa_source, seed=40)
   for i, name in enumerate(EDM_NETS):
     if name in names:
-      make_edm(name, args.out, args.edm_source, seed=50 + 10 * i)
+      source = args.diffmemorize_source if name.startswith("diffmem") else args.edm_source
+      make_edm(name, args.out, source, seed=50 + 10 * i)
 
 
 if __name__ == "__main__":

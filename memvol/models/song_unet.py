@@ -24,6 +24,8 @@ silu, conv, + skip (a 1x1 conv with the same resampling when the shape changes),
 skip_scale sqrt(1/2); then single-head attention whose qkv 1x1 conv interleaves q, k, v per
 channel (output channel 3 c + j), residual, times skip_scale again. Dropout is inference's
 (none); class labels and augmentation labels are not supported (refused at conversion).
+sail-sg/DiffMemorize's SongUNet adds `skip_connections`, one 0 / 1 per encoder skip: a 0
+sends zeros of the same shape to the decoder instead.
 
 Preconditioning (NVlabs' VPPrecond, VEPrecond, EDMPrecond), as eps = (x - D(x; sigma)) / sigma:
 
@@ -182,6 +184,7 @@ class SongUNet(nn.Module):
   encoder_type: str = "standard"
   decoder_type: str = "standard"
   resample_filter: Sequence[float] = (1, 1)
+  skip_connections: Sequence[int] = ()  # sail-sg/DiffMemorize: 0 zeroes that encoder skip (empty: all on)
 
   @nn.compact
   def __call__(self, x: Array, noise_labels: Array) -> Array:
@@ -202,6 +205,8 @@ class SongUNet(nn.Module):
     attn = {int(r) for r in self.attn_resolutions}
 
     skips, aux = [], x
+    keep = lambda: not self.skip_connections or bool(self.skip_connections[len(skips)])
+    skip = lambda x: skips.append(x if keep() else jnp.zeros_like(x))  # DiffMemorize: a zero skip
     for level, mult in enumerate(self.channel_mult):
       res = self.img_resolution >> level
       if level == 0:
@@ -212,10 +217,10 @@ class SongUNet(nn.Module):
           r = Conv2d(x.shape[-1], 3, down=True, resample_filter=tuple(self.resample_filter), fused=True,
                      name=f"enc_{res}x{res}_aux_residual")(aux)
           x = aux = (x + r) / np.sqrt(2)
-      skips.append(x)
+      skip(x)  # NVlabs replace the down block's skip by the residual sum: the same, pushed after it
       for idx in range(self.num_blocks):
         x = block(self.model_channels * mult, f"enc_{res}x{res}_block{idx}", attention=res in attn)(x, emb)
-        skips.append(x)
+        skip(x)
 
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       res = self.img_resolution >> level
