@@ -19,6 +19,13 @@ PIA and SecMI) and Hasegawa & Yasuda's (`--format=hasegawa`). Their config.json 
 fields diffusers does not have (MEMVOL_FIELDS: `sin_cos_interleaved`, `resnet_temb_act`,
 `up_attention`); a diffusers folder omits them and gets diffusers' network.
 
+NVlabs/edm networks (EDM's checkpoints, and sail-sg/DiffMemorize's) arrive as folders whose
+config.json has `_class_name` "SongUNet": the network's constructor arguments and `precond`
+(vp | ve | edm), weights under NVlabs' names (convert_torch_checkpoint.py --format=edm). They
+load as a Preconditioned SongUNet (memvol/models/song_unet.py) whose eps is NVlabs' (x - D(x;
+sigma)) / sigma under the SDE its x_t needs (edm_sde: VP with EDM's betas, or VE over sigma
+0.002 .. 80); check_sde refuses any other, naming the flags.
+
 Time. diffusers' DDPM (linear betas 1e-4 .. 0.02 over N = 1000 steps) discretises the VP-SDE
 with beta_min 0.1, beta_max 20 (sde.VPSDE): beta_i = beta(i / 999) / N. The network was
 trained on the integer timestep i and memvol feeds it 999 t (sde.time_input, the paper's

@@ -59,7 +59,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.num_groups = 8            # GroupNorm groups
   m.hidden = 256              # mlp: hidden width
   m.num_layers = 3            # mlp: hidden layers
-  m.pretrained = ""           # diffusers UNet2DModel folder (memvol/pretrained.py): no training, fields above unused
+  m.pretrained = ""           # a diffusers UNet2DModel or EDM SongUNet folder (memvol/pretrained.py): no training, fields above unused
 
   # --- sde (memvol/sde.py) -----------------------------------------------------------
   c.sde = s = ml_collections.ConfigDict()
