@@ -37,7 +37,11 @@ def test_edm_config_documents_its_command():
     assert needed in edm_cifar10.__doc__, needed
   c = edm_cifar10.get_config()
   assert c.sample.methods == ("heun",) and c.detect.sample_method == "heun" and c.sample.heun_steps == 18
-  assert sde_lib.from_config(c.sde) == sde_lib.VPSDE(beta_min=0.1, beta_max=20.0)
+  vp = sde_lib.from_config(c.sde)
+  assert vp == sde_lib.VPSDE(beta_min=0.1, beta_max=20.0, eps=1e-5)
+  # EDM's generate.py for a VP network: sigma_min = max(0.002, its sigma(1e-5) = 0.001)
+  np.testing.assert_allclose(float(vp.noise_ratio(1e-5)), np.sqrt(np.expm1(0.5 * 19.9e-10 + 1e-6)), rtol=1e-5)
+  np.testing.assert_allclose(sampling.heun_sigmas(vp, 18)[[0, -2]], [80.0, 0.002], rtol=1e-6)
   ve = sde_lib.from_config(edm_cifar10.get_config("ve").sde)
   assert isinstance(ve, sde_lib.VESDE) and (ve.sigma_min, ve.sigma_max) == (0.002, 80.0)
   np.testing.assert_allclose(sampling.heun_sigmas(ve, 18)[[0, -2]], [80.0, 0.002])

@@ -20,7 +20,7 @@ cifar-10-batches-py is the folder of CIFAR-10's python pickles):
       --config.data.path=/path/to/cifar-10-batches-py
 
 for a VP-preconditioned network (DiffMemorize's --precond=vp: memvol's VP-SDE beta 0.1 .. 20
-is EDM's VP schedule exactly, and the network sees 999 t). A VEPrecond or EDMPrecond network
+is EDM's VP schedule exactly, and the network sees 999 t; t from 1e-5, EDM's epsilon_t). A VEPrecond or EDMPrecond network
 takes x = x0 + sigma z: use `:ve` (VE-SDE over sigma 0.002 .. 80, log sigma uniform in t);
 the loader refuses the wrong SDE, naming the flags. This config draws 1000 training images
 class-balanced from all 50000 and 1000 held-out images from test_batch; a network trained on
@@ -68,6 +68,10 @@ def get_config(arg: str | None = None):
   c.data.num_heldout = 1000
   c.data.heldout_name = "cifar10_test"
   c.data.num_duplicated = 0
+  # EDM's VP networks are trained on t in [1e-5, 1] (VPPrecond's epsilon_t) and its sampler
+  # stops at max(0.002, sigma(1e-5) = 0.001): the same here (memvol's eps = 1e-3 would stop
+  # Heun at sigma / a = 0.0105)
+  c.sde.eps = 1e-5
 
   c.sample.methods = ("heun",)
   c.sample.num_samples = 1000
