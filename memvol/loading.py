@@ -6,8 +6,9 @@
 The weights come from the workdir's orbax checkpoints (checkpoint.py), checked against the
 config's data/model/sde sections. Only the requested params item is read: the optimiser state
 is never built or restored here, so loading does not depend on the training settings.
-With `model.pretrained` set, they come from that diffusers folder instead (pretrained.py;
-use_ema and step do not apply), after checking its SHA-256 against the workdir's record.
+With `model.pretrained` set, they come from that folder instead (a diffusers UNet2DModel
+or an EDM SongUNet, pretrained.py; use_ema and step do not apply), after checking its
+SHA-256 against the workdir's record and that config.sde is the SDE its network takes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def _abstract_params(model: Any, image_shape: tuple[int, ...], sharding: Any) ->
 def _pretrained(config: Any, workdir: str) -> tuple[Any, Any, tuple[int, ...]]:
   path = str(config.model.pretrained)
   pretrained.check_weights(path, workdir)
+  pretrained.check_sde(path, sde_lib.from_config(config.sde))
   model, params, image_shape = pretrained.load_model(path)
   return model, jax.device_put(params, parallel.replicated(parallel.local_mesh())), image_shape
 

@@ -19,6 +19,13 @@ PIA and SecMI) and Hasegawa & Yasuda's (`--format=hasegawa`). Their config.json 
 fields diffusers does not have (MEMVOL_FIELDS: `sin_cos_interleaved`, `resnet_temb_act`,
 `up_attention`); a diffusers folder omits them and gets diffusers' network.
 
+NVlabs/edm networks (EDM's checkpoints, and sail-sg/DiffMemorize's) arrive as folders whose
+config.json has `_class_name` "SongUNet": the network's constructor arguments and `precond`
+(vp | ve | edm), weights under NVlabs' names (convert_torch_checkpoint.py --format=edm). They
+load as a Preconditioned SongUNet (memvol/models/song_unet.py) whose eps is NVlabs' (x - D(x;
+sigma)) / sigma under the SDE its x_t needs (edm_sde: VP with EDM's betas, or VE over sigma
+0.002 .. 80); check_sde refuses any other, naming the flags.
+
 Time. diffusers' DDPM (linear betas 1e-4 .. 0.02 over N = 1000 steps) discretises the VP-SDE
 with beta_min 0.1, beta_max 20 (sde.VPSDE): beta_i = beta(i / 999) / N. The network was
 trained on the integer timestep i and memvol feeds it 999 t (sde.time_input, the paper's
@@ -36,6 +43,7 @@ these numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -49,6 +57,8 @@ import numpy as np
 from memvol import io, models
 from memvol import sde as sde_lib
 from memvol import workdir as wdir
+from memvol.models import song_unet
+from memvol.models.song_unet import Preconditioned, SongUNet
 from memvol.models.unet import UNet
 
 CONFIG_FILE = "config.json"
@@ -215,6 +225,123 @@ def config_from_unet(model: Any, image_shape: tuple[int, ...]) -> dict[str, Any]
   }
 
 
+# --- NVlabs/edm SongUNet folders -------------------------------------------------------
+
+EDM_CLASS = "SongUNet"
+
+# SongUNet's constructor defaults (NVlabs/edm training/networks.py), used for fields a
+# config.json omits; `precond` and its fields (VPPrecond / VEPrecond / EDMPrecond defaults).
+SONG_UNET_DEFAULTS: dict[str, Any] = {
+    "img_resolution": None, "in_channels": 3, "out_channels": 3, "label_dim": 0, "augment_dim": 0,
+    "model_channels": 128, "channel_mult": [1, 2, 2, 2], "channel_mult_emb": 4, "num_blocks": 4,
+    "attn_resolutions": [16], "dropout": 0.1, "label_dropout": 0.0, "embedding_type": "positional",
+    "channel_mult_noise": 1, "encoder_type": "standard", "decoder_type": "standard", "resample_filter": [1, 1],
+    "skip_connections": [],  # sail-sg/DiffMemorize's SongUNet: 0 / 1 per encoder skip (empty: all on)
+}
+PRECOND_DEFAULTS: dict[str, Any] = {"precond": "edm", "sigma_data": 0.5, "beta_d": 19.9, "beta_min": 0.1, "M": 1000,
+                                    "epsilon_t": 1e-5, "sigma_min": None, "sigma_max": None, "use_fp16": False}
+# training-time only (dropout, label dropout, the augmentation labels that sampling never
+# passes), or used only by EDM's own sampler (the supported sigma range) / its fp16 switch
+_EDM_IGNORED = ("dropout", "label_dropout", "augment_dim", "use_fp16", "epsilon_t", "sigma_min", "sigma_max")
+# DDPM++ and NCSN++ as NVlabs/edm's train.py builds them for CIFAR-10 (--arch ddpmpp | ncsnpp).
+EDM_CIFAR10: dict[str, dict[str, Any]] = {
+    arch: {"_class_name": EDM_CLASS, "img_resolution": 32, "in_channels": 3, "out_channels": 3, "model_channels": 128,
+           "channel_mult": [2, 2, 2], "num_blocks": 4, "attn_resolutions": [16], "augment_dim": 9, **kw}
+    for arch, kw in (("ddpmpp", {"embedding_type": "positional", "channel_mult_noise": 1, "encoder_type": "standard",
+                                 "resample_filter": [1, 1], "precond": "vp"}),
+                     ("ncsnpp", {"embedding_type": "fourier", "channel_mult_noise": 2, "encoder_type": "residual",
+                                 "resample_filter": [1, 3, 3, 1], "precond": "ve"}))}
+
+
+def _refuse_edm(field: str, value: Any, why: str) -> ValueError:
+  return ValueError(f"unsupported SongUNet config: {field}={value!r} ({why})")
+
+
+def song_unet_from_config(config: Mapping[str, Any]) -> tuple[Preconditioned, tuple[int, int, int]]:
+  """(Preconditioned SongUNet, image_shape (H, W, C)) of an EDM folder's config.json (the
+  NVlabs constructor arguments and `precond`, written by convert_torch_checkpoint.py
+  --format=edm). ValueError naming the first field memvol cannot express."""
+  unknown = sorted(k for k in config if not k.startswith("_") and k not in SONG_UNET_DEFAULTS
+                   and k not in PRECOND_DEFAULTS)
+  if unknown:
+    raise _refuse_edm(unknown[0], config[unknown[0]], "not a SongUNet or preconditioning field memvol knows")
+  c = {**SONG_UNET_DEFAULTS, **PRECOND_DEFAULTS, **config}
+  if c["precond"] not in song_unet.PRECONDS:
+    raise _refuse_edm("precond", c["precond"], f"supported: {song_unet.PRECONDS} (VPPrecond, VEPrecond, EDMPrecond)")
+  if c["label_dim"]:
+    raise _refuse_edm("label_dim", c["label_dim"], "class-conditional networks are not supported")
+  if c["embedding_type"] not in ("positional", "fourier"):
+    raise _refuse_edm("embedding_type", c["embedding_type"], "supported: 'positional' (DDPM++), 'fourier' (NCSN++)")
+  if c["encoder_type"] not in ("standard", "residual"):
+    raise _refuse_edm("encoder_type", c["encoder_type"], "supported: 'standard' (DDPM++), 'residual' (NCSN++)")
+  if c["decoder_type"] != "standard":
+    raise _refuse_edm("decoder_type", c["decoder_type"], "supported: 'standard' (DDPM++ and NCSN++)")
+  if c["precond"] == "vp" and int(c["M"]) != 1000:
+    raise _refuse_edm("M", c["M"], "memvol feeds a VP network 999 t, EDM's (M - 1) t with M = 1000")
+  size = c["img_resolution"]
+  mult = [int(m) for m in c["channel_mult"]]
+  if not isinstance(size, int) or size < 1 or size % 2 ** (len(mult) - 1):
+    raise _refuse_edm("img_resolution", size, f"must be a positive integer divisible by 2^{len(mult) - 1}")
+  if not mult or min(mult) < 1:
+    raise _refuse_edm("channel_mult", c["channel_mult"], "must be non-empty positive integers")
+  if int(c["in_channels"]) != int(c["out_channels"]):
+    raise _refuse_edm("out_channels", c["out_channels"], f"must equal in_channels={c['in_channels']}")
+  chans = [int(c["model_channels"]) * m for m in mult]
+  if int(c["model_channels"]) < 4 or any(x % min(32, x // 4) for x in chans):
+    raise _refuse_edm("model_channels", c["model_channels"], f"GroupNorm's min(32, C / 4) groups must divide {chans}")
+  skips = [int(k) for k in c["skip_connections"] or []]
+  if skips and (len(skips) != len(mult) * (int(c["num_blocks"]) + 1) or set(skips) - {0, 1}):
+    raise _refuse_edm("skip_connections", c["skip_connections"], f"one 0 or 1 per encoder skip, "
+                      f"{len(mult) * (int(c['num_blocks']) + 1)} here")
+  if len(c["resample_filter"]) < 1 or len(c["resample_filter"]) % 2 or sum(c["resample_filter"]) == 0:
+    raise _refuse_edm("resample_filter", c["resample_filter"], "an even number of taps with a nonzero sum (side / 2, x 2)")
+  net = SongUNet(img_resolution=size, in_channels=int(c["in_channels"]), out_channels=int(c["out_channels"]),
+                 model_channels=int(c["model_channels"]), channel_mult=tuple(mult),
+                 channel_mult_emb=int(c["channel_mult_emb"]), num_blocks=int(c["num_blocks"]),
+                 attn_resolutions=tuple(int(r) for r in c["attn_resolutions"]), embedding_type=c["embedding_type"],
+                 channel_mult_noise=int(c["channel_mult_noise"]), encoder_type=c["encoder_type"],
+                 decoder_type=c["decoder_type"], resample_filter=tuple(float(f) for f in c["resample_filter"]),
+                 skip_connections=() if all(skips) else tuple(skips))
+  model = Preconditioned(net, precond=c["precond"], sigma_data=float(c["sigma_data"]),
+                         beta_min=float(c["beta_min"]), beta_d=float(c["beta_d"]))
+  return model, (size, size, int(c["in_channels"]))
+
+
+def edm_sde(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The memvol SDE (sde config fields) an EDM folder's network is scored under: vp: VPSDE
+  with beta_max = beta_min + beta_d (20 at EDM's defaults); ve / edm: VESDE over EDM's
+  sampling range sigma 0.002 .. 80 (log sigma uniform in t, module song_unet)."""
+  c = {**PRECOND_DEFAULTS, **config}
+  if c["precond"] == "vp":
+    return {"name": "vp", "beta_min": float(c["beta_min"]), "beta_max": float(c["beta_min"]) + float(c["beta_d"])}
+  return {"name": "ve", "sigma_min": 0.002, "sigma_max": 80.0}
+
+
+def check_sde(path: str, sde: sde_lib.SDE) -> None:
+  """Refuse (ValueError naming the config fields) an SDE whose x_t is not the one an EDM
+  folder's network takes: a VP network needs VPSDE with its beta_min / beta_max, a VE or
+  EDM-preconditioned one VESDE (any sigma range). Other folders: no check."""
+  config = read_config(path)
+  if config.get("_class_name") != EDM_CLASS:
+    return
+  want = edm_sde(config)
+  name = {sde_lib.VPSDE: "vp", sde_lib.SubVPSDE: "subvp", sde_lib.VESDE: "ve"}.get(type(sde))
+  ok = name == want["name"] and (name != "vp" or (np.isclose(sde.beta_min, want["beta_min"])
+                                                   and np.isclose(sde.beta_max, want["beta_max"])))
+  if not ok:
+    fields = " ".join(f"--config.sde.{k}={v}" for k, v in want.items())
+    raise ValueError(f"{path} holds an EDM network with {config.get('precond')!r} preconditioning, which takes the "
+                     f"SDE {want}; the config's SDE is {type(sde).__name__} {dataclasses.asdict(sde)}: set {fields}")
+
+
+def model_from_config(config: Mapping[str, Any]) -> tuple[Any, tuple[int, int, int]]:
+  """(model, image_shape) of any folder's config.json: a Preconditioned SongUNet for EDM
+  folders (`_class_name` SongUNet), else memvol's UNet (unet_from_config)."""
+  if config.get("_class_name") == EDM_CLASS:
+    return song_unet_from_config(config)
+  return unet_from_config(config)
+
+
 # --- weights <-> params ----------------------------------------------------------------
 
 
@@ -273,18 +400,27 @@ def _normalise_keys(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def params_from_state_dict(state: Mapping[str, np.ndarray], model: UNet,
-                           image_shape: tuple[int, int, int]) -> Any:
-  """memvol params (float32) of a diffusers state dict for `model`. ValueError listing
-  missing, unexpected or misshapen weights."""
-  state = _normalise_keys(state)
-  shapes = jax.eval_shape(lambda k: models.init_params(model, k, image_shape), jax.random.PRNGKey(0))
+def _key_fn(model: Any) -> Any:
+  """names (a param's path) -> its torch state-dict key, for memvol's UNet (diffusers names)
+  or a Preconditioned SongUNet (NVlabs names)."""
+  if isinstance(model, Preconditioned):
+    return song_unet.torch_key
   levels = len(model.ch_mult)
+  return lambda names: _torch_key(names, levels)
+
+
+def params_from_state_dict(state: Mapping[str, np.ndarray], model: UNet | Preconditioned,
+                           image_shape: tuple[int, int, int]) -> Any:
+  """memvol params (float32) of a torch-layout state dict for `model` (diffusers names for
+  a UNet, NVlabs' for a SongUNet). ValueError listing missing, unexpected or misshapen weights."""
+  state = _normalise_keys(state) if isinstance(model, UNet) else dict(state)
+  shapes = jax.eval_shape(lambda k: models.init_params(model, k, image_shape), jax.random.PRNGKey(0))
+  key_fn = _key_fn(model)
   used, problems = set(), []
 
   def take(path, leaf):
     names = tuple(getattr(p, "key", p) for p in path)
-    key = _torch_key(names, levels)
+    key = key_fn(names)
     if key not in state:
       problems.append(f"missing {key}")
       return np.zeros(leaf.shape, np.float32)
@@ -298,16 +434,17 @@ def params_from_state_dict(state: Mapping[str, np.ndarray], model: UNet,
   params = jax.tree_util.tree_map_with_path(take, shapes)
   problems += [f"unexpected {k}" for k in sorted(set(state) - used)]
   if problems:
-    raise ValueError(f"the weights do not fit the config's UNet ({len(problems)} problem(s)): "
+    raise ValueError(f"the weights do not fit the config's {type(model).__name__} ({len(problems)} problem(s)): "
                      + "; ".join(problems[:8]) + ("; ..." if len(problems) > 8 else ""))
   return params
 
 
-def state_dict_from_params(params: Any, model: UNet) -> dict[str, np.ndarray]:
-  """The diffusers state dict (float32 numpy, torch layouts) of memvol UNet params."""
-  levels = len(model.ch_mult)
+def state_dict_from_params(params: Any, model: UNet | Preconditioned) -> dict[str, np.ndarray]:
+  """The torch state dict (float32 numpy, torch layouts) of memvol UNet params (diffusers
+  names) or SongUNet params (NVlabs names)."""
+  key_fn = _key_fn(model)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {_torch_key(tuple(getattr(p, "key", p) for p in path), levels):
+  return {key_fn(tuple(getattr(p, "key", p) for p in path)):
           np.ascontiguousarray(_to_torch(np.asarray(leaf, np.float32))) for path, leaf in flat}
 
 
@@ -343,21 +480,46 @@ def read_config(path: str) -> dict[str, Any]:
     raise ValueError(f"{cfg} is not valid JSON ({e})") from e
 
 
-def load_model(path: str) -> tuple[UNet, Any, tuple[int, int, int]]:
-  """(model, float32 params, image_shape) of a diffusers UNet2DModel folder."""
+def read_weights(path: str) -> dict[str, np.ndarray]:
+  """The folder's safetensors as numpy arrays; ValueError naming the file when it is not
+  a complete safetensors file (truncated, garbage)."""
   from safetensors.numpy import load_file
   _, weights = _check_folder(path)
-  model, image_shape = unet_from_config(read_config(path))
-  params = params_from_state_dict(load_file(weights), model, image_shape)
+  try:
+    return load_file(weights)
+  except Exception as e:  # safetensors raises its own SafetensorError, or OSError / ValueError
+    raise ValueError(f"{weights} is not a readable safetensors file ({type(e).__name__}: {e}); expected the "
+                     "weights written by scripts/convert_torch_checkpoint.py or pretrained.export") from e
+
+
+def load_model(path: str) -> tuple[UNet | Preconditioned, Any, tuple[int, int, int]]:
+  """(model, float32 params, image_shape) of a diffusers UNet2DModel folder or an EDM
+  SongUNet folder."""
+  model, image_shape = model_from_config(read_config(path))
+  params = params_from_state_dict(read_weights(path), model, image_shape)
   return model, jax.device_put(params), image_shape
 
 
+def default_sde(path: str) -> sde_lib.SDE:
+  """The SDE a folder's network was trained on: EDM folders' edm_sde, the converter's
+  `_source_sde` (VP betas of pytorch-ddpm / Hasegawa & Yasuda), else the VP-SDE beta 0.1
+  .. 20 that DDPM's linear betas discretise."""
+  config = read_config(path)
+  if config.get("_class_name") == EDM_CLASS:
+    fields = edm_sde(config)
+  else:
+    fields = {"name": "vp", "beta_min": 0.1, "beta_max": 20.0}
+    fields.update({k: v for k, v in config.get("_source_sde", {}).items() if k in ("beta_min", "beta_max")})
+  return sde_lib.get_sde(**fields)
+
+
 def load_eps_fn(path: str, sde: sde_lib.SDE | None = None) -> tuple[models.EpsFn, tuple[int, int, int]]:
-  """(eps_fn(x [H, W, C] in [-1, 1], t) -> [H, W, C], image_shape) of a diffusers folder,
-  under `sde` (default: the VP-SDE beta 0.1 .. 20 that DDPM's linear betas discretise;
-  the network sees 999 t)."""
+  """(eps_fn(x [H, W, C] in [-1, 1], t) -> [H, W, C], image_shape) of a folder, under
+  `sde` (default: default_sde, the one it was trained on; a DDPM network sees 999 t, an
+  EDM VE / EDM one sigma(t)). ValueError for an SDE an EDM network cannot take."""
   model, params, image_shape = load_model(path)
-  sde = sde_lib.VPSDE(beta_min=0.1, beta_max=20.0) if sde is None else sde
+  sde = default_sde(path) if sde is None else sde
+  check_sde(path, sde)
   return models.make_eps_fn(model, params, sde), image_shape
 
 
@@ -415,7 +577,8 @@ def run(config: Any, workdir: str) -> None:
   from memvol import data
   path = str(config.model.pretrained)
   digest = check_weights(path, workdir)
-  _, image_shape = unet_from_config(read_config(path))
+  _, image_shape = model_from_config(read_config(path))
+  check_sde(path, sde_lib.from_config(config.sde))
   split = data.prepare(config, workdir)
   if tuple(split.train.shape) != tuple(image_shape):
     raise ValueError(f"the data's images have shape {split.train.shape} but {path} takes "

@@ -155,6 +155,14 @@ class SDE(abc.ABC):
     sigma^2), the divergence of the PF drift with tr(d eps / dx) = D / sigma."""
     return dim * (self.log_std(t1) - self.log_std(t0))
 
+  def noise_ratio(self, t: Array) -> Array:
+    """sigma(t) / a(t): EDM's sigma, the noise level of x_t / a(t) = x0 + (sigma / a) z."""
+    return self.std(t) / self.mean_coeff(t)
+
+  def time_of_noise_ratio(self, s: Array) -> Array:
+    """The t with noise_ratio(t) = s (closed form per SDE)."""
+    raise NotImplementedError(f"{type(self).__name__} has no inverse noise ratio")
+
   def reverse_sde_step(self, eps: Array, x: Array, t: Array, dt: Array, z: Array) -> Array:
     """One Euler-Maruyama step of the reverse SDE from t to t - dt (dt > 0):
     x <- x - [f - g^2 s] dt + g sqrt(dt) z."""
@@ -189,6 +197,15 @@ class VPSDE(SDE):
   def g2(self, t: Array) -> Array:
     return self.beta(t)
 
+  def _minus_two_log_a(self, s: Array) -> Array:
+    """-2 log a at noise ratio s: 1 / a^2 = 1 + s^2 when sigma^2 = 1 - a^2."""
+    return jnp.log1p(s**2)
+
+  def time_of_noise_ratio(self, s: Array) -> Array:
+    """Solves t^2 (bmax - bmin) / 2 + t bmin = -2 log a (EDM's VPPrecond.sigma_inv)."""
+    d = self.beta_max - self.beta_min
+    return (jnp.sqrt(self.beta_min**2 + 2 * d * self._minus_two_log_a(s)) - self.beta_min) / d
+
 
 @dataclasses.dataclass(frozen=True)
 class SubVPSDE(VPSDE):
@@ -199,6 +216,10 @@ class SubVPSDE(VPSDE):
 
   def g2(self, t: Array) -> Array:
     return self.beta(t) * -jnp.expm1(4.0 * self.log_mean_coeff(t))
+
+  def _minus_two_log_a(self, s: Array) -> Array:
+    """sigma = 1 - a^2 gives a^2 + s a - 1 = 0, a = 2 / (s + sqrt(s^2 + 4))."""
+    return 2.0 * jnp.log((s + jnp.sqrt(s**2 + 4.0)) / 2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +244,11 @@ class VESDE(SDE):
 
   def g2(self, t: Array) -> Array:
     return 2.0 * self.std(t) ** 2 * math.log(self.sigma_max / self.sigma_min)
+
+  def time_of_noise_ratio(self, s: Array) -> Array:
+    """t = log(s / sigma_min) / log(sigma_max / sigma_min): log-sigma time, in which
+    EDM's ODE dx / dsigma = (x - D(x; sigma)) / sigma is this SDE's PF ODE."""
+    return jnp.log(s / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
 
 
 _SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}

@@ -26,14 +26,29 @@ run it in a separate venv (diffusers only for pickled UNet2DModels).
   registered as parameters or not (created with `.to(device)`, they are plain tensors when
   the device is a GPU, so absent from its state dict and never trained).
 
-The folder's config.json records `_source_format`, `_source_checkpoint` and (pytorch-ddpm)
-`_source_weights`. A checkpoint whose shapes do not fit its config is refused, naming the
-first parameter; so is every config value memvol's UNet cannot express. When memvol (jax,
+--format=edm: an NVlabs/edm network (Karras et al.; also what sail-sg/DiffMemorize trains):
+  a network-snapshot-*.pkl (--weights=ema, default) or a training-state-*.pt (--weights=net),
+  unpickled with --edm_repo=A_CHECKOUT_OF_NVlabs/edm on sys.path (its torch_utils and dnnlib).
+  SongUNet (DDPM++, NCSN++) under VPPrecond, VEPrecond or EDMPrecond; config.json holds the
+  network's constructor kwargs and `precond` (memvol/models/song_unet.py), the weights keep
+  NVlabs' names without the `model.` prefix. Buffers are weights: NCSN++'s Fourier `freqs`
+  are kept, every resample_filter is checked against the config's filter (memvol computes
+  it), and the augmentation layer map_augment (augment_dim 9 in EDM's CIFAR-10 pickles),
+  which sampling never uses, is dropped and listed in `_dropped_unused`. Refused by name:
+  iDDPMPrecond, DhariwalUNet (ADM), class labels, skip encoders / decoders. Pickles written
+  under numpy 2 (numpy._core) need numpy >= 2 in this venv.
+
+The folder's config.json records `_source_format`, `_source_checkpoint` and (pytorch-ddpm,
+edm) `_source_weights`. A file that is not a checkpoint of the named format (garbage, empty,
+truncated, another format's) ends the run with one line naming it, and nothing is written.
+A checkpoint whose shapes do not fit its config is refused, naming the first parameter; so
+is every config value memvol's network cannot express. When memvol (jax,
 flax) is importable too, the folder is loaded back; otherwise check it where memvol runs:
   python -c "from memvol import pretrained; pretrained.load_model('OUT')"
 
-torch.load of a whole module (diffusers, hasegawa) unpickles CKPT, which can run code:
-convert only checkpoints you trust. memvol never unpickles weights itself.
+torch.load of a whole module (diffusers, hasegawa) and every NVlabs/edm pickle (the
+persistence module stores the network's source and executes it on load) unpickle CKPT,
+which runs code: convert only checkpoints you trust. memvol never unpickles weights itself.
 """
 
 from __future__ import annotations
@@ -51,7 +66,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "diffusion_pytorch_model.safetensors"  # = memvol.pretrained's
 NESTED = ("state_dict", "ema", "ema_model", "model")
-FORMATS = ("diffusers", "pytorch-ddpm", "hasegawa")
+FORMATS = ("diffusers", "pytorch-ddpm", "hasegawa", "edm")
+EXPECTED = {"diffusers": "diffusers UNet2DModel checkpoint", "pytorch-ddpm": "pytorch-ddpm ckpt.pt",  # what a file should be
+            "hasegawa": "Hasegawa & Yasuda model file", "edm": "NVlabs/edm network-snapshot .pkl or training-state .pt"}
 TIME_TABLE_KEY = "time_embedding.timembedding.0.weight"
 TIME_TABLE_ATOL = 2e-4  # float32 rounding of n w_k at n < 1000 moves a table entry by < 1e-4
 
@@ -324,6 +341,93 @@ def hasegawa_spec(cfg: Mapping[str, Any]) -> Spec:
   return rows
 
 
+# --- NVlabs/edm (pure numpy) -----------------------------------------------------------
+
+EDM_PRECONDS = {"VPPrecond": "vp", "VEPrecond": "ve", "EDMPrecond": "edm"}
+# The preconditioners' constructor fields memvol records (the rest: img_resolution,
+# img_channels, label_dim, model_type go to the network's own fields).
+EDM_PRECOND_FIELDS = {"vp": ("beta_d", "beta_min", "M", "epsilon_t", "use_fp16"),
+                      "ve": ("sigma_min", "sigma_max", "use_fp16"),
+                      "edm": ("sigma_min", "sigma_max", "sigma_data", "use_fp16")}
+EDM_NET_FIELDS = ("img_resolution", "in_channels", "out_channels", "label_dim", "augment_dim", "model_channels",
+                  "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions", "dropout", "label_dropout",
+                  "embedding_type", "channel_mult_noise", "encoder_type", "decoder_type", "resample_filter",
+                  "skip_connections")  # the last: sail-sg/DiffMemorize's SongUNet
+EDM_UNUSED = ("map_augment.weight",)  # the augmentation-label layer: sampling never passes labels
+
+
+def _refuse_edm(field: str, value: Any, why: str) -> ValueError:
+  return ValueError(f"unsupported NVlabs/edm network: {field}={value!r} ({why})")
+
+
+def _json_value(v: Any) -> Any:
+  if isinstance(v, (list, tuple)):
+    return [_json_value(x) for x in v]
+  if isinstance(v, float) and not math.isfinite(v):
+    return None
+  return v.item() if hasattr(v, "item") else v
+
+
+def edm_config(precond_class: str, precond_kwargs: Mapping[str, Any], model_class: str,
+               model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+  """memvol's folder config of an NVlabs/edm network: the preconditioner's class name and
+  constructor kwargs (`init_kwargs` of the pickled object), its inner model's class name and
+  kwargs. ValueError naming what memvol cannot express (iDDPMPrecond, DhariwalUNet, class
+  labels); infinite sigma limits become null."""
+  if precond_class not in EDM_PRECONDS:
+    why = ("its network also predicts variances and its c_noise indexes a 1000-step sigma grid; not ported"
+           if precond_class == "iDDPMPrecond" else f"supported: {sorted(EDM_PRECONDS)}")
+    raise _refuse_edm("preconditioning", precond_class, why)
+  if model_class != "SongUNet":
+    why = "ADM is not ported" if model_class == "DhariwalUNet" else "supported: SongUNet (DDPM++, NCSN++)"
+    raise _refuse_edm("model_type", model_class, why)
+  precond = EDM_PRECONDS[precond_class]
+  if int(model_kwargs.get("label_dim", 0) or 0):
+    raise _refuse_edm("label_dim", model_kwargs["label_dim"], "class-conditional networks are not supported")
+  unknown = sorted(k for k in model_kwargs if k not in EDM_NET_FIELDS)
+  if unknown:
+    raise _refuse_edm(unknown[0], model_kwargs[unknown[0]], "not a SongUNet argument memvol knows")
+  config = {"_class_name": "SongUNet", "precond": precond,
+            **{k: _json_value(v) for k, v in model_kwargs.items()},
+            **{k: _json_value(precond_kwargs[k]) for k in EDM_PRECOND_FIELDS[precond] if k in precond_kwargs}}
+  for field, allowed in (("encoder_type", ("standard", "residual")), ("decoder_type", ("standard",)),
+                         ("embedding_type", ("positional", "fourier"))):
+    if field in config and config[field] not in allowed:
+      raise _refuse_edm(field, config[field], f"supported: {allowed}")
+  if precond == "vp" and int(config.get("M", 1000)) != 1000:
+    raise _refuse_edm("M", config["M"], "memvol feeds a VP network 999 t, EDM's (M - 1) t with M = 1000")
+  return config
+
+
+def edm_resample_kernel(taps) -> np.ndarray:
+  """NVlabs' registered resample filter buffer [1, 1, k, k] of its taps, in float32."""
+  f = np.asarray(taps, np.float32)
+  return (np.outer(f, f) / np.square(f.sum()))[None, None].astype(np.float32)
+
+
+def edm_state(state: Mapping[str, np.ndarray], config: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[str]]:
+  """(memvol-folder state dict, dropped keys) of an NVlabs/edm preconditioner's state dict
+  (numpy, keys `model.<...>`): the `model.` prefix removed; every resample_filter buffer
+  checked to equal the config's filter and dropped (memvol computes it); map_augment dropped.
+  Shapes are checked when memvol loads the folder. ValueError naming a buffer that differs."""
+  taps = config.get("resample_filter", [1, 1])
+  want = edm_resample_kernel(taps)
+  out, dropped = {}, []
+  for key, w in state.items():
+    if not key.startswith("model."):
+      raise MismatchError(f"the NVlabs/edm checkpoint has {key}, outside the preconditioner's `model`")
+    name = key.removeprefix("model.")
+    if name.endswith(".resample_filter"):
+      if w.shape != want.shape or not np.array_equal(np.asarray(w, np.float32), want):
+        raise ValueError(f"{key}: resample filter {np.asarray(w).reshape(-1)[:4].tolist()}... is not the one of "
+                         f"resample_filter={taps}; memvol cannot express it")
+    elif name in EDM_UNUSED:
+      dropped.append(name)
+    else:
+      out[name] = np.ascontiguousarray(np.asarray(w, np.float32))
+  return out, dropped
+
+
 # --- the mapping (pure numpy) ----------------------------------------------------------
 
 
@@ -361,6 +465,41 @@ def map_state(state: Mapping[str, np.ndarray], spec: Spec, what: str) -> tuple[d
 
 
 # --- torch ----------------------------------------------------------------------------
+
+
+def sniff(path: str) -> str:
+  """What the file at `path` is by its first bytes: "zip" (torch.save's archive), "pickle"
+  (protocol 2+: a plain pickle or torch's legacy format), "empty" or "unknown".
+  FileNotFoundError when it does not exist."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist (or is not a file)")
+  with open(path, "rb") as f:
+    head = f.read(4)
+  if not head:
+    return "empty"
+  return "zip" if head == b"PK\x03\x04" else "pickle" if head[:1] == b"\x80" else "unknown"
+
+
+def load_checkpoint(path: str, what: str, weights_only: bool) -> Any:
+  """torch.load(path) (on the CPU), or one ValueError naming `path` and `what` was expected
+  when the file is not one: empty, garbage, truncated, or (weights_only) a pickle of code
+  objects such as an NVlabs/edm network."""
+  import pickle
+  import torch
+  kind = sniff(path)
+  if kind in ("empty", "unknown"):
+    raise ValueError(f"{path} is not a {what}: {'an empty file' if kind == 'empty' else 'neither a torch archive nor a pickle'}")
+  try:
+    return torch.load(path, map_location="cpu", weights_only=weights_only)
+  except pickle.UnpicklingError as e:
+    if weights_only:
+      raise ValueError(f"{path} is not a {what}: it pickles code objects, not only tensors (an NVlabs/edm "
+                       "network-snapshot .pkl or training-state .pt? convert it with --format=edm)") from e
+    raise ValueError(f"{path} is not a {what}: a damaged pickle ({str(e).splitlines()[0][:160]})") from e
+  except (RuntimeError, EOFError, ValueError, OSError, ModuleNotFoundError, AttributeError) as e:
+    first = (str(e).splitlines() or [""])[0][:160]
+    damaged = "a damaged or truncated torch archive" if kind == "zip" else "an unreadable pickle"
+    raise ValueError(f"{path} is not a {what}: {damaged} ({type(e).__name__}: {first})") from e
 
 
 def _numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -402,13 +541,16 @@ def _diffusers_state_and_config(obj, config_path: str | None) -> tuple[dict, dic
   return {k: v.detach().float().cpu().numpy() for k, v in state.items()}, config
 
 
+def _found(obj: Any) -> str:
+  return f"top-level keys {sorted(map(str, obj))[:10]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+
+
 def _pytorch_ddpm(args) -> tuple[dict, dict]:
-  import torch
-  ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+  ckpt = load_checkpoint(args.checkpoint, EXPECTED["pytorch-ddpm"], weights_only=True)
   key = {"ema": "ema_model", "net": "net_model"}[args.weights]
   if not isinstance(ckpt, dict) or key not in ckpt:
-    raise ValueError(f"{args.checkpoint}: no {key!r} (a pytorch-ddpm ckpt.pt holds net_model and "
-                     f"ema_model; found {sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+    raise ValueError(f"{args.checkpoint} is not a pytorch-ddpm ckpt.pt: no {key!r} (it holds net_model and "
+                     f"ema_model; found {_found(ckpt)})")
   flags = {**read_ddpm_flagfile(args.flagfile), "num_groups": int(args.num_groups)}
   config = ddpm_config(flags)
   state, table_err = map_state(_numpy(ckpt[key]), ddpm_spec(flags), "pytorch-ddpm")
@@ -465,21 +607,73 @@ def _hasegawa(args) -> tuple[dict, dict]:
   import_hasegawa_unet(os.path.abspath(args.source or ""))
   cfg = read_hasegawa_yaml(args.config)
   config = hasegawa_config(cfg)
-  module = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+  module = load_checkpoint(args.checkpoint, EXPECTED["hasegawa"], weights_only=False)
+  if not isinstance(module, torch.nn.Module):
+    raise ValueError(f"{args.checkpoint} is not a Hasegawa & Yasuda model file (a pickled UNet module); found {_found(module)}")
   state, _ = map_state(hasegawa_module_state(module), hasegawa_spec(cfg), "Hasegawa & Yasuda")
   return state, config
 
 
+def load_edm(path: str, edm_repo: str | None) -> Any:
+  """The object in an NVlabs/edm network-snapshot-*.pkl (a plain pickle) or training-state
+  -*.pt (torch.save), unpickled with the checkout `edm_repo` on sys.path (its torch_utils
+  and dnnlib; the pickled networks carry their source and run it)."""
+  import pickle
+  if not edm_repo or not os.path.isdir(os.path.join(edm_repo, "torch_utils")):
+    raise ValueError(f"--format=edm needs --edm_repo=PATH, a checkout of NVlabs/edm (its torch_utils and dnnlib "
+                     f"unpickle the network); got {edm_repo!r}")
+  sys.path.insert(0, os.path.abspath(edm_repo))
+  what = EXPECTED["edm"]
+  kind = sniff(path)
+  if kind != "pickle":
+    return load_checkpoint(path, what, weights_only=False)
+  import torch  # noqa: F401  (the pickle refers to torch's classes)
+  try:
+    with open(path, "rb") as f:
+      return pickle.load(f)
+  except (pickle.UnpicklingError, EOFError, ValueError, ModuleNotFoundError, AttributeError, RuntimeError) as e:
+    first = (str(e).splitlines() or [""])[0][:160]
+    raise ValueError(f"{path} is not a {what}: an unreadable or truncated pickle ({type(e).__name__}: {first})") from e
+
+
+def _edm(args) -> tuple[dict, dict]:
+  import torch
+  obj = load_edm(args.checkpoint, args.edm_repo)
+  if isinstance(obj, dict) and ({"ema_model", "net_model"} & set(obj)):
+    raise ValueError(f"{args.checkpoint} is not an NVlabs/edm checkpoint: it holds ema_model / net_model, a "
+                     "pytorch-ddpm ckpt.pt: convert it with --format=pytorch-ddpm")
+  if not isinstance(obj, dict) or args.weights not in obj:
+    raise ValueError(f"{args.checkpoint} is not an NVlabs/edm checkpoint with {args.weights!r} weights (a "
+                     "network-snapshot-*.pkl holds 'ema', a training-state-*.pt 'net': choose with --weights); "
+                     f"found {_found(obj)}")
+  net = obj[args.weights]
+  if not isinstance(net, torch.nn.Module) or not hasattr(net, "init_kwargs") or not hasattr(net, "model"):
+    raise ValueError(f"{args.checkpoint}: {args.weights!r} is {type(net).__name__}, not an NVlabs/edm "
+                     "preconditioned network (VPPrecond, VEPrecond, EDMPrecond)")
+  config = edm_config(type(net).__name__, net.init_kwargs, type(net.model).__name__, net.model.init_kwargs)
+  state, dropped = edm_state(_numpy(net.state_dict()), config)
+  config.update({"_source_weights": args.weights, "_source_class": type(net).__name__})
+  if dropped:
+    config["_dropped_unused"] = dropped
+  return state, config
+
+
 def convert(args) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """(state, config) of the folder for the parsed command line."""
+  """(state, config) of the folder for the parsed command line. A file that is empty or
+  neither a torch archive nor a pickle is refused before torch is imported."""
+  kind = sniff(args.checkpoint)
+  if kind in ("empty", "unknown"):
+    what = "an empty file" if kind == "empty" else "neither a torch archive nor a pickle"
+    raise ValueError(f"{args.checkpoint} is not a {EXPECTED[args.format]}: {what}")
   if args.format == "pytorch-ddpm":
     state, config = _pytorch_ddpm(args)
   elif args.format == "hasegawa":
     state, config = _hasegawa(args)
+  elif args.format == "edm":
+    state, config = _edm(args)
   else:
-    import torch
     state, config = _diffusers_state_and_config(
-        torch.load(args.checkpoint, map_location="cpu", weights_only=False), args.config)
+        load_checkpoint(args.checkpoint, EXPECTED["diffusers"], weights_only=False), args.config)
   config.update({"_source_format": args.format, "_source_checkpoint": os.path.basename(args.checkpoint)})
   return state, config
 
@@ -500,24 +694,32 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--format", choices=FORMATS, default="diffusers")
   p.add_argument("--config", default=None,
                  help="diffusers: UNet2DModel config.json (for a bare state dict); hasegawa: their dataset yaml")
-  p.add_argument("--weights", choices=("ema", "net"), default="ema", help="pytorch-ddpm: ema_model or net_model")
+  p.add_argument("--weights", choices=("ema", "net"), default="ema",
+                 help="pytorch-ddpm: ema_model or net_model; edm: a snapshot's ema or a training state's net")
   p.add_argument("--flagfile", default=None, help="pytorch-ddpm: its absl flagfile (default: its CIFAR-10 settings)")
   p.add_argument("--num-groups", type=int, default=32,
                  help="pytorch-ddpm: GroupNorm groups (its model.py hard-codes 32)")
   p.add_argument("--source", default=None, help="hasegawa: their repository, to unpickle the model")
+  p.add_argument("--edm_repo", "--edm-repo", default=None, help="edm: a checkout of NVlabs/edm, to unpickle the network")
   return p
 
 
 def main(argv: list[str] | None = None) -> None:
+  """Convert; a checkpoint that is not one of the named format (or does not fit its
+  config) exits with one line naming the file, before anything is written."""
   args = parser().parse_args(argv)
-  state, config = convert(args)
   try:
     from memvol import pretrained
   except ImportError:  # no jax here: write the folder, check it where memvol runs
     pretrained = None
-  if pretrained is not None:
-    model, shape = pretrained.unet_from_config(config)
-    pretrained.params_from_state_dict(state, model, shape)  # refuses weights that do not fit
+  try:
+    state, config = convert(args)
+    if pretrained is not None:
+      model, shape = pretrained.model_from_config(config)
+      pretrained.params_from_state_dict(state, model, shape)  # refuses weights that do not fit
+  except (ValueError, FileNotFoundError) as e:
+    msg = " ".join(str(e).split())
+    sys.exit(f"error: {msg if args.checkpoint in msg else f'{args.checkpoint}: {msg}'}")
   write_folder(args.out, state, config)
   sde = config.get("_source_sde", {})
   if sde and not (math.isclose(sde.get("beta_min", 0.1), 0.1) and math.isclose(sde.get("beta_max", 20.0), 20.0)):

@@ -4,7 +4,8 @@ diffusers ones, which memvol does not depend on; run it in a separate venv):
   python3.11 -m venv /tmp/venv-torch
   /tmp/venv-torch/bin/pip install torch diffusers safetensors numpy pyyaml
   /tmp/venv-torch/bin/python scripts/make_pretrained_fixture.py tests/fixtures \
-      [--only=ddpm_unet,...] [--ddpm-source=PYTORCH_DDPM_REPO] [--hasegawa-source=THEIR_REPO]
+      [--only=ddpm_unet,...] [--ddpm-source=PYTORCH_DDPM_REPO] [--hasegawa-source=THEIR_REPO] \
+      [--edm-source=NVLABS_EDM_REPO] [--diffmemorize-source=DIFFMEMORIZE_REPO]
 
 Writes two random UNet2DModel folders (config.json, diffusion_pytorch_model.safetensors,
 reference.npz with x [B, H, W, C] in [-1, 1], t [B] in (0, 1] and the network's output eps
@@ -40,6 +41,25 @@ takes (0 .. 999) and eps [B, H, W, C], computed in float64 with the checkpoint's
 sinusoid in float64, which their forward computes in float32), plus num_params (of the
 converted folder; pytorch-ddpm: its float32 time table [1000, 32] too) and source_shapes.json lists every tensor of the source checkpoint (name,
 shape) for the converter's spec test.
+
+and, with NVlabs/edm's own classes (--edm-source=A_CHECKOUT; its dnnlib needs `requests`),
+pickled as its training loop writes a network-snapshot .pkl and converted with --format=edm:
+
+  edm_ddpmpp  DDPM++ (positional embedding, standard encoder, filter [1, 1]) under VPPrecond,
+              with augment_dim 9 as EDM's CIFAR-10 pickles (map_augment is dropped);
+  edm_ncsnpp  NCSN++ (Fourier embedding, channel_mult_noise 2, residual encoder, filter
+              [1, 3, 3, 1]) under VEPrecond;
+  both SongUNet(model_channels 16, channel_mult [1, 2], num_blocks 1, attention at 8x8) at
+  16x16x3, float16 weights (and Fourier freqs) stored as float16; and with sail-sg/
+  DiffMemorize's SongUNet (--diffmemorize-source, its own training/networks.py, run in the
+  same way), model_channels 8 under VPPrecond with some encoder skips off:
+  diffmem_ddpmpp (skip_connections [1, 0, 0, 1]) and diffmem_ncsnpp ([1, 1, 0, 1]). Their reference.npz holds
+  x = x0 + sigma z [B, H, W, C] at sigma [B] = 0.002, 0.02, 0.2, 2, 20, 80, NVlabs' D(x; sigma)
+  of the same SongUNet under each of VPPrecond, VEPrecond and EDMPrecond (D_vp, D_ve, D_edm) in
+  float64 (their forward casts to float32, and their attention and positional frequencies are
+  float32 whatever the input: evaluated here in float64 with their formulas, checked against
+  their own float32 forward, stored as own_float32), num_params (converted folder) and
+  source_num_params (the torch module's parameters).
 
 Every weight is perturbed away from its initial value (GroupNorm scales off 1, biases off
 0, the zero-initialised output convolutions and NIN_tot non-zero), so a weight mapped to the
@@ -234,6 +254,98 @@ def make_hasegawa(out: str, source: str, seed: int) -> None:
   _save_reference(folder, x, n, eps, model.state_dict())
 
 
+# --- NVlabs/edm SongUNets ---------------------------------------------------------------
+
+_DDPMPP = dict(embedding_type="positional", channel_mult_noise=1, encoder_type="standard", resample_filter=[1, 1])
+_NCSNPP = dict(embedding_type="fourier", channel_mult_noise=2, encoder_type="residual", resample_filter=[1, 3, 3, 1])
+EDM_NETS = {  # small DDPM++ and NCSN++ at 16x16x3: two levels, attention at 8x8
+    "edm_ddpmpp": ("VPPrecond", dict(_DDPMPP, augment_dim=9, model_channels=16)),
+    "edm_ncsnpp": ("VEPrecond", dict(_NCSNPP, model_channels=16)),
+    # sail-sg/DiffMemorize's SongUNet, two of its four encoder skips off
+    "diffmem_ddpmpp": ("VPPrecond", dict(_DDPMPP, model_channels=8, skip_connections=[1, 0, 0, 1])),
+    "diffmem_ncsnpp": ("VPPrecond", dict(_NCSNPP, model_channels=8, skip_connections=[1, 1, 0, 1])),
+}
+EDM_SIGMAS = [0.002, 0.02, 0.2, 2.0, 20.0, 80.0]
+
+
+def _edm_float64(networks) -> None:
+  """NVlabs' attention weights and positional frequencies in the input's dtype (they
+  compute both in float32 whatever the input), so a float64 reference is float64 throughout."""
+  class AttentionOp:
+    @staticmethod
+    def apply(q, k):
+      return torch.einsum("ncq,nck->nqk", q, k / np.sqrt(k.shape[1])).softmax(dim=2)
+
+  def positional(self, x):
+    freqs = torch.arange(self.num_channels // 2, dtype=x.dtype) / (self.num_channels // 2 - (1 if self.endpoint else 0))
+    x = x.ger((1 / self.max_positions) ** freqs)
+    return torch.cat([x.cos(), x.sin()], dim=1)
+
+  networks.AttentionOp = AttentionOp
+  networks.PositionalEmbedding.forward = positional
+
+
+def _edm_denoise64(model, precond: str, x: torch.Tensor, sigma: torch.Tensor, vp) -> torch.Tensor:
+  """D(x; sigma) of the SongUNet `model` (float64) under NVlabs' VPPrecond / VEPrecond /
+  EDMPrecond formulas (theirs cast x and sigma to float32 first), evaluated in float64;
+  `vp` is a VPPrecond whose sigma_inv (dtype-preserving) gives the VP time."""
+  s = sigma.reshape(-1, 1, 1, 1)
+  if precond == "vp":
+    c_skip, c_out, c_in, c_noise = 1, -s, 1 / (s**2 + 1).sqrt(), 999 * vp.sigma_inv(sigma)
+  elif precond == "ve":
+    c_skip, c_out, c_in, c_noise = 1, s, 1, (0.5 * sigma).log()
+  else:
+    sd = 0.5
+    c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt()
+    c_in, c_noise = 1 / (sd**2 + s**2).sqrt(), sigma.log() / 4
+  return c_skip * x + c_out * model(c_in * x, c_noise, class_labels=None)
+
+
+def make_edm(name: str, out: str, source: str, seed: int) -> None:
+  import copy
+  import pickle
+  for module in [m for m in sys.modules if m.split(".")[0] in ("training", "torch_utils", "dnnlib")]:
+    del sys.modules[module]  # another checkout's (NVlabs/edm vs DiffMemorize)
+  sys.path.insert(0, os.path.abspath(source))
+  from training import networks  # NVlabs/edm's (or DiffMemorize's) training/networks.py
+  precond_class, kw = EDM_NETS[name]
+  kw = dict(kw, model_type="SongUNet", channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.1)
+  torch.manual_seed(seed)
+  net = getattr(networks, precond_class)(img_resolution=16, img_channels=3, **kw).eval()
+  _perturb(net, half=True)
+  with torch.no_grad():
+    for buf_name, buf in net.named_buffers():
+      if buf_name.endswith("freqs"):
+        buf.copy_(buf.half().float())
+  folder = os.path.join(out, name)
+  gen = torch.Generator().manual_seed(seed + 1)
+  sigma = torch.tensor(EDM_SIGMAS, dtype=torch.float64)
+  x0 = 2 * torch.rand(len(EDM_SIGMAS), 3, 16, 16, generator=gen, dtype=torch.float64) - 1
+  x = x0 + sigma.reshape(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+  with tempfile.TemporaryDirectory() as tmp:
+    snapshot = os.path.join(tmp, "network-snapshot-000000.pkl")
+    with open(snapshot, "wb") as f:  # as NVlabs/edm's training loop writes it
+      pickle.dump(dict(ema=net, loss_fn=None, augment_pipe=None, dataset_kwargs={}), f)
+    _convert([snapshot, folder, "--format=edm", f"--edm_repo={source}"])
+  with torch.no_grad():
+    own32 = net(x.float(), sigma.float()).double()  # NVlabs' own forward (float32)
+    _edm_float64(networks)
+    model = copy.deepcopy(net.model).double()
+    vp = networks.VPPrecond(img_resolution=16, img_channels=3, **kw).double()
+    refs = {f"D_{p}": _edm_denoise64(model, p, x, sigma, vp) for p in ("vp", "ve", "edm")}
+  own = refs[f"D_{dict(VPPrecond='vp', VEPrecond='ve')[precond_class]}"]
+  gap = float(((own32 - own).flatten(1).norm(dim=1) / own.flatten(1).norm(dim=1)).max())
+  assert gap < 1e-4, gap  # the float64 formulas are NVlabs' forward
+  _store_half(folder)
+  from safetensors.numpy import load_file
+  num = sum(v.size for v in load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors")).values())
+  nhwc = lambda t: t.permute(0, 2, 3, 1).numpy()
+  np.savez(os.path.join(folder, "reference.npz"), x=nhwc(x), sigma=sigma.numpy(),
+           **{k: nhwc(v) for k, v in refs.items()}, own_float32=nhwc(own32), num_params=np.int64(num),
+           source_num_params=np.int64(sum(p.numel() for p in net.parameters())))
+  print(f"{folder}: {num} params ({precond_class}), float32 forward vs float64 {gap:.2e}")
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("out", nargs="?", default=os.path.join("tests", "fixtures"))
@@ -241,8 +353,10 @@ def main() -> None:
   p.add_argument("--ddpm-source", default="", help="a checkout of w86763777/pytorch-ddpm")
   p.add_argument("--hasegawa-source", default="",
                  help="a checkout of masa-longriver/Quantifying_the_Ease_of_Reproduction")
+  p.add_argument("--edm-source", default="", help="a checkout of NVlabs/edm")
+  p.add_argument("--diffmemorize-source", default="", help="a checkout of sail-sg/DiffMemorize")
   args = p.parse_args()
-  names = args.only.split(",") if args.only else list(CONFIGS) + ["pytorch_ddpm_unet", "hasegawa_unet"]
+  names = args.only.split(",") if args.only else list(CONFIGS) + ["pytorch_ddpm_unet", "hasegawa_unet"] + list(EDM_NETS)
   for i, name in enumerate(CONFIGS):
     if name in names:
       make(name, args.out, seed=10 * i)
@@ -250,6 +364,10 @@ def main() -> None:
     make_pytorch_ddpm(args.out, args.ddpm_source, seed=30)
   if "hasegawa_unet" in names:
     make_hasegawa(args.out, args.hasegawa_source, seed=40)
+  for i, name in enumerate(EDM_NETS):
+    if name in names:
+      source = args.diffmemorize_source if name.startswith("diffmem") else args.edm_source
+      make_edm(name, args.out, source, seed=50 + 10 * i)
 
 
 if __name__ == "__main__":

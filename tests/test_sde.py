@@ -131,3 +131,12 @@ def test_get_sde_and_from_config():
   hash(got)
   with pytest.raises(ValueError, match="unknown sde 'vq'"):
     sde_lib.get_sde("vq")
+
+
+@pytest.mark.parametrize("name", sorted(SDES))
+def test_time_of_noise_ratio_inverts_sigma_over_a(x64, name):
+  """EDM's sigma = sigma(t) / a(t) and back (what the Heun sampler steps in)."""
+  sde = SDES[name]
+  t = jnp.asarray(TS)
+  np.testing.assert_allclose(np.asarray(sde.time_of_noise_ratio(sde.noise_ratio(t))), TS, rtol=1e-9, atol=1e-12)
+  assert np.all(np.diff(np.asarray(sde.noise_ratio(t))) > 0)

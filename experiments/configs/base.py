@@ -58,7 +58,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   m.num_groups = 8            # GroupNorm groups
   m.hidden = 256              # mlp: hidden width
   m.num_layers = 3            # mlp: hidden layers
-  m.pretrained = ""           # diffusers UNet2DModel folder (memvol/pretrained.py): no training, fields above unused
+  m.pretrained = ""           # a diffusers UNet2DModel or EDM SongUNet folder (memvol/pretrained.py): no training, fields above unused
 
   # --- sde (memvol/sde.py) -----------------------------------------------------------
   c.sde = s = ml_collections.ConfigDict()
@@ -93,13 +93,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- sample (memvol/sampling.py) ---------------------------------------------------
   c.sample = sp = ml_collections.ConfigDict()
   sp.num_samples = 512
-  sp.methods = ("sde",)       # any of: ode (PF ODE, diffrax), sde (reverse Euler-Maruyama)
+  sp.methods = ("sde",)       # any of: ode (PF ODE, diffrax), sde (reverse Euler-Maruyama), heun (EDM's sampler)
   sp.sde_steps = 1000
   sp.denoise = True           # sde: last step returns its mean (no noise); False = the paper's code
   sp.ode_solver = "tsit5"     # euler | heun | midpoint | bosh3 | tsit5 | dopri5 | dopri8
   sp.ode_rtol = 1e-4
   sp.ode_atol = 1e-4
   sp.ode_max_steps = 4096     # ode: a solve needing more steps is an error
+  sp.heun_steps = 18          # heun: EDM's deterministic sampler, 2 N - 1 network calls
+  sp.heun_rho = 7.0           # heun: noise levels (s_max^(1/rho) .. s_min^(1/rho))^rho
+  sp.heun_sigma_min = 0.002   # heun: clipped to the SDE's sigma / a at eps and T
+  sp.heun_sigma_max = 80.0
   sp.batch_size = 256         # samples per device call (and per committed part file)
   sp.use_ema = True
   sp.precision = "highest"    # matmul/conv precision of the network: highest | high | default (BUILD.md)

@@ -118,8 +118,10 @@ def count_params(params: Any) -> int:
 @flax.struct.dataclass
 class EpsFn:
   """eps_theta for ONE image: eps_fn(x [H, W, C], t scalar SDE time in [eps, T]) ->
-  [H, W, C], in x's dtype. A pytree whose only leaves are `params`, so jit / vmap / jvp /
-  linearize trace the params instead of baking them in as constants."""
+  [H, W, C], in x's dtype. The model sees `sde.time_input(t)` (999 t), or sigma(t) when
+  it declares `noise_input == "sigma"` (EDM's VE / EDM preconditioning, song_unet.py).
+  A pytree whose only leaves are `params`, so jit / vmap / jvp / linearize trace the
+  params instead of baking them in as constants."""
 
   params: Any
   model: nn.Module = flax.struct.field(pytree_node=False)
@@ -129,7 +131,8 @@ class EpsFn:
     t = jnp.asarray(t)
     if t.ndim != 0:
       raise ValueError(f"eps_fn takes a scalar t (vmap over images), got t of shape {t.shape}")
-    t_net = self.sde.time_input(t).astype(jnp.result_type(x.dtype, t.dtype))
+    noise = self.sde.std(t) if getattr(self.model, "noise_input", "t") == "sigma" else self.sde.time_input(t)
+    t_net = noise.astype(jnp.result_type(x.dtype, t.dtype))
     y = self.model.apply({"params": self.params}, x[None], t_net[None], train=False)
     return y[0].astype(x.dtype)
 
