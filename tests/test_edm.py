@@ -38,13 +38,8 @@ def _denoise(model, params, x, sigma, dtype):
 
 
 def _converter():
-  import sys
-  path = os.path.join(os.path.dirname(FIXTURES), os.pardir, "scripts", "convert_torch_checkpoint.py")
-  spec = importlib.util.spec_from_file_location("convert_torch_checkpoint", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  assert "torch" not in sys.modules
-  return module
+  from test_pretrained import _converter as converter  # the one loader of the script as a module
+  return converter()
 
 
 # --- parity with NVlabs' networks --------------------------------------------------------
