@@ -120,9 +120,7 @@ def run_model(config: Any, workdir: str, m: int, choice: dict[str, Any], halves:
   folder = wdir.bench_model(workdir, m)
   ids, in_mask = halves["ids"], halves["in_mask"][m]
   split_path = os.path.join(folder, "half.npz")
-  if not os.path.exists(split_path):
-    os.makedirs(folder, exist_ok=True)
-    plan.write_half(split_path, ids, in_mask)
+  plan.write_half(split_path, ids, in_mask)
   c = plan.model_config(config, split_path, len(ids) // 2, int(config.seed) + m, int(choice["train_steps"]),
                         int(choice["num_samples"]))
   seconds: dict[str, float] = {}

@@ -133,8 +133,11 @@ def model_config(config: Any, split_path: str, half: int, seed: int, num_steps: 
 
 
 def write_half(path: str, ids: np.ndarray, in_mask: np.ndarray) -> None:
-  """The member split file of one half (data.read_member_split's format): pool ids IN, OUT."""
-  io.save_npz(path, mia_train_idxs=ids[in_mask], mia_eval_idxs=ids[~in_mask])
+  """The member split file of one half (data.read_member_split's format: pool ids IN, OUT),
+  written once: a model's half never changes under its checkpoints."""
+  if not os.path.exists(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    io.save_npz(path, mia_train_idxs=ids[in_mask], mia_eval_idxs=ids[~in_mask])
 
 
 def run_chain(config: Any, workdir: str, stages: tuple[str, ...], log: Callable[[str], None]) -> None:
@@ -185,9 +188,7 @@ def pilot_config(config: Any, workdir: str, pool_size: int) -> tuple[ml_collecti
   c.unlock()
   c.train.ckpt_every = c.train.keep_every = math.gcd(*grid)
   c.lock()
-  if not os.path.exists(c.data.member_split_path):
-    os.makedirs(folder, exist_ok=True)
-    write_half(c.data.member_split_path, ids, balanced_halves(labels, 2, int(config.data.split_seed) + PILOT_SEED)[0])
+  write_half(c.data.member_split_path, ids, balanced_halves(labels, 2, int(config.data.split_seed) + PILOT_SEED)[0])
   return c, folder
 
 
