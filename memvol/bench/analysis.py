@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from memvol import report, stats
+from memvol import calibrate, report, stats
 
 PRIMARY = {"a": "hutchinson@rank32_log_volume", "b": "peer_loss", "task": "T2_auroc", "alpha": 0.01,
            "test": "paired t over models (two-sided)", "interval": "95 % crossed bootstrap of models and images"}
 BASELINE = PRIMARY["b"]  # every secondary comparison is against the score a researcher tries first
-CALIBRATIONS = ("lira_off", "lira_on")
+CALIBRATIONS = calibrate.CALIBRATIONS
 FPRS = (0.01, 0.001)
 CI_TARGET = 0.05  # the primary interval's wanted half-width (the power calculation)
 
@@ -58,28 +58,7 @@ def propensity(IN: np.ndarray, c: np.ndarray, num_samples: int) -> dict[str, np.
   return {"in_rate": in_rate, "out_rate": out_rate, "p": in_rate - out_rate}
 
 
-def _leave_one_out_stats(s: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """(mean, sd ddof 1) [M, N] of s over the models of `group` for each image, model m left out;
-  NaN where fewer than 2 finite values remain."""
-  ok = group & np.isfinite(s)
-  v = np.where(ok, s, 0.0)
-  n, s1, s2 = ok.sum(0)[None] - ok, v.sum(0)[None] - v, (v**2).sum(0)[None] - v**2
-  with np.errstate(invalid="ignore", divide="ignore"):
-    mean = s1 / n
-    var = (s2 - n * mean**2) / (n - 1)
-  sd = np.sqrt(np.maximum(var, 0.0))
-  bad = (n < 2) | ~(sd > 0)
-  return np.where(bad, math.nan, mean), np.where(bad, math.nan, sd)
-
-
-def lira(s: np.ndarray, IN: np.ndarray) -> dict[str, np.ndarray]:
-  """LiRA's per-example calibration of s [M, N] from the other models: offline
-  (s - mu_OUT) / sd_OUT and online log N(s; IN) - log N(s; OUT) (see the module doc)."""
-  mo, so = _leave_one_out_stats(s, ~IN)
-  mi, si = _leave_one_out_stats(s, IN)
-  off = (s - mo) / so
-  on = (-0.5 * ((s - mi) / si) ** 2 - np.log(si)) - (-0.5 * off**2 - np.log(so))
-  return {"lira_off": off, "lira_on": on}
+lira = calibrate.lira  # LiRA's per-example calibration from the other models, one model left out
 
 
 def all_scores(raw: dict[str, np.ndarray], IN: np.ndarray) -> dict[str, np.ndarray]:
