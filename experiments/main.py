@@ -7,7 +7,9 @@
 Modes: train | sample | score | detect | report | all (default: the whole chain, skipping
 stages already complete in the workdir) | mitigate (select, modify, retrain and count
 copies again; see experiments/configs/mnist_mitigate.py) | bench (which images will the model
-copy: many models on random halves of a pool; see experiments/configs/digits_bench.py).
+copy: many models on random halves of a pool; see experiments/configs/digits_bench.py) | screen
+(every image's memorisation risk before training, from reference models on its halves or the
+data alone; see experiments/configs/mnist_screen.py).
 
 Exit status: 0 done; 143 stopped by a preemption notice (SIGTERM) after saving its
 progress (rerun the same command to resume); 75 the workdir is locked by another job.
@@ -25,10 +27,13 @@ from experiments.configs.base import get_base_config
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/mnist.py", "Experiment config file (path[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, samples, scores and the report.")
-_MODE = flags.DEFINE_enum("mode", "all", ["train", "sample", "score", "detect", "report", "all", "mitigate", "bench"],
+_MODE = flags.DEFINE_enum("mode", "all", ["train", "sample", "score", "detect", "report", "all", "mitigate", "bench",
+                                          "screen"],
                           "Stage to run; 'all' runs the chain and skips completed stages; 'mitigate' "
                           "(not in 'all') retrains with selected images modified (memvol/mitigate.py); 'bench' "
-                          "(not in 'all') judges every score over models on random halves of a pool (memvol/bench/).")
+                          "(not in 'all') judges every score over models on random halves of a pool (memvol/bench/); "
+                          "'screen' (not in 'all') gives every image a memorisation risk before training "
+                          "(memvol/screen/).")
 _FORCE = flags.DEFINE_bool("force", False, "With --mode=all: rerun stages even if complete.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-host runs; see BUILD.md).")

@@ -23,8 +23,8 @@ from memvol.workdir import IDENTITY_SECTIONS
 STAGES = ("train", "sample", "score", "detect", "report")
 _MODULES = {"train": "memvol.train", "sample": "memvol.sampling", "score": "memvol.scoring",
             "detect": "memvol.detect", "report": "memvol.report", "mitigate": "memvol.mitigate",
-            "bench": "memvol.bench"}
-MODES = ("all",) + tuple(_MODULES)  # `mitigate` and `bench` (their modules) are not part of `all`
+            "bench": "memvol.bench", "screen": "memvol.screen"}
+MODES = ("all",) + tuple(_MODULES)  # `mitigate`, `bench` and `screen` (their modules) are not part of `all`
 
 
 @runtime_checkable

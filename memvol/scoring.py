@@ -257,10 +257,12 @@ class Plan(NamedTuple):
   peer_settings: dict[str, Any]   # peer (not logp) -> settings
   subset: ImageTable | None       # the agreement subset
   agreement_settings: dict[str, Any]  # agreement estimator -> settings
+  reference: dict[str, Any] | None = None  # score.reference's statistics (memvol.screen.reference.load)
 
   def manifest_extra(self) -> dict[str, Any]:
+    ref = {} if self.reference is None else {"path": self.reference["path"], "digest": self.reference["digest"]}
     return {"peers": list(self.peers), "peer_settings": self.peer_settings,
-            "agreement_settings": self.agreement_settings}
+            "agreement_settings": self.agreement_settings, "reference": ref}
 
 
 def plan(config: Any, eps_fn: Any, table: ImageTable) -> Plan:
@@ -268,12 +270,18 @@ def plan(config: Any, eps_fn: Any, table: ImageTable) -> Plan:
   names = peers_of(config, ests)
   sub, agree = agreement_plan(config, table)
   dim = int(np.prod(table.images.shape[1:]))
+  ref = None
+  if config.score.get("reference"):  # refused here, before anything is scored or written
+    from memvol.screen import reference  # noqa: PLC0415  (the screen package reads scores.csv: no cycle at import)
+    need = [f"{e}_log_volume" for e in ests] + [f"peer_{p}" for p in names]
+    ref = reference.load(str(config.score.reference), config, table.ids, table.images, need)
   return Plan(
       ests=ests, settings={e: settings(config, options(config, e), eps_fn, table) for e in ests},
       peers=names,
       peer_settings={p: settings(config, peer_options(config, p), eps_fn, table) for p in names if p != "logp"},
       subset=sub,
-      agreement_settings={e: settings(config, agreement_options(config, e, dim), eps_fn, sub) for e in agree})
+      agreement_settings={e: settings(config, agreement_options(config, e, dim), eps_fn, sub) for e in agree},
+      reference=ref)
 
 
 def _peer_batch(rep: tuple, x0: jax.Array, ids: jax.Array) -> dict[str, jax.Array]:
@@ -428,6 +436,8 @@ def merge(workdir: str, table: ImageTable, ests: tuple[str, ...], all_settings: 
       timing[f"peer_{name}"] = seconds_per_image(rec)
     if plan.subset is not None:
       _merge_agreement(workdir, table, plan, merged[ests[0]], batch_size, timing)
+    if plan.reference is not None:
+      _merge_calibrated(rows, columns, plan.reference)
   io.save_csv(csv_path, rows, columns)
   io.save_json(manifest_path, {"estimators": list(ests), "batch_size": batch_size,
                                    "settings": all_settings, **extra, "seconds_per_image": timing})
@@ -438,6 +448,7 @@ def merge(workdir: str, table: ImageTable, ests: tuple[str, ...], all_settings: 
 
 REQUIRED_COLUMNS = ("id", "split", "label", "dup_count")
 SUCCESS_STATUS = ("0",)  # E_status of a successful solve (diffrax RESULTS code 0)
+CALIBRATED_PREFIXES = ("lira_off_", "lira_on_")  # columns calibrated against score.reference
 
 
 def _float(v: str) -> float:
@@ -480,6 +491,12 @@ def read_scores(path: str, estimators: tuple[str, ...], peers: tuple[str, ...] =
           out[col] = np.array([_float(r[col]) for r in rows], np.float64)
         except (TypeError, ValueError) as e:
           raise ValueError(f"{path} column {col} is corrupt ({e}); rerun --mode=score") from e
+  for col in header:  # calibrated columns (score.reference): lira_off_<c>, lira_on_<c>
+    if col.startswith(CALIBRATED_PREFIXES):
+      try:
+        out[col] = np.array([_float(r[col]) for r in rows], np.float64)
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} column {col} is corrupt ({e}); rerun --mode=score") from e
   for e in estimators:
     if f"{e}_status" in header:
       out[f"{e}_status"] = status = np.array([(r[f"{e}_status"] or "").strip() for r in rows])
@@ -541,6 +558,25 @@ def _add_columns(rows: list[dict[str, str]], columns: list[str], rec: dict[str, 
     columns.append(col)
     for i, row in enumerate(rows):
       row[col] = _fmt(rec[key][i])
+
+
+def _merge_calibrated(rows: list[dict[str, str]], columns: list[str], ref: dict[str, Any]) -> None:
+  """Append lira_off_<c> and lira_on_<c> for every raw score column c the reference holds
+  (memvol.screen.reference; NaN where c's solve failed)."""
+  from memvol.bench import model as bench_model  # noqa: PLC0415
+  from memvol.screen import reference  # noqa: PLC0415
+
+  raw = {}
+  for c in [c for c in columns if f"{c}_out_mean" in ref["stats"]]:
+    v = np.array([_float(r[c]) for r in rows], np.float64)
+    status = f"{bench_model.estimator_of(c)}_status"
+    if status in columns:
+      v = np.where(np.isin([r[status] for r in rows], SUCCESS_STATUS), v, math.nan)
+    raw[c] = v
+  for col, v in reference.calibrated(ref, raw).items():
+    columns.append(col)
+    for i, row in enumerate(rows):
+      row[col] = _fmt(np.float64(v[i]))
 
 
 def _merge_agreement(workdir: str, table: ImageTable, pl: Plan, primary: dict[str, np.ndarray],

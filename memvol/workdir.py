@@ -18,6 +18,8 @@ A workdir holds one experiment (one data / model / SDE config):
   bench/pilot/n<N>/, bench/models/m<k>/   the benchmark's sub-workdirs, with
                              bench/pilot.json, bench/plan.npz, records/m<k>.json, summary.json,
                              report.md and figures (memvol.bench)
+  screen/models/m<k>/        the screen's reference models, with screen/plan.npz, records/m<k>.json,
+                             risk.csv, summary.json, report.md and figures (memvol.screen)
 
 Each file's reader and writer live in the module that defines its format; this module only
 names the paths, so no module builds a path of another's by hand.
@@ -168,3 +170,17 @@ def bench_pilot(workdir: str, pool_size: int) -> str:
 def bench_model(workdir: str, model: int) -> str:
   """The sub-workdir of model m of the benchmark (trained on its half of the pool)."""
   return os.path.join(bench_dir(workdir), "models", f"m{int(model):04d}")
+
+
+def screen_dir(workdir: str) -> str:
+  """The screen's outputs: plan.npz, records/, risk.csv, summary.json, report.md, figures."""
+  return os.path.join(workdir, "screen")
+
+
+def screen_model(workdir: str, model: int) -> str:
+  """The sub-workdir of reference model m of the screen (trained on its half of the images)."""
+  return os.path.join(screen_dir(workdir), "models", f"m{int(model):04d}")
+
+
+def risk_csv(workdir: str) -> str:
+  return os.path.join(screen_dir(workdir), "risk.csv")

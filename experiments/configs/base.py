@@ -154,6 +154,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   #   cost hours on 2 CPU cores at D = 196, and far more at CIFAR size (BUILD.md, paper-scale cost).
   sc.agreement_estimators = ("exact", "subspace", "paper")  # estimators compared with the primary on the subset (K = score.K, capped at D)
   sc.agreement_paper_steps = 1000  # paper: Euler steps on the agreement subset (the authors': 1000)
+  sc.reference = ""           # a screen's workdir (--mode=screen): scores.csv adds LiRA-calibrated columns (lira_off_, lira_on_)
 
   # --- detect (memvol/detect.py) -----------------------------------------------------
   c.detect = dt = ml_collections.ConfigDict()
@@ -212,6 +213,29 @@ def get_base_config() -> ml_collections.ConfigDict:
   b.records_dir = ""          # where finished models' records go ("" = workdir/bench/records)
   b.run_models = True         # False: run nothing, only summarise the records present (gather)
   b.num_bootstrap = 2000      # resamples of the crossed bootstrap and the Spearman differences
+
+  # --- screen (memvol/screen/; --mode=screen only) -----------------------------------
+  # Memorisation risk of every image of the job's split before training. The score and direction
+  # of the model risk come from the digits benchmark's T5 (64 models, the ratio copy label):
+  # averaged over the models that never saw a digit, peer_loss correlates with its copy
+  # propensity at Spearman -0.571 (volume -0.55, flipd -0.576 at 16x the passes): atypical
+  # digits (low score) are the copied ones. Under an absolute-distance copy label the sign
+  # flips (nn1_pixel: +0.75 ratio, -0.76 absolute), so the label is named beside the risk.
+  c.screen = sn = ml_collections.ConfigDict()
+  sn.num_models = 8           # K reference models on complementary random halves (even, >= 4: 2 OUT models per image)
+  sn.train_steps = 0          # train.num_steps of each reference model (0 = train.num_steps)
+  sn.risk = "model"           # model: the reference models' OUT scores | data: a data-only predictor (no models, seconds)
+  sn.risk_score = "peer_loss"  # model risk: the raw score whose OUT-model mean ranks the images
+  sn.risk_direction = "lower"  # model risk: lower (a lower OUT mean is riskier) | higher
+  sn.data_predictor = "nn1_pixel"  # data risk: a key of memvol.predictors.data_only_predictors
+  sn.data_direction = "higher"  # data risk: higher (farther from the nearest other image is riskier) | lower
+  sn.copy_label = "ratio"     # the copy definition the directions above were read under (said in every output)
+  sn.basis = "digits benchmark T5 (64 models on random halves), ratio label: peer_loss OUT mean vs copy propensity rho -0.571; nn1_pixel +0.75"
+  sn.features = True          # data-only predictors in the quality classifier's features too (trains it: mitigate.classifier_*)
+  sn.num_shown = 32           # riskiest and safest images on the contact sheet
+  sn.shard = ""               # "k/n": this process trains the reference models m with m mod n = k ("" = all)
+  sn.records_dir = ""         # where finished reference models' records go ("" = workdir/screen/records)
+  sn.run_models = True        # False: train nothing, only write the outputs from the records present
   return c
 
 

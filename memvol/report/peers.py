@@ -44,7 +44,8 @@ def peers_section(config, workdir: str, scores: dict[str, np.ndarray], values: d
   n_rows = scores["id"].size
   summary: dict[str, Any] = {}
   md: list[str] = []
-  if peers:
+  calibrated = calibrated_rows(scores, list(values), peers)
+  if peers or calibrated:
     scorers = {e: values[e] for e in values}
     costs = {}
     for e in values:
@@ -53,6 +54,8 @@ def peers_section(config, workdir: str, scores: dict[str, np.ndarray], values: d
     for n in peers:
       scorers[n] = cols[f"peer_{n}"]
       costs[n] = _cost(cols.get(f"peer_{n}_nfe"), timing.get(f"peer_{n}"))
+    for name, (raw, col) in calibrated.items():
+      scorers[name], costs[name] = cols[col], costs[raw]
     rc = config.report
     comps: dict[str, dict[str, Any]] = {}
     for key in PEER_COMPARISONS:
@@ -70,7 +73,11 @@ def peers_section(config, workdir: str, scores: dict[str, np.ndarray], values: d
            "member / memorised, on the same checkpoint, images and labels. Network passes count forward "
            "evaluations plus JVPs; seconds per image (wall time on this machine, shared or not) leave out "
            "batches that compiled (marked * where every batch compiled). Best per column in bold (Welch p: "
-           "smallest among scores whose difference goes the claimed way).", ""]
+           "smallest among scores whose difference goes the claimed way)."
+           + (" `lira_off_` / `lira_on_` rows: the raw score calibrated per image against the reference models of "
+              f"score.reference={config.score.get('reference')} (LiRA offline: its z against the models that never "
+              "saw the image; online: the IN against the OUT Gaussian); their passes are the scored model's, the "
+              "reference models' are the screen's cost." if calibrated else ""), ""]
     for key in PEER_COMPARISONS:
       pos, neg = next((p, q) for k, p, q in COMPARISONS if k == key)
       md += [f"**{pos} vs {neg}**", "", _peer_table(comps[key], costs, best[key], float(rc.fpr)), ""]
@@ -84,6 +91,17 @@ def peers_section(config, workdir: str, scores: dict[str, np.ndarray], values: d
     summary["agreement"] = ag_summary
     md += ag_md
   return summary, "\n".join(md)
+
+
+def calibrated_rows(scores: dict[str, np.ndarray], estimators: list[str], peers: list[str]
+                    ) -> dict[str, tuple[str, str]]:
+  """{row name: (raw row name, scores.csv column)} of the calibrated columns (score.reference)
+  present: lira_off_<E> / lira_on_<E> from <E>_log_volume, lira_off_<p> / lira_on_<p> from peer_<p>."""
+  out = {}
+  for k in scoring.CALIBRATED_PREFIXES:
+    out.update({f"{k}{e}": (e, f"{k}{e}_log_volume") for e in estimators if f"{k}{e}_log_volume" in scores})
+    out.update({f"{k}{p}": (p, f"{k}peer_{p}") for p in peers if f"{k}peer_{p}" in scores})
+  return out
 
 
 def _peer_table(comp: dict[str, dict[str, Any]], costs: dict[str, dict[str, Any]], best: dict[str, Any],
