@@ -7,7 +7,7 @@ The weights come from the workdir's orbax checkpoints (checkpoint.py), checked a
 config's data/model/sde sections. Only the requested params item is read: the optimiser state
 is never built or restored here, so loading does not depend on the training settings.
 With `model.pretrained` set, they come from that folder instead (a diffusers UNet2DModel
-or an EDM SongUNet, pretrained.py; use_ema and step do not apply), after checking its
+or an EDM SongUNet, memvol/interop; use_ema and step do not apply), after checking its
 SHA-256 against the workdir's record and that config.sde is the SDE its network takes.
 """
 
@@ -21,6 +21,7 @@ from memvol import checkpoint as ckpt_lib
 from memvol import models, parallel, pretrained
 from memvol import sde as sde_lib
 from memvol import workdir as wdir
+from memvol.interop import networks
 
 
 def _abstract_params(model: Any, image_shape: tuple[int, ...], sharding: Any) -> Any:
@@ -31,8 +32,8 @@ def _abstract_params(model: Any, image_shape: tuple[int, ...], sharding: Any) ->
 def _pretrained(config: Any, workdir: str) -> tuple[Any, Any, tuple[int, ...]]:
   path = str(config.model.pretrained)
   pretrained.check_weights(path, workdir)
-  pretrained.check_sde(path, sde_lib.from_config(config.sde))
-  model, params, image_shape = pretrained.load_model(path)
+  networks.check_sde(path, sde_lib.from_config(config.sde))
+  model, params, image_shape = networks.load_model(path)
   return model, jax.device_put(params, parallel.replicated(parallel.local_mesh())), image_shape
 
 

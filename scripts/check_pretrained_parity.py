@@ -17,7 +17,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from memvol import models, pretrained  # noqa: E402
+from memvol import models  # noqa: E402
+from memvol.interop import edm, folders, networks  # noqa: E402
 from memvol.models import song_unet  # noqa: E402
 from memvol.models.song_unet import Preconditioned  # noqa: E402
 
@@ -26,7 +27,7 @@ def max_rel(folder: str, dtype, precond: str | None = None) -> tuple[int, float,
   """(params, max relative L2 error per image, where) of the folder's network against its
   reference in `dtype`; EDM folders: NVlabs' D(x; sigma) under `precond`."""
   ref = np.load(os.path.join(folder, "reference.npz"))
-  model, params, _ = pretrained.load_model(folder)
+  model, params, _ = networks.load_model(folder)
   params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
   if precond is not None:
     fn = lambda p, x, s: model.clone(precond=precond).apply({"params": p}, x, s, method=Preconditioned.denoise)
@@ -48,10 +49,10 @@ def main(root: str) -> None:
     folder = os.path.join(root, name)
     if not os.path.exists(os.path.join(folder, "reference.npz")):
       continue
-    config = pretrained.read_config(folder)
+    config = folders.read_config(folder)
     fmt = config.get("_source_format", "diffusers")
     rows = [(name, fmt, None)]
-    if config.get("_class_name") == pretrained.EDM_CLASS:  # every preconditioning around the same SongUNet
+    if config.get("_class_name") == edm.CLASS:  # every preconditioning around the same SongUNet
       rows = [(f"{name}/{p}", f"{fmt}{'*' if p == config['precond'] else ''}", p) for p in song_unet.PRECONDS]
     for label, fmt, precond in rows:
       n, r32, at = max_rel(folder, jnp.float32, precond)

@@ -24,7 +24,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from memvol import checkpoint, io, loading, models, pretrained  # noqa: E402
+from memvol import checkpoint, io, loading, models  # noqa: E402
+from memvol.interop import diffusers, folders, networks  # noqa: E402
 
 
 def _recorded_config(workdir: str, step: int | None) -> ml_collections.ConfigDict:
@@ -35,7 +36,7 @@ def _recorded_config(workdir: str, step: int | None) -> ml_collections.ConfigDic
 def random_ddpm_cifar10(path: str, seed: int = 0) -> dict:
   """Write a random network of google/ddpm-cifar10-32's architecture to `path`: kernels
   N(0, 1 / fan_in), GroupNorm scales 1 + N(0, 0.1^2), biases N(0, 0.1^2) (numpy, no compile)."""
-  model, shape = pretrained.unet_from_config(pretrained.DDPM_CIFAR10_CONFIG)
+  model, shape = networks.model_from_config(diffusers.DDPM_CIFAR10_CONFIG)
   shapes = jax.eval_shape(lambda k: models.init_params(model, k, shape), jax.random.PRNGKey(0))
   rng = np.random.default_rng(seed)
 
@@ -46,9 +47,8 @@ def random_ddpm_cifar10(path: str, seed: int = 0) -> dict:
     return 1.0 + 0.1 * z if kind == "scale" else 0.1 * z
 
   params = jax.tree_util.tree_map_with_path(draw, shapes)
-  pretrained.save_folder(path, pretrained.DDPM_CIFAR10_CONFIG,
-                         pretrained.state_dict_from_params(params, model))
-  return {"params": models.count_params(params), "sha256": pretrained.weights_sha256(path)}
+  folders.write(path, diffusers.DDPM_CIFAR10_CONFIG, networks.state_dict_from_params(params, model))
+  return {"params": models.count_params(params), "sha256": folders.weights_sha256(path)}
 
 
 def demo_images(path: str, n: int = 64, side: int = 32, seed: int = 0) -> None:
@@ -84,9 +84,9 @@ def main() -> None:
       p.error("give --workdir (or --random-ddpm-cifar10)")
     config = _recorded_config(args.workdir, args.step)
     model, params, shape = loading.load_model(config, args.workdir, use_ema=not args.raw, step=args.step)
-    cfg = pretrained.export(model, jax.device_get(params), shape, args.out)
+    cfg = networks.export(model, jax.device_get(params), shape, args.out)
     print(f"{args.out}: {models.count_params(params):,} params, blocks {cfg['down_block_types']}, "
-          f"sha256 {pretrained.weights_sha256(args.out)}")
+          f"sha256 {folders.weights_sha256(args.out)}")
   if args.demo_images:
     demo_images(args.demo_images)
     print(f"{args.demo_images}: 64 demo images 32x32x3")

@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from memvol import pretrained
+from memvol.interop import folders
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -36,7 +37,7 @@ def _converter():
 def test_damaged_safetensors_is_one_error_naming_the_file(tmp_path, folder, damage):
   dst = tmp_path / folder
   shutil.copytree(os.path.join(FIXTURES, folder), dst)
-  weights = dst / pretrained.WEIGHTS_FILE
+  weights = dst / folders.WEIGHTS_FILE
   data = weights.read_bytes()
   weights.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(5000), "empty": b""}[damage])
   with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file .*expected the weights written by"):

@@ -1,9 +1,9 @@
-"""NVlabs/edm networks (memvol/models/song_unet.py, pretrained.py's EDM folders): parity of
+"""NVlabs/edm networks (memvol/models/song_unet.py, memvol/interop's SongUNet folders): parity of
 the Flax SongUNet (DDPM++, NCSN++) under VP / VE / EDM preconditioning with NVlabs' own
 networks and sail-sg/DiffMemorize's (encoder skips switched off) on committed fixtures (made
 by scripts/make_pretrained_fixture.py with torch and each checkout; torch is not needed here), the VP schedule identity, the eps that
-memvol's SDEs see, the CIFAR-10 parameter counts, the converter's numpy mapping and its
-refusals, and the volume bound in the sigma parametrisation."""
+memvol's SDEs see, the CIFAR-10 parameter counts, the converter end to end (the numpy
+mapping itself: test_interop.py), and the volume bound in the sigma parametrisation."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memvol import models, pretrained, volume
+from memvol import models, volume
 from memvol import sde as sde_lib
+from memvol.interop import edm, folders, networks
 from memvol.models import song_unet
 from memvol.models.song_unet import Preconditioned
 
@@ -35,11 +36,6 @@ def _denoise(model, params, x, sigma, dtype):
   params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
   fn = jax.jit(lambda p, x, s: model.apply({"params": p}, x, s, method=Preconditioned.denoise))
   return np.asarray(fn(params, jnp.asarray(x, dtype), jnp.asarray(sigma, dtype)))
-
-
-def _converter():
-  from test_pretrained import _converter as converter  # the one loader of the script as a module
-  return converter()
 
 
 # --- parity with NVlabs' networks --------------------------------------------------------
@@ -69,7 +65,7 @@ def test_denoiser_matches_nvlabs_float32(name, precond):
   (x - D) / sigma, which has no cancellation at small sigma (D itself is x to 1e-3 there)."""
   folder = os.path.join(FIXTURES, name)
   ref = np.load(os.path.join(folder, "reference.npz"))
-  model, params, shape = pretrained.load_model(folder)
+  model, params, shape = networks.load_model(folder)
   assert shape == ref["x"].shape[1:] and models.count_params(params) == int(ref["num_params"])
   np.testing.assert_allclose(ref["sigma"], [0.002, 0.02, 0.2, 2.0, 20.0, 80.0])
   model = model.clone(precond=precond)
@@ -90,7 +86,7 @@ def test_denoiser_matches_nvlabs_float64(x64, name):
   float32 rounding (the formulas are theirs)."""
   folder = os.path.join(FIXTURES, name)
   ref = np.load(os.path.join(folder, "reference.npz"))
-  model, params, _ = pretrained.load_model(folder)
+  model, params, _ = networks.load_model(folder)
   for precond in PRECONDS:
     y = _denoise(model.clone(precond=precond), params, ref["x"], ref["sigma"], jnp.float64)
     assert np.all(_rel(y, ref[f"D_{precond}"]) < 1e-12), (precond, _rel(y, ref[f"D_{precond}"]))
@@ -101,17 +97,17 @@ def test_denoiser_matches_nvlabs_float64(x64, name):
 def test_diffmemorize_skip_connections_are_read():
   """DiffMemorize's skip_connections reach the Flax SongUNet (all ones: NVlabs' network)."""
   for name, skips in (("diffmem_ddpmpp", (1, 0, 0, 1)), ("diffmem_ncsnpp", (1, 1, 0, 1))):
-    model, _ = pretrained.song_unet_from_config(pretrained.read_config(os.path.join(FIXTURES, name)))
+    model, _ = networks.model_from_config(folders.read_config(os.path.join(FIXTURES, name)))
     assert model.net.skip_connections == skips
-  config = dict(pretrained.read_config(os.path.join(FIXTURES, "edm_ddpmpp")), skip_connections=[1, 1, 1, 1])
-  assert pretrained.song_unet_from_config(config)[0].net.skip_connections == ()
+  config = dict(folders.read_config(os.path.join(FIXTURES, "edm_ddpmpp")), skip_connections=[1, 1, 1, 1])
+  assert networks.model_from_config(config)[0].net.skip_connections == ()
 
 
 def test_folders_record_the_nvlabs_network():
   """The converter wrote NVlabs' class, dropped the unused augmentation layer of DDPM++
   (augment_dim 9, as EDM's CIFAR-10 pickles), and kept NCSN++'s Fourier frequencies."""
-  ddpmpp = pretrained.read_config(os.path.join(FIXTURES, "edm_ddpmpp"))
-  ncsnpp = pretrained.read_config(os.path.join(FIXTURES, "edm_ncsnpp"))
+  ddpmpp = folders.read_config(os.path.join(FIXTURES, "edm_ddpmpp"))
+  ncsnpp = folders.read_config(os.path.join(FIXTURES, "edm_ncsnpp"))
   assert ddpmpp["_source_class"] == "VPPrecond" and ddpmpp["precond"] == "vp"
   assert ddpmpp["_dropped_unused"] == ["map_augment.weight"] and ddpmpp["augment_dim"] == 9
   assert ncsnpp["_source_class"] == "VEPrecond" and ncsnpp["encoder_type"] == "residual"
@@ -119,7 +115,7 @@ def test_folders_record_the_nvlabs_network():
   assert int(ref["source_num_params"]) - int(ref["num_params"]) == 9 * 16  # map_augment [16, 9]
   ref = np.load(os.path.join(FIXTURES, "edm_ncsnpp", "reference.npz"))
   assert int(ref["num_params"]) - int(ref["source_num_params"]) == 16  # the freqs buffer [16]
-  _, params, _ = pretrained.load_model(os.path.join(FIXTURES, "edm_ncsnpp"))
+  _, params, _ = networks.load_model(os.path.join(FIXTURES, "edm_ncsnpp"))
   assert params["net"]["map_noise"]["freqs"].shape == (16,)
 
 
@@ -130,7 +126,7 @@ def test_each_option_changes_the_output():
                        ("diffmem_ddpmpp", dict(skip_connections=())), ("diffmem_ncsnpp", dict(skip_connections=()))):
     folder = os.path.join(FIXTURES, name)
     ref = np.load(os.path.join(folder, "reference.npz"))
-    model, params, _ = pretrained.load_model(folder)
+    model, params, _ = networks.load_model(folder)
     if "encoder_type" in change:
       params = dict(params, net={k: v for k, v in params["net"].items() if "aux_residual" not in k})
     elif "attn_resolutions" in change:
@@ -145,9 +141,9 @@ def test_state_dict_round_trips_exactly():
   from safetensors.numpy import load_file
   for name in EDM:
     folder = os.path.join(FIXTURES, name)
-    model, params, _ = pretrained.load_model(folder)
-    state = load_file(os.path.join(folder, pretrained.WEIGHTS_FILE))
-    back = pretrained.state_dict_from_params(params, model)
+    model, params, _ = networks.load_model(folder)
+    state = load_file(os.path.join(folder, folders.WEIGHTS_FILE))
+    back = networks.state_dict_from_params(params, model)
     assert set(back) == set(state)
     for k in state:
       np.testing.assert_array_equal(back[k], state[k].astype(np.float32))
@@ -164,7 +160,7 @@ def test_edm_vp_schedule_is_memvols_vp_sde(x64):
   edm_sigma = np.sqrt(np.expm1(0.5 * 19.9 * t**2 + 0.1 * t))
   np.testing.assert_allclose(np.asarray(vp.std(t) / vp.mean_coeff(t)), edm_sigma, rtol=1e-12)
   np.testing.assert_allclose(np.asarray(song_unet.vp_sigma_inv(jnp.asarray(edm_sigma), 0.1, 19.9)), t, rtol=1e-10)
-  assert pretrained.edm_sde({"precond": "vp"}) == {"name": "vp", "beta_min": 0.1, "beta_max": 20.0}
+  assert edm.sde({"precond": "vp"}) == {"name": "vp", "beta_min": 0.1, "beta_max": 20.0}
 
 
 @pytest.mark.parametrize("name", EDM)
@@ -173,7 +169,7 @@ def test_eps_fn_is_the_denoisers_noise(name):
   at s = sigma / a: VE feeds sigma(t) itself (noise_input "sigma"), VP 999 t on x_t = a x."""
   folder = os.path.join(FIXTURES, name)
   ref = np.load(os.path.join(folder, "reference.npz"))
-  eps_fn, _ = pretrained.load_eps_fn(folder)
+  eps_fn, _ = networks.load_eps_fn(folder)
   sde = eps_fn.sde
   s = ref["sigma"][1:]  # sigma 0.02 .. 80
   if isinstance(sde, sde_lib.VPSDE):
@@ -193,11 +189,11 @@ def test_the_wrong_sde_is_refused(tmp_path):
   """A VE / EDM network under a VP SDE (or a VP one under other betas) gets x_t on the
   wrong scale: refused naming the config fields to set."""
   with pytest.raises(ValueError, match=r"edm_ncsnpp holds an EDM network with 've'.*--config.sde.name=ve"):
-    pretrained.load_eps_fn(os.path.join(FIXTURES, "edm_ncsnpp"), sde_lib.VPSDE())
+    networks.load_eps_fn(os.path.join(FIXTURES, "edm_ncsnpp"), sde_lib.VPSDE())
   with pytest.raises(ValueError, match=r"--config.sde.name=vp --config.sde.beta_min=0.1 --config.sde.beta_max=20.0"):
-    pretrained.check_sde(os.path.join(FIXTURES, "edm_ddpmpp"), sde_lib.VPSDE(beta_max=10.0))
-  pretrained.check_sde(os.path.join(FIXTURES, "edm_ncsnpp"), sde_lib.VESDE(sigma_min=0.01, sigma_max=50.0))
-  pretrained.check_sde(os.path.join(FIXTURES, "ddpm_unet"), sde_lib.VESDE())  # no check for DDPM folders
+    networks.check_sde(os.path.join(FIXTURES, "edm_ddpmpp"), sde_lib.VPSDE(beta_max=10.0))
+  networks.check_sde(os.path.join(FIXTURES, "edm_ncsnpp"), sde_lib.VESDE(sigma_min=0.01, sigma_max=50.0))
+  networks.check_sde(os.path.join(FIXTURES, "ddpm_unet"), sde_lib.VESDE())  # no check for DDPM folders
 
 
 def test_ve_bound_in_the_sigma_parametrisation(x64):
@@ -238,7 +234,7 @@ def test_cifar10_networks_have_nvlabs_parameter_counts():
   without map_augment (9 x 128 = 1,152, unused in sampling) and with NCSN++'s 128 Fourier
   frequencies (a buffer in torch): 55,732,739 and 56,395,651 (shapes only: no compile)."""
   for arch, want in (("ddpmpp", 55_732_739), ("ncsnpp", 56_395_651)):
-    model, shape = pretrained.song_unet_from_config(pretrained.EDM_CIFAR10[arch])
+    model, shape = networks.model_from_config(edm.EDM_CIFAR10[arch])
     assert shape == (32, 32, 3)
     params = jax.eval_shape(lambda k: models.init_params(model, k, shape), jax.random.PRNGKey(0))
     assert models.count_params(params) == want, arch
@@ -252,44 +248,10 @@ def test_cifar10_networks_have_nvlabs_parameter_counts():
     ("resample_filter", [1, 2, 1]), ("some_new_field", 1)])
 def test_unsupported_song_unet_config_is_refused_naming_the_field(field, value):
   config = json.load(open(os.path.join(FIXTURES, "edm_ddpmpp", "config.json")))
-  pretrained.song_unet_from_config(config)
+  networks.model_from_config(config)
   config[field] = value
   with pytest.raises(ValueError, match=f"unsupported SongUNet config: {field}="):
-    pretrained.song_unet_from_config(config)
-
-
-def test_converter_refuses_what_memvol_cannot_express():
-  """By name: iDDPMPrecond, ADM (DhariwalUNet), class labels, skip encoders, VP with M != 1000."""
-  conv = _converter()
-  ok = dict(img_resolution=32, in_channels=3, out_channels=3, label_dim=0, model_channels=128)
-  config = conv.edm_config("EDMPrecond", {"sigma_data": 0.5, "sigma_min": 0, "sigma_max": float("inf")}, "SongUNet", ok)
-  assert config["precond"] == "edm" and config["sigma_max"] is None and config["sigma_data"] == 0.5
-  for args, match in (
-      (("iDDPMPrecond", {}, "DhariwalUNet", ok), r"preconditioning='iDDPMPrecond' \(its network also predicts variances"),
-      (("EDMPrecond", {}, "DhariwalUNet", ok), r"model_type='DhariwalUNet' \(ADM is not ported"),
-      (("VPPrecond", {}, "SongUNet", dict(ok, label_dim=10)), r"label_dim=10 \(class-conditional"),
-      (("VEPrecond", {}, "SongUNet", dict(ok, encoder_type="skip")), r"encoder_type='skip'"),
-      (("VPPrecond", {"M": 500}, "SongUNet", ok), r"M=500"),
-      (("VPPrecond", {}, "SongUNet", dict(ok, fancy=1)), r"fancy=1")):
-    with pytest.raises(ValueError, match=f"unsupported NVlabs/edm network: {match}"):
-      conv.edm_config(*args)
-
-
-def test_converter_checks_resample_filters_and_drops_map_augment():
-  conv = _converter()
-  config = {"resample_filter": [1, 3, 3, 1]}
-  f = conv.edm_resample_kernel([1, 3, 3, 1])
-  np.testing.assert_allclose(f[0, 0], song_unet.resample_kernel([1, 3, 3, 1]), rtol=1e-7)
-  assert f.shape == (1, 1, 4, 4) and abs(float(f.sum()) - 1) < 1e-7
-  state = {"model.enc.8x8_down.conv0.resample_filter": f, "model.enc.8x8_down.conv0.weight": np.ones((2, 2, 3, 3)),
-           "model.map_augment.weight": np.ones((16, 9))}
-  out, dropped = conv.edm_state(state, config)
-  assert set(out) == {"enc.8x8_down.conv0.weight"} and dropped == ["map_augment.weight"]
-  with pytest.raises(ValueError, match=r"model.enc.8x8_down.conv0.resample_filter: resample filter .* is not the one of "
-                     r"resample_filter=\[1, 1\]"):
-    conv.edm_state(state, {"resample_filter": [1, 1]})
-  with pytest.raises(conv.MismatchError, match="outside the preconditioner"):
-    conv.edm_state({"sigma_grid": np.ones(3)}, config)
+    networks.model_from_config(config)
 
 
 _CONVERT_EDM = r'''
@@ -300,6 +262,7 @@ from safetensors.numpy import load_file
 root, fixture, tmp = sys.argv[1:4]
 sys.path.insert(0, os.path.join(root, "scripts"))
 import convert_torch_checkpoint as conv
+from memvol.interop import edm
 
 class SongUNet(torch.nn.Module):  # stand-ins named as NVlabs' classes, carrying what the converter reads
   def __init__(self, **kw):
@@ -317,7 +280,7 @@ config = json.load(open(os.path.join(fixture, "config.json")))
 kw = {k: v for k, v in config.items() if not k.startswith("_") and k != "precond"}
 state = {"model." + k: v.astype(np.float32) for k, v in load_file(os.path.join(fixture, "diffusion_pytorch_model.safetensors")).items()}
 state["model.map_augment.weight"] = np.ones((16, 9), np.float32)
-state["model.enc.8x8_down.conv0.resample_filter"] = conv.edm_resample_kernel([1, 1])
+state["model.enc.8x8_down.conv0.resample_filter"] = edm.resample_kernel([1, 1])
 snapshot = os.path.join(tmp, "network-snapshot-000001.pkl")
 with open(snapshot, "wb") as f:
   pickle.dump({"ema": VPPrecond(state, **kw), "loss_fn": None}, f)
@@ -342,11 +305,11 @@ def test_converter_writes_the_fixture_folder_from_an_edm_pickle(tmp_path):
                         text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = tmp_path / "out"
-  got, want = load_file(str(out / pretrained.WEIGHTS_FILE)), load_file(os.path.join(fixture, pretrained.WEIGHTS_FILE))
+  got, want = load_file(str(out / folders.WEIGHTS_FILE)), load_file(os.path.join(fixture, folders.WEIGHTS_FILE))
   assert set(got) == set(want)
   for k in want:
     np.testing.assert_array_equal(got[k], want[k].astype(np.float32))
-  config, fixture_config = pretrained.read_config(str(out)), pretrained.read_config(fixture)
+  config, fixture_config = folders.read_config(str(out)), folders.read_config(fixture)
   assert config.pop("_source_checkpoint") == "network-snapshot-000001.pkl"
   fixture_config.pop("_source_checkpoint")
   assert config == fixture_config

@@ -1,7 +1,7 @@
-"""Networks trained elsewhere (memvol/pretrained.py): parity with diffusers' UNet2DModel,
-pytorch-ddpm's UNet and Hasegawa & Yasuda's UNet on committed fixtures (made by
+"""Networks trained elsewhere (memvol/pretrained.py, memvol/interop): parity with diffusers'
+UNet2DModel, pytorch-ddpm's UNet and Hasegawa & Yasuda's UNet on committed fixtures (made by
 scripts/make_pretrained_fixture.py with torch, diffusers and the authors' code; torch is
-not needed here), the converter's numpy mapping and its refusals, the DDPM time map,
+not needed here; the converter's numpy mapping: test_interop.py), the DDPM time map,
 refusals, export round trip, the workdir's record of the weights, the second held-out source
 and the pipeline without training."""
 
@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file
 from memvol import data, loading, models, pipeline, pretrained
 from memvol import sde as sde_lib
 from memvol import workdir as wdir
+from memvol.interop import diffusers, folders, networks, pytorch_ddpm
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -55,7 +56,7 @@ def test_eps_fn_matches_diffusers_reference(name):
 def test_ddpm_cifar10_config_is_memvols_paper_network():
   """google/ddpm-cifar10-32's config builds with exactly 35,746,307 params, the same
   parameter tree as models.named_config('paper_cifar10') (shapes only: no compile)."""
-  model, shape = pretrained.unet_from_config(pretrained.DDPM_CIFAR10_CONFIG)
+  model, shape = networks.model_from_config(diffusers.DDPM_CIFAR10_CONFIG)
   assert shape == (32, 32, 3)
   init = lambda m: jax.eval_shape(lambda k: models.init_params(m, k, shape), jax.random.PRNGKey(0))
   params = init(model)
@@ -67,7 +68,7 @@ def test_ddpm_cifar10_config_is_memvols_paper_network():
 
 def test_ddpm_betas_are_the_vp_sde(x64):
   """alphas_cumprod of DDPM's linear betas 1e-4..0.02 (N = 1000) against a(t)^2 of the
-  VP-SDE beta 0.1..20: the gaps memvol/pretrained.py states."""
+  VP-SDE beta 0.1..20: the gaps memvol/interop/networks.py states."""
   betas = np.linspace(1e-4, 0.02, 1000)
   ac = np.cumprod(1.0 - betas)
   sde = sde_lib.VPSDE(beta_min=0.1, beta_max=20.0)
@@ -98,10 +99,10 @@ def test_ddpm_betas_are_the_vp_sde(x64):
     ("out_channels", 6), ("some_new_field", 1)])
 def test_unsupported_config_is_refused_naming_the_field(field, value):
   config = json.load(open(os.path.join(FIXTURES, "ddpm_unet", "config.json")))
-  pretrained.unet_from_config(config)
+  networks.model_from_config(config)
   config[field] = value
   with pytest.raises(ValueError, match=f"unsupported UNet2DModel config: {field}="):
-    pretrained.unet_from_config(config)
+    networks.model_from_config(config)
 
 
 def test_pickles_and_bad_folders_are_refused(tmp_path):
@@ -122,14 +123,14 @@ def test_pickles_and_bad_folders_are_refused(tmp_path):
 
 def test_weights_that_do_not_fit_are_refused(tmp_path):
   src = os.path.join(FIXTURES, "ddpm_unet")
-  state = load_file(os.path.join(src, pretrained.WEIGHTS_FILE))
-  model, shape = pretrained.unet_from_config(pretrained.read_config(src))
+  state = load_file(os.path.join(src, folders.WEIGHTS_FILE))
+  model, shape = networks.model_from_config(folders.read_config(src))
   bad = dict(state)
   del bad["conv_in.bias"]
   bad["extra.weight"] = np.zeros(3, np.float32)
   bad["conv_out.weight"] = np.zeros((3, 24, 1, 1), np.float32)
   with pytest.raises(ValueError, match="missing conv_in.bias.*conv_out.weight: shape.*unexpected extra.weight"):
-    pretrained.params_from_state_dict(bad, model, shape)
+    networks.params_from_state_dict(bad, model, shape)
 
 
 # --- export and the round trip ---------------------------------------------------------
@@ -146,7 +147,7 @@ def test_export_round_trip_gives_the_same_network(tmp_path):
   rng = np.random.default_rng(0)  # every weight random: none at its zero / one init
   params = jax.tree.map(lambda p: (0.2 * rng.standard_normal(p.shape)).astype(np.float32), shapes)
   out = str(tmp_path / "exported")
-  config = pretrained.export(model, params, shape, out)
+  config = networks.export(model, params, shape, out)
   assert config["down_block_types"] == ["DownBlock2D", "AttnDownBlock2D"]
   assert config["up_block_types"] == ["AttnUpBlock2D", "UpBlock2D"]
 
@@ -164,25 +165,25 @@ def test_export_round_trip_gives_the_same_network(tmp_path):
 def test_fixture_state_dict_round_trips_exactly():
   folder = os.path.join(FIXTURES, "ddpm_unet")
   model, params, _ = pretrained.load_model(folder)
-  state = load_file(os.path.join(folder, pretrained.WEIGHTS_FILE))
-  back = pretrained.state_dict_from_params(params, model)
+  state = load_file(os.path.join(folder, folders.WEIGHTS_FILE))
+  back = networks.state_dict_from_params(params, model)
   assert set(back) == set(state)
   for k in state:
     np.testing.assert_array_equal(back[k], state[k])
-  assert pretrained.unet_from_config(pretrained.config_from_unet(model, (16, 16, 3)))[0] == model
+  assert networks.model_from_config(networks.config_from_unet(model, (16, 16, 3)))[0] == model
 
 
 def test_export_refuses_what_diffusers_cannot_express(tmp_path):
   mlp = models.get_model(models.named_config("digits_mlp"), (8, 8, 1))
   with pytest.raises(ValueError, match="only memvol UNets"):
-    pretrained.config_from_unet(mlp, (8, 8, 1))
+    networks.config_from_unet(mlp, (8, 8, 1))
   cfg = models.named_config("small_unet")
   cfg.ch_mult = (1, 2, 2)
   with pytest.raises(ValueError, match="divide by 2"):  # 14 -> 7 -> 4: odd sides
-    pretrained.config_from_unet(models.get_model(cfg, (14, 14, 1)), (14, 14, 1))
+    networks.config_from_unet(models.get_model(cfg, (14, 14, 1)), (14, 14, 1))
   extra = models.get_model(models.named_config("small_unet"), (16, 16, 1)).clone(num_res_blocks_up=3)
   with pytest.raises(ValueError, match="num_res_blocks_up"):
-    pretrained.config_from_unet(extra, (16, 16, 1))
+    networks.config_from_unet(extra, (16, 16, 1))
 
 
 # --- the workdir, the data and the pipeline --------------------------------------------
@@ -207,13 +208,13 @@ def test_workdir_records_the_weights_and_refuses_others(tmp_path):
   workdir = str(tmp_path / "run")
   pipeline.run(config, workdir, mode="train", log=lambda s: None)
   record = json.load(open(wdir.pretrained_record(workdir)))
-  assert record["sha256"] == pretrained.weights_sha256(folder)
+  assert record["sha256"] == folders.weights_sha256(folder)
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))  # nothing trained
   split = data.load_split(config, workdir)
   assert len(split.train) == 4 and split.train.shape == (16, 16, 3)
   loading.load_model(config, workdir)  # same weights: accepted
 
-  weights = os.path.join(folder, pretrained.WEIGHTS_FILE)
+  weights = os.path.join(folder, folders.WEIGHTS_FILE)
   state = load_file(weights)
   state["conv_in.bias"] = state["conv_in.bias"] + 1e-3
   save_file(state, weights)
@@ -292,19 +293,6 @@ def test_pretrained_chain_end_to_end(tmp_path):
 # --- pytorch-ddpm's and Hasegawa & Yasuda's UNets ----------------------------------------
 
 
-def _converter():
-  """scripts/convert_torch_checkpoint.py as a module: its mapping is numpy only (torch is
-  imported inside the functions that read checkpoints)."""
-  import importlib.util
-  import sys
-  path = os.path.join(os.path.dirname(FIXTURES), os.pardir, "scripts", "convert_torch_checkpoint.py")
-  spec = importlib.util.spec_from_file_location("convert_torch_checkpoint", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  assert "torch" not in sys.modules
-  return module
-
-
 def _apply(model, params, x, n, dtype=jnp.float32):
   params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
   return np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(x, dtype), jnp.asarray(n, dtype)))
@@ -321,7 +309,7 @@ def test_converted_authors_unet_matches_their_reference(name):
   (the time path is exercised)."""
   folder = os.path.join(FIXTURES, name)
   ref = np.load(os.path.join(folder, "reference.npz"))
-  config = pretrained.read_config(folder)
+  config = folders.read_config(folder)
   assert config["_source_format"] == _AUTHORS[name]
   model, params, shape = pretrained.load_model(folder)
   assert shape == ref["x"].shape[1:] and models.count_params(params) == int(ref["num_params"])
@@ -359,11 +347,11 @@ def test_pytorch_ddpm_time_table_is_the_interleaved_sinusoid(x64):
   with jax.enable_x64(False):
     e32 = emb(n, jnp.float32)
   assert float(np.abs(e32 - table).max()) <= 4e-6 and np.mean(e32 == table) > 0.8
-  exact = _converter().ddpm_time_table(*table.shape)
+  exact = pytorch_ddpm.time_table(*table.shape)
   np.testing.assert_allclose(emb(n, jnp.float64), exact, atol=1e-12)
   err = float(np.abs(table.astype(np.float64) - exact).max())
   assert 1e-6 < err < 1e-4
-  np.testing.assert_allclose(pretrained.read_config(folder)["_time_table_max_abs_error"], err, rtol=1e-6)
+  np.testing.assert_allclose(folders.read_config(folder)["_time_table_max_abs_error"], err, rtol=1e-6)
   half = emb(n[:-1] + 0.5, jnp.float64)
   assert np.all(np.abs(half - exact[:-1]) <= 0.5 + 1e-12) and np.all(np.isfinite(half))
 
@@ -382,118 +370,14 @@ def test_interleaved_embedding_and_plain_temb_are_used():
     assert np.all(_rel(y, ref["eps"])[1:] > 1e-3), (name, _rel(y, ref["eps"]))
 
 
-@pytest.mark.parametrize("name", sorted(_AUTHORS))
-def test_converter_spec_is_the_source_checkpoint(name):
-  """The converter's spec lists exactly the source checkpoint's tensors, in its order and
-  shapes (source_shapes.json, written from their model by the fixture script)."""
-  conv = _converter()
-  source = json.load(open(os.path.join(FIXTURES, name, "source_shapes.json")))
-  if name == "pytorch_ddpm_unet":
-    spec = conv.ddpm_spec(dict(conv.DDPM_FLAGS, ch=32, ch_mult=[1, 1], num_res_blocks=1, img_size=8))
-  else:
-    spec = conv.hasegawa_spec(_hasegawa_cfg(channel1=8, channel2=16, emb_dim1=8, emb_dim2=16, side=16))
-  assert [(k, list(s)) for k, _, s, _ in spec] == list(source.items())
-
-
-def _hasegawa_cfg(channel1=128, channel2=256, emb_dim1=128, emb_dim2=256, side=32, **conv):
-  """Their config/model.yaml + config/cifar10.yaml as load_config merges them (defaults)."""
-  return {"unet": {"channel1": channel1, "channel2": channel2,
-                   "conv": {"stride": 1, "dilation": 1, "init_scale": 1.0, "padding": 1, "kernel_size": 3, **conv},
-                   "groupnorm": {"num_groups": 4 if channel1 == 8 else 32},
-                   "time_embedding": {"max_positions": 10000, "emb_dim1": emb_dim1, "emb_dim2": emb_dim2},
-                   "dropout": 0.1},
-          "data": {"height": side, "width": side, "channel": 3}}
-
-
-def _spec_count(spec):
-  return sum(int(np.prod(s)) for _, dst, s, _ in spec if dst is not None)
-
-
-def test_authors_cifar10_networks_build_with_their_parameter_counts(tmp_path):
-  """pytorch-ddpm's CIFAR-10 UNet (config/CIFAR10.txt, PIA's and SecMI's victim) is DDPM's
-  35,746,307-parameter network; the authors' CIFAR-10 UNet (model.yaml) has 34,204,675
-  torch parameters, 493,568 of them in the NIN shortcuts of blocks that keep their channel
-  count, which it never uses: 33,711,107 in memvol (shapes only: no compile)."""
-  conv = _converter()
-  flagfile = tmp_path / "flagfile.txt"
-  flagfile.write_text("--T=1000\n--attn=1\n--ch=128\n--ch_mult=1\n--ch_mult=2\n--ch_mult=2\n--ch_mult=2\n"
-                      "--dropout=0.1\n--img_size=32\n--num_res_blocks=2\n--lr=0.0002\n--train\n")
-  flags = conv.read_ddpm_flagfile(str(flagfile))
-  assert flags == conv.DDPM_FLAGS
-  sde = conv.ddpm_config(flags)["_source_sde"]
-  np.testing.assert_allclose([sde["beta_min"], sde["beta_max"]], [0.1, 20.0])  # memvol's default VP-SDE
-  with pytest.raises(ValueError, match="mean_type='xstart'"):
-    conv.ddpm_config(dict(flags, mean_type="xstart"))
-  for config, spec in ((conv.ddpm_config(flags), conv.ddpm_spec(flags)),
-                       (conv.hasegawa_config(_hasegawa_cfg()), conv.hasegawa_spec(_hasegawa_cfg()))):
-    model, shape = pretrained.unet_from_config(config)
-    params = jax.eval_shape(lambda k: models.init_params(model, k, shape), jax.random.PRNGKey(0))
-    assert models.count_params(params) == _spec_count(spec)
-    if config["_class_name"] == "UNet2DModel" and config.get("sin_cos_interleaved"):
-      assert models.count_params(params) == 35_746_307
-    else:
-      assert models.count_params(params) == 33_711_107  # theirs: 34,204,675 with 493,568 in unused NINs
-
-
-def test_mismatched_checkpoint_is_refused_naming_the_first_parameter():
-  conv = _converter()
-  flags = dict(conv.DDPM_FLAGS, ch=32, ch_mult=[1, 2], num_res_blocks=1)
-  spec = conv.ddpm_spec(flags)
-  state = {k: (conv.ddpm_time_table(*s) if layout == "time_table" else np.zeros(s, np.float32))
-           for k, _, s, layout in spec}
-  out, err = conv.map_state(state, spec, "pytorch-ddpm")
-  assert err < 1e-12 and len(out) == len(spec) - 1
-  assert out["down_blocks.1.attentions.0.to_q.weight"].shape == (64, 64)  # 1x1 conv -> linear
-  bad = dict(state)
-  bad["upblocks.0.block1.2.weight"] = np.zeros((64, 128, 1, 1), np.float32)
-  bad["downblocks.2.block1.2.weight"] = np.zeros((64, 16, 3, 3), np.float32)
-  with pytest.raises(conv.MismatchError, match=r"parameter downblocks\.2\.block1\.2\.weight has shape "
-                     r"\(64, 16, 3, 3\), the config needs \(64, 32, 3, 3\)"):
-    conv.map_state(bad, spec, "pytorch-ddpm")
-  with pytest.raises(conv.MismatchError, match=r"parameter downblocks\.2\.block1\.2\.weight has shape "
-                     r"\(64, 32, 3, 3\), the config needs \(32, 32, 3, 3\)"):
-    conv.map_state(state, conv.ddpm_spec(dict(flags, ch_mult=[1, 1])), "pytorch-ddpm")
-  missing = {k: v for k, v in state.items() if k != "tail.2.bias"}
-  with pytest.raises(conv.MismatchError, match=r"parameter tail\.2\.bias is missing"):
-    conv.map_state(missing, spec, "pytorch-ddpm")
-  with pytest.raises(conv.MismatchError, match=r"unexpected parameter extra\.weight"):
-    conv.map_state({**state, "extra.weight": np.zeros(3)}, spec, "pytorch-ddpm")
-  shifted = {**state, conv.TIME_TABLE_KEY: conv.ddpm_time_table(1000, 32)[:, ::-1].copy()}
-  with pytest.raises(ValueError, match=r"time_embedding\.timembedding\.0\.weight: the time embedding "
-                     "table is not pytorch-ddpm's"):
-    conv.map_state(shifted, spec, "pytorch-ddpm")
-
-  small, wide = _hasegawa_cfg(channel1=8, channel2=16, emb_dim1=8, emb_dim2=16), _hasegawa_cfg(
-      channel1=8, channel2=32, emb_dim1=8, emb_dim2=16)
-  state = {k: np.zeros(s, np.float32) for k, _, s, _ in conv.hasegawa_spec(small)}
-  out, _ = conv.map_state(state, conv.hasegawa_spec(small), "Hasegawa & Yasuda")
-  assert "down_blocks.0.resnets.0.conv_shortcut.weight" not in out  # unused NIN (8 -> 8) dropped
-  assert out["down_blocks.1.resnets.0.conv_shortcut.weight"].shape == (16, 8, 1, 1)
-  with pytest.raises(conv.MismatchError, match=r"parameter ResnetBlock_D21\.Conv_1\.weight has shape "
-                     r"\(16, 8, 3, 3\), the config needs \(32, 8, 3, 3\)"):
-    conv.map_state(state, conv.hasegawa_spec(wide), "Hasegawa & Yasuda")
-
-
-@pytest.mark.parametrize("section, field, value", [
-    ("conv", "kernel_size", 5), ("conv", "dilation", 2), ("conv", "padding", 0),
-    ("time_embedding", "max_positions", 1000), ("time_embedding", "emb_dim1", 64)])
-def test_hasegawa_config_values_memvol_cannot_express_are_refused(section, field, value):
-  conv = _converter()
-  cfg = _hasegawa_cfg()
-  conv.hasegawa_config(cfg)
-  cfg["unet"][section][field] = value
-  with pytest.raises(ValueError, match=f"unsupported Hasegawa & Yasuda config: unet.{section}.{field}="):
-    conv.hasegawa_config(cfg)
-
-
 def test_memvol_fields_are_checked_and_exported():
-  config = pretrained.read_config(os.path.join(FIXTURES, "hasegawa_unet"))
+  config = folders.read_config(os.path.join(FIXTURES, "hasegawa_unet"))
   for field, value in (("up_attention", "first"), ("resnet_temb_act", "no"), ("sin_cos_interleaved", 1)):
     with pytest.raises(ValueError, match=f"unsupported UNet2DModel config: {field}="):
-      pretrained.unet_from_config({**config, field: value})
-  model, shape = pretrained.unet_from_config(config)
-  back = pretrained.config_from_unet(model, shape)
+      networks.model_from_config({**config, field: value})
+  model, shape = networks.model_from_config(config)
+  back = networks.config_from_unet(model, shape)
   assert back["up_attention"] == "last" and back["resnet_temb_act"] is False and back["time_embedding_dim"] == 16
-  assert pretrained.unet_from_config(back)[0] == model
-  plain = pretrained.config_from_unet(*pretrained.unet_from_config(pretrained.DDPM_CIFAR10_CONFIG))
-  assert not set(plain) & set(pretrained.MEMVOL_FIELDS)  # a diffusers network exports as before
+  assert networks.model_from_config(back)[0] == model
+  plain = networks.config_from_unet(*networks.model_from_config(diffusers.DDPM_CIFAR10_CONFIG))
+  assert not set(plain) & set(diffusers.MEMVOL_FIELDS)  # a diffusers network exports as before
