@@ -14,8 +14,11 @@ whose config carries the modification in its `data` section (data.drop_ids,
 data.augment_ids, data.replace_path: see memvol/data.py), so arms never share a workdir
 and the existing stages run unchanged on it (train -> sample -> detect).
 
-Selections (`select_ids`): `score` the top k of a scores.csv column (ties by id);
-`random` k ids drawn with the arm's seed; `copied` the baseline's copied images (k =
+Selections (`select_ids`): `score` the top k of a scores.csv column (ties by id); `loss` the
+top k of the baseline's peer_loss; `calibrated` the top k of the score column calibrated
+against a screen's reference models (lira_off_<column>: the baseline scored with
+score.reference); `risk` the top k of a screen's risk before training (mitigate.risk_reference,
+memvol/screen/); `random` k ids drawn with the arm's seed; `copied` the baseline's copied images (k =
 their number, not ceil(q N)); `none` nothing (an unchanged retrain: the run-to-run spread).
 Modifications: `drop` (out of the training stream), `drop_epochs` (the same, with
 train.num_steps scaled by the stream's shrink, so every kept image is seen as many times as
@@ -57,7 +60,8 @@ import numpy as np
 from memvol import data, detect, io, perturb, pipeline, plotting, quality, report, scoring, stats, train
 from memvol import workdir as wdir
 
-SELECTIONS = ("score", "random", "copied", "none")
+SELECTIONS = ("score", "loss", "calibrated", "risk", "random", "copied", "none")
+RANKED = ("score", "loss", "calibrated", "risk")  # the top k of one value per image (selection_column)
 MODIFICATIONS = ("drop", "drop_epochs", "augment", "perturb")
 CHAIN = ("train", "sample", "score", "detect")   # the baseline's stages
 ARM_CHAIN = ("train", "sample", "detect")        # an arm's stages
@@ -325,18 +329,48 @@ def check_score_column(config: Any) -> None:
                      f"known: {', '.join(known)}")
 
 
-def baseline_scores(config: Any, workdir: str, train_ids: np.ndarray) -> np.ndarray:
-  """The selection column of workdir/scores/scores.csv, aligned with train_ids; NaN where
-  the value is missing or its solve failed (an `E_log_volume` column's `E_status` != 0)."""
-  col = _score_column(config)
+def selection_column(config: Any, selection: str) -> str:
+  """The value a ranked selection takes its top k of: a scores.csv column, or `risk`."""
+  return {"score": _score_column(config), "loss": "peer_loss", "calibrated": f"lira_off_{_score_column(config)}",
+          "risk": "risk"}[selection]
+
+
+def check_selections(config: Any, selections: set[str]) -> None:
+  """ValueError, before any baseline runs, naming the setting a ranked selection needs."""
+  if "loss" in selections and "loss" not in tuple(config.score.get("peers", ())):
+    raise ValueError("selection 'loss' ranks the baseline's peer_loss: add 'loss' to score.peers")
+  if "calibrated" in selections and not config.score.get("reference"):
+    raise ValueError("selection 'calibrated' ranks scores calibrated against a screen: set score.reference to a "
+                     "--mode=screen workdir of this data")
+  if "risk" in selections and not config.mitigate.get("risk_reference"):
+    raise ValueError("selection 'risk' ranks a screen's risk: set mitigate.risk_reference to a --mode=screen "
+                     "workdir of this data")
+
+
+def ranked_values(config: Any, workdir: str, train_ids: np.ndarray, selection: str) -> np.ndarray:
+  """The values [N] (aligned with train_ids) whose top k a ranked selection takes: a column of
+  the baseline's scores.csv, or the risk of mitigate.risk_reference's risk.csv (refused when
+  an image is missing or its risk is NaN)."""
+  if selection == "risk":
+    from memvol.screen import risk as screen_risk  # noqa: PLC0415
+    return screen_risk.read(wdir.risk_csv(str(config.mitigate.risk_reference)), train_ids)["risk"]
+  return baseline_scores(config, workdir, train_ids, selection_column(config, selection))
+
+
+def baseline_scores(config: Any, workdir: str, train_ids: np.ndarray, col: str | None = None) -> np.ndarray:
+  """A column of workdir/scores/scores.csv (default: the selection column), aligned with
+  train_ids; NaN where the value is missing or its solve failed (an `E_log_volume` column's
+  `E_status` != 0)."""
+  col = col or _score_column(config)
   path = wdir.scores_csv(workdir)
   cols = scoring.read_scores(path, tuple(str(e) for e in config.score.estimators),
                              tuple(str(p) for p in config.score.get("peers", ())))
   if col not in cols:
-    raise ValueError(f"mitigate.score_column={col!r} is not a column of {path} "
+    raise ValueError(f"selection column {col!r} (mitigate.score_column) is not a column of {path} "
                      f"(columns read: {', '.join(cols)})")
   v = cols[col].copy()
-  status = col[: -len("_log_volume")] + "_status" if col.endswith("_log_volume") else None
+  raw = col.removeprefix("lira_off_")
+  status = raw[: -len("_log_volume")] + "_status" if raw.endswith("_log_volume") else None
   if status in cols:
     v[~np.isin(cols[status], scoring.SUCCESS_STATUS)] = math.nan
   is_train = cols["split"] == "train"
@@ -394,24 +428,27 @@ def selection(reg: Any, arm: Arm) -> dict[str, Any]:
   score is not finite (a failed or unfinished solve), for `score` arms}. Such images are
   never ranked silently: mitigate.on_nonfinite = 'refuse' (ValueError naming them and the
   setting to change) | 'last' (ranked below every finite score, and reported)."""
-  k = num_selected(arm.q, len(reg.train_ids)) if arm.selection in ("score", "random") else 0
+  k = num_selected(arm.q, len(reg.train_ids)) if arm.selection in RANKED + ("random",) else 0
   out: dict[str, Any] = {}
-  if arm.selection == "score":
+  values = None
+  if arm.selection in RANKED:
+    values = reg.scores if arm.selection == "score" else ranked_values(reg.config, reg.dir, reg.train_ids,
+                                                                       arm.selection)
     policy = str(reg.config.mitigate.on_nonfinite)
     if policy not in ON_NONFINITE:
       raise ValueError(f"mitigate.on_nonfinite={policy!r}; expected one of {ON_NONFINITE}")
-    bad = np.sort(np.asarray(reg.train_ids)[~np.isfinite(reg.scores)]).tolist()
+    bad = np.sort(np.asarray(reg.train_ids)[~np.isfinite(values)]).tolist()
     if bad and policy == "refuse":
       sc = reg.config.score
       raise ValueError(
           f"mitigate {reg.name}: {len(bad)} of {len(reg.train_ids)} training images have no finite "
-          f"{_score_column(reg.config)} in the baseline's scores.csv (ids {bad[:20]}): their solves failed "
+          f"{selection_column(reg.config, arm.selection)} in the baseline's scores.csv (ids {bad[:20]}): their solves failed "
           f"or hit the step budget. Raise config.score.max_steps (now {sc.max_steps}) or loosen score.rtol / "
           f"score.atol (now {sc.rtol} / {sc.atol}) and rerun --mode=score on the baseline, or set "
           "mitigate.on_nonfinite='last' to rank them below every finite score")
     out["nonfinite_score_ids"] = bad
-  out["ids"] = select_ids(arm.selection, reg.train_ids, k, scores=reg.scores, copied_ids=reg.copied,
-                          seed=arm.seed)
+  out["ids"] = select_ids("score" if arm.selection in RANKED else arm.selection, reg.train_ids, k, scores=values,
+                          copied_ids=reg.copied, seed=arm.seed)
   return out
 
 
@@ -535,6 +572,7 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[s
   arms = parse_arms(config.mitigate)
   for regime in dict.fromkeys(a.regime for a in arms):
     check_score_column(regime_config(config, regime))
+    check_selections(regime_config(config, regime), {a.selection for a in arms if a.regime == regime})
   adopt = load_adoptable(config.mitigate.adopt) if config.mitigate.adopt else None
   regimes: dict[str, _Regime] = {}
   baselines: dict[str, dict[str, Any]] = {}
@@ -620,8 +658,8 @@ def summarise(records: list[dict[str, Any]], baselines: dict[str, dict[str, Any]
     vals = lambda name, m: [r.get(m) for r in by_group.get(name, []) if r.get(m) is not None]  # noqa: E731
     for name, rs in by_group.items():
       others = []
-      if rs[0]["selection"] == "score":
-        others.append(name.replace("score-", "random-", 1))
+      if rs[0]["selection"] in RANKED:
+        others.append(name.replace(f"{rs[0]['selection']}-", "random-", 1))
       if rs[0]["modification"] == "drop_epochs":  # the epochs held vs not, same selection
         others.append(name.replace("-drop_epochs-", "-drop-", 1))
       for other in others:

@@ -94,6 +94,37 @@ def test_nonfinite_selection_scores_are_refused_or_ranked_last_and_reported(tmp_
   assert "3 training images have a non-finite selection score (ids 1, 3, 4)" in md
 
 
+def test_loss_calibrated_and_risk_selections_rank_their_own_values(tmp_path):
+  """`loss` ranks peer_loss, `calibrated` the score column's lira_off_ form (NaN where the raw
+  solve failed), `risk` a screen's risk.csv; each refuses a config that cannot give its value."""
+  from memvol.screen import risk as screen_risk
+  wd, ref = str(tmp_path / "base"), str(tmp_path / "screen")
+  rows = [{"id": i, "split": "train", "label": 0, "dup_count": 1, "hutchinson_log_volume": 10 - i,
+           "hutchinson_status": "1" if i == 2 else "0", "peer_loss": i, "lira_off_hutchinson_log_volume": [3, 9, 8, 1][i]}
+          for i in range(4)]
+  io.save_csv(os.path.join(wd, "scores", "scores.csv"), rows)
+  pool = {"ids": np.arange(4), "labels": np.zeros(4, int), "split": np.array(["train"] * 4)}
+  table, cols = screen_risk.rows(pool, np.array([0.1, 0.2, 0.9, 0.5]), {}, {})
+  io.save_csv(os.path.join(ref, "screen", "risk.csv"), table, cols)
+  c = get_base_config()
+  c.score.estimators, c.score.peers = ("hutchinson",), ("loss",)
+  c.score.reference, c.mitigate.risk_reference, c.mitigate.on_nonfinite = ref, ref, "last"
+  ids = np.arange(4)
+  reg = types.SimpleNamespace(config=c, train_ids=ids, scores=mitigate.baseline_scores(c, wd, ids),
+                              copied=np.zeros(0, np.int64), name="r", dir=wd)
+  pick = lambda sel: mitigate.selection(reg, mitigate.Arm("r", sel, "drop", 0.5, 1))["ids"].tolist()  # noqa: E731
+  assert pick("score") == [0, 1] and pick("loss") == [2, 3] and pick("risk") == [2, 3]
+  assert pick("calibrated") == [0, 1]  # 9 at id 1, then 8 at id 2 is a failed solve: ranked last
+  mitigate.check_selections(c, {"loss", "calibrated", "risk"})
+  c.score.peers, c.score.reference, c.mitigate.risk_reference = (), "", ""
+  for sel, match in (("loss", "score.peers"), ("calibrated", "score.reference"), ("risk", "mitigate.risk_reference")):
+    with pytest.raises(ValueError, match=match):
+      mitigate.check_selections(c, {sel})
+  recs = ([_rec("risk-drop-q0.1", "risk", "drop", s, n) for s, n in zip((1, 2, 3), (2, 3, 4))]
+          + [_rec("random-drop-q0.1", "random", "drop", s, n) for s, n in zip((1, 2, 3), (19, 21, 26))])
+  assert ("risk-drop-q0.1", "random-drop-q0.1") in [(t["a"], t["b"]) for t in mitigate.summarise(recs, {"r": {}})["tests"]]
+
+
 # --- data modifications --------------------------------------------------------------
 
 

@@ -182,6 +182,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   mt.arms = ("default:none", "default:score:drop:0.1", "default:random:drop:0.1")  # run in this order: regime:none | regime:selection:modification:q
   mt.seeds = (1, 2, 3)        # config.seed of every arm (training, sampling): one arm per seed
   mt.score_column = ""        # scores.csv column ranked by `score` selection ("" = <first estimator>_log_volume)
+  mt.risk_reference = ""      # a --mode=screen workdir of this data: its risk.csv ranks the `risk` selection
   mt.adopt = ""               # arm records (a summary.json or docs/results/<name>.records.json) whose arms count as done here
   mt.on_nonfinite = "refuse"  # a non-finite selection score (failed solve): refuse (name the images) | last (rank last, report)
   mt.num_samples = 0          # samples per arm (0 = sample.num_samples; the `none` arms are then the reference)
