@@ -303,6 +303,34 @@ def crossed_bootstrap_auroc_diff(units: list[tuple[np.ndarray, np.ndarray, np.nd
           "sd": float(draws.std(ddof=1)), "draws": draws}
 
 
+def _rho_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """Spearman rho of each row pair of x, y [B, n] (NaN for a constant row)."""
+  rx, ry = sps.rankdata(x, axis=1), sps.rankdata(y, axis=1)
+  rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return (rx * ry).sum(1) / np.sqrt((rx**2).sum(1) * (ry**2).sum(1))
+
+
+def spearman_boot_perm(x: Any, y: Any, num_bootstrap: int, num_permutations: int, level: float = 0.95,
+                       seed: int = 0) -> dict[str, float]:
+  """Spearman rho of x, y [n] (finite pairs) against 0: {rho, n, ci_lo, ci_hi (percentile
+  bootstrap over the pairs at `level`), p (two-sided permutation p, (1 + #|rho*| >= |rho|) /
+  (1 + num_permutations), y permuted)}; NaN where rho is undefined."""
+  rho, _, n = spearman(x, y)
+  a, b = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  keep = np.isfinite(a) & np.isfinite(b)
+  a, b = a[keep], b[keep]
+  if not math.isfinite(rho):
+    return {"rho": rho, "n": n, "ci_lo": math.nan, "ci_hi": math.nan, "p": math.nan}
+  rng = np.random.default_rng(seed)
+  idx = rng.integers(0, n, (num_bootstrap, n))
+  boot = _rho_rows(a[idx], b[idx])
+  lo, hi = np.quantile(boot[np.isfinite(boot)], [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+  perm = _rho_rows(np.broadcast_to(a, (num_permutations, n)), rng.permuted(np.broadcast_to(b, (num_permutations, n)), axis=1))
+  p = (1.0 + np.sum(np.abs(perm) >= abs(rho) - 1e-12)) / (1.0 + num_permutations)
+  return {"rho": rho, "n": n, "ci_lo": float(lo), "ci_hi": float(hi), "p": float(p)}
+
+
 def spearman_diff_boot(a: np.ndarray, b: np.ndarray, y: np.ndarray, num_bootstrap: int, seed: int = 0
                        ) -> dict[str, float]:
   """rho(a, y) - rho(b, y) for two scores a, b [n] of the same units against y [n], with
@@ -311,15 +339,8 @@ def spearman_diff_boot(a: np.ndarray, b: np.ndarray, y: np.ndarray, num_bootstra
   a, b, y = (np.asarray(v, np.float64) for v in (a, b, y))
   rng = np.random.default_rng(seed)
   idx = rng.integers(0, len(y), (num_bootstrap, len(y)))
-
-  def rho(x: np.ndarray) -> np.ndarray:
-    rx, ry = sps.rankdata(x[idx], axis=1), sps.rankdata(y[idx], axis=1)
-    rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-      return (rx * ry).sum(1) / np.sqrt((rx**2).sum(1) * (ry**2).sum(1))
-
   diff = spearman(a, y)[0] - spearman(b, y)[0]
-  boot = rho(a) - rho(b)
+  boot = _rho_rows(a[idx], y[idx]) - _rho_rows(b[idx], y[idx])
   boot = boot[np.isfinite(boot)]
   sd = float(boot.std(ddof=1)) if boot.size > 1 else math.nan
   if not sd > 0 or not math.isfinite(diff):

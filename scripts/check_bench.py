@@ -1,5 +1,6 @@
 """Check a finished benchmark run (CI): every planned model has its record in summary.json,
-the primary comparison has its statement, numbers and verdict, every score its leaderboard
+each of the three co-primary tests has its statement, numbers, Holm p and verdict, every
+score its leaderboard
 row with costs, every secondary test its q, every number is finite, every null is one
 summary.json names under `not_estimated` (with the reason), and report.md and the figures
 exist. Values are not judged.
@@ -15,9 +16,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from check_report import _numbers, unexpected_nulls  # noqa: E402
 
-FIGURES = ("primary.png", "propensity.png", "frontier.png")  # = memvol.bench.outputs.FIGURES
-PRIMARY_KEYS = ("a", "b", "task", "alpha", "verdict", "mean", "sd", "n", "t", "p", "t_ci", "boot_ci", "per_model",
-                "positives", "negatives", "models_for_target")
+FIGURES = ("primary.png", "propensity.png", "frontier.png", "predictors.png")  # = memvol.bench.outputs.FIGURES
+PRIMARY_IDS = ("P1", "P2", "P3")  # = memvol.bench.analysis.PRIMARIES
+TEST_KEYS = ("a", "b", "task", "test", "interval", "estimate", "ci", "p", "p_holm", "verdict", "keeps_sign")
 ROW_KEYS = ("T1_auroc", "T1_tpr@0.01", "T1_tpr@0.001", "T2_auroc", "T3_spearman", "T5_spearman", "passes_per_image",
             "seconds_per_image")
 
@@ -29,7 +30,9 @@ def main(workdir: str) -> int:
   if not s.get("complete") or len(s.get("models_done", [])) != s.get("num_models_planned"):
     print(f"{folder}: models {s.get('models_done')} done of {s.get('num_models_planned')} planned")
     return 1
-  missing = [k for k in PRIMARY_KEYS if k not in s.get("primary", {})]
+  tests = s.get("primary", {}).get("tests", [])
+  missing = ([i for i in PRIMARY_IDS if i not in [t.get("id") for t in tests]]
+             + [f"{t.get('id')}.{k}" for t in tests for k in TEST_KEYS if k not in t])
   rows = s.get("leaderboard", {})
   lacking = [n for n in s.get("scores", []) if n not in rows or any(k not in rows[n] for k in ROW_KEYS)]
   untested = [t for t in s.get("secondary", []) if "q" not in t]
@@ -47,9 +50,9 @@ def main(workdir: str) -> int:
   if absent:
     print(f"{folder}: missing or empty {absent}")
     return 1
+  verdicts = ", ".join(f"{t['id']} {t['verdict']}" for t in tests)
   print(f"{folder}: {len(s['models_done'])} models, {len(s['scores'])} scores, {s['num_secondary']} secondary tests "
-        f"corrected, all numbers finite, {len(s.get('not_estimated', {}))} expected nulls; primary: "
-        f"{s['primary']['verdict']}")
+        f"corrected, all numbers finite, {len(s.get('not_estimated', {}))} expected nulls; {verdicts}")
   return 0
 
 

@@ -218,12 +218,14 @@ def render_mitigate(s: dict[str, Any]) -> str:
 
 BENCH_KEYS = ("models_done", "num_models_planned", "complete", "pool_size", "num_samples", "num_bootstrap", "choice",
               "scores", "primary", "leaderboard", "ranking_T2", "front_T2", "secondary", "num_secondary", "correction",
-              "copies", "seconds_per_model", "compile_share")
+              "copies", "seconds_per_model", "compile_share", "label_names", "label_rho", "typicality", "predictors",
+              "holds_under_all")
 
 
 def extract_bench(summary: dict[str, Any]) -> dict[str, Any]:
   """The part of a benchmark summary.json the README's block uses (the per-image lists stay out)."""
-  return {k: summary[k] for k in BENCH_KEYS}
+  labels = {k: {f: v for f, v in lb.items() if f != "p"} for k, lb in summary["labels"].items()}
+  return {k: summary[k] for k in BENCH_KEYS} | {"labels": labels}
 
 
 def render_bench(s: dict[str, Any]) -> str:

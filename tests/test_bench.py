@@ -15,7 +15,7 @@ from scipy import stats as sps
 from experiments.configs import digits_bench
 from memvol import bench, io, stats
 from memvol import workdir as wdir
-from memvol.bench import analysis, model, plan
+from memvol.bench import analysis, model, outputs, plan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -179,16 +179,27 @@ def test_propensity_on_a_synthetic_table():
   np.testing.assert_allclose(p["p"], [0.25, 0.3, 0.4])
 
 
-def _records(rng, num_models=8, n=24, effect=2.0):
+def _sample_level(rng, c_m, num_samples):
+  """Per-sample nearest pool images and distances consistent with copy counts c_m [N]: each
+  copy at d1 = 0.1 (d2 = 1), the other samples at d1 = 1 (d2 = 1.2)."""
+  n = len(c_m)
+  nn1 = np.concatenate([np.repeat(np.arange(n), c_m), rng.integers(0, n, num_samples - int(c_m.sum()))])
+  d1 = np.where(np.arange(num_samples) < c_m.sum(), 0.1, 1.0)
+  closest = np.array([d1[nn1 == i].min() if (nn1 == i).any() else 2.0 + rng.random() for i in range(n)])
+  return {"nn_index": np.stack([nn1, (nn1 + 1) % n], 1).tolist(), "nn_dist": np.stack([d1, d1 + 0.9], 1).tolist(),
+          "closest_dist": closest.tolist()}
+
+
+def _records(rng, num_models=8, n=24, effect=2.0, sample_level=True):
   IN, c, a, b = _simulated_models(rng, num_models, n, effect)
-  names = [analysis.PRIMARY["a"], analysis.PRIMARY["b"]]
+  names = [analysis.RANK32, analysis.BASELINE]
   return [{"model": m, "seed": m, "fingerprint": "f", "num_samples": 50, "in_mask": IN[m].astype(int).tolist(),
            "c": c[m].astype(int).tolist(), "score_order": names,
            "scores": {names[0]: a[m].tolist(), names[1]: b[m].tolist()},
            "costs": {names[0]: {"passes_per_image": 32.0, "seconds_per_image": 0.01},
                      names[1]: {"passes_per_image": 4.0, "seconds_per_image": 0.001}},
            "seconds": {"train": 10.0, "sample": 2.0, "score": 5.0, "detect": 0.1, "total": 17.5},
-           "compile_seconds": 3.0} for m in range(num_models)]
+           "compile_seconds": 3.0} | (_sample_level(rng, c[m], 50) if sample_level else {}) for m in range(num_models)]
 
 
 CHOICE = {"pilots": [{"pool_size": 24, "num_samples": 50, "train_seconds": 1.0,
@@ -199,33 +210,80 @@ CHOICE = {"pilots": [{"pool_size": 24, "num_samples": 50, "train_seconds": 1.0,
 
 def test_summary_of_records_finds_a_planted_effect_and_writes_its_report(tmp_path):
   recs = _records(np.random.default_rng(1), num_models=16)
-  s = analysis.summarise(recs, CHOICE, 16, 500)
-  pr = s["primary"]
-  assert pr["n"] == 16 and pr["mean"] > 0.3 and pr["p"] < 0.01 and pr["boot_ci"][0] > 0
-  assert pr["verdict"] == "volume better"
-  assert set(s["scores"]) == {f"{k}{n}" for n in (analysis.PRIMARY["a"], analysis.PRIMARY["b"])
-                              for k in ("", "lira_off_", "lira_on_")}
-  assert s["ranking_T2"][0].endswith(analysis.PRIMARY["a"]) and s["complete"]
+  pool = {"nn1_pixel": np.random.default_rng(5).random(24), "png_bytes": np.arange(24.0)}
+  s = analysis.summarise(recs, CHOICE, 16, 500, pool)
+  fam = s["primary"]
+  assert [t["id"] for t in fam["tests"]] == ["P1", "P2", "P3"] and fam["alpha"] == 0.01
+  p1 = fam["tests"][0]
+  assert p1["n"] == 16 and p1["estimate"] > 0.3 and p1["p"] < 0.01 and p1["ci"][0] > 0 and p1["verdict"] == "positive"
+  np.testing.assert_allclose([t["p_holm"] for t in fam["tests"]], stats.holm([t["p"] for t in fam["tests"]]))
+  assert set(p1["other_labels"]) == {"absolute", "closest"} and p1["keeps_sign"]["absolute"] is True
+  assert set(s["scores"]) == {f"{k}{n}" for n in (analysis.RANK32, analysis.BASELINE) for k in ("", "lira_off_", "lira_on_")}
+  assert s["ranking_T2"][0].endswith(analysis.RANK32) and s["complete"]
+  assert s["label_names"] == ["ratio", "absolute", "closest"] and set(s["predictors"]) == set(s["label_names"])
+  assert s["predictors"]["ratio"]["rows"]["nn1_pixel"]["n"] == 24
+  assert {t["task"] for t in s["secondary"]} >= {"predictor_spearman", "typicality_spearman", "T3_spearman"}
   assert all(t["q"] >= t["p"] * (1 - 1e-12) for t in s["secondary"] if math.isfinite(t["p"]))
   assert s["compile_share"]["mean"] == pytest.approx(3.0 / 17.5)
   null = analysis.summarise(_records(np.random.default_rng(2), num_models=8, effect=0.0), CHOICE, 12, 300)
-  assert null["primary"]["verdict"].startswith("inconclusive") and not null["complete"]
+  assert null["primary"]["tests"][0]["verdict"].startswith("inconclusive") and not null["complete"]
+  old = analysis.summarise(_records(np.random.default_rng(2), num_models=8, sample_level=False), CHOICE, 8, 100)
+  assert old["label_names"] == ["ratio"] and old["primary"]["tests"][0]["other_labels"] == {}
   cfg = digits_bench.get_config("quick")
   cfg.unlock()
   cfg.bench.num_models = 16
   clean = bench.write_outputs(cfg, str(tmp_path), recs, CHOICE, log=lambda m: None)
   md = open(os.path.join(wdir.bench_dir(str(tmp_path)), "report.md")).read()
-  assert md.index("Primary comparison (fixed before any run)") < md.index("Verdict: volume better")
-  assert clean["primary"]["verdict"] == "volume better"
+  assert md.index("co-primary tests (fixed before any run)") < md.index("**positive**")
+  assert clean["primary"]["tests"][0]["verdict"] == "positive"
+  assert all(os.path.exists(os.path.join(wdir.bench_dir(str(tmp_path)), f)) for f in outputs.FIGURES)
+
+
+def test_copy_labels_by_hand():
+  IN = np.array([[1, 0], [0, 1], [1, 0], [0, 1]], bool)
+  # OUT closest distances: 3.0 (m0 i1), 0.5 (m1 i0), 2.0 (m2 i1), 4.0 (m3 i0); 0.1 % of 4: the smallest
+  closest = np.array([[0.2, 3.0], [0.5, 0.1], [0.3, 2.0], [4.0, 0.2]])
+  assert analysis.absolute_tau(closest, IN) == 0.5
+  sample = {"nn_index": np.array([[[0, 1], [0, 1], [1, 0]]] * 4), "nn_dist": np.array([[[0.2, 1.0], [0.6, 1.0], [0.4, 2.0]]] * 4),
+            "closest": closest}
+  c = np.array([[1, 0], [0, 1], [0, 0], [0, 1]], float)
+  lab = analysis.labels(IN, c, 3, sample)
+  np.testing.assert_array_equal(lab["absolute"]["c"], [[1, 1]] * 4)  # d1 < 0.5: the samples at 0.2 and 0.4
+  np.testing.assert_allclose(lab["absolute"]["p"], [0.0, 0.0])
+  # closest: image 0 OUT (m1, m3) mean 2.25, IN (m0, m2) mean 0.25 -> 2.0; image 1: 2.5 - 0.15
+  np.testing.assert_allclose(lab["closest"]["p"], [2.0, 2.35])
+  np.testing.assert_allclose(lab["ratio"]["p"], analysis.propensity(IN, c, 3)["p"])
+  assert set(analysis.labels(IN, c, 3, None)) == {"ratio"}
+
+
+def test_the_pilot_judges_the_band_at_the_final_sample_count(tmp_path):
+  cfg = digits_bench.get_config("quick")
+  cfg.unlock()
+  cfg.bench.pilot_pool_sizes, cfg.bench.pilot_steps, cfg.bench.max_samples = (8,), (10, 20), 400
+  cfg.sample.num_samples, cfg.sample.batch_size = 100, 100
+  # step 10: one IN image copied once in the first 100 samples (sized to 400), three more after
+  # them: 1/4 at 100 samples, 4/4 at 400; step 20: 2 of 4 at 100 and at 400
+  late = [-1] * 100 + [1, 2, 3] + [-1] * 297
+  grid = [{"steps": 10, "share_copied": 0.25, "copied": 1, "copies": 1, "counts": [1, 0, 0, 0], "seconds": 1.0,
+           "copied_nn1": [0] + late[1:]},
+          {"steps": 20, "share_copied": 0.5, "copied": 2, "copies": 10, "counts": [5, 5, 0, 0], "seconds": 1.0,
+           "copied_nn1": [0] * 5 + [1] * 5 + [-1] * 390}]
+  io.save_json(plan.pilot_done_path(str(tmp_path), 8), {"pool_size": 8, "num_samples": 100, "train_seconds": 1.0,
+                                                        "grid": grid})
+  ch = plan.choose(cfg, str(tmp_path))
+  rows = ch["pilots"][0]["grid"]
+  assert [r["samples_final"] for r in rows] == [400, 100] and [r["share_final"] for r in rows] == [1.0, 0.5]
+  assert (ch["train_steps"], ch["num_samples"], ch["in_band"]) == (20, 100, True)  # step 10 leaves the band at 400
+  assert "sample count the sizing gives" in ch["rule"] and "copied_nn1" not in rows[0]
 
 
 def test_records_round_trip_and_refuse_another_plan(tmp_path):
   rec = _records(np.random.default_rng(3), num_models=2)[0]
-  rec["scores"][analysis.PRIMARY["a"]][0] = math.nan  # a failed solve
+  rec["scores"][analysis.RANK32][0] = math.nan  # a failed solve
   path = str(tmp_path / "m0000.json")
   model.save_record(path, rec)
   back = model.load_records(str(tmp_path), "f")
-  assert len(back) == 1 and math.isnan(back[0]["scores"][analysis.PRIMARY["a"]][0])
+  assert len(back) == 1 and math.isnan(back[0]["scores"][analysis.RANK32][0])
   assert "failed" in next(iter(io.load_json(path)["not_estimated"].values()))
   with pytest.raises(ValueError, match="another plan"):
     model.load_records(str(tmp_path), "g")
@@ -242,7 +300,7 @@ def test_bench_refuses_a_plan_it_cannot_run():
       bench.check_config(c)
     c.bench[field] = old
   c.score.peers = ("pia",)
-  with pytest.raises(ValueError, match="primary comparison"):
+  with pytest.raises(ValueError, match="co-primary"):
     bench.check_config(c)
 
 
@@ -284,3 +342,15 @@ def test_two_shards_share_a_workdir_and_a_killed_one_resumes(tmp_path):
   assert "model 3 (" in out and "model 1 (" not in out, out
   assert os.path.getmtime(rec1) == before
   assert sorted(os.listdir(os.path.join(wdir.bench_dir(wd2), "records"))) == [f"m{m:04d}.json" for m in (1, 3, 5, 7)]
+
+
+def test_spearman_bootstrap_and_permutation():
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=80)
+  r = stats.spearman_boot_perm(x, x + rng.normal(size=80), 1000, 2000, seed=1)
+  assert r["rho"] == pytest.approx(stats.spearman(x, x + rng.normal(size=80))[0], abs=0.3)
+  assert r["ci_lo"] < r["rho"] < r["ci_hi"] and r["p"] == pytest.approx(1 / 2001)  # no permutation reaches it
+  null = [stats.spearman_boot_perm(rng.normal(size=30), rng.normal(size=30), 10, 200, seed=k)["p"] < 0.05
+          for k in range(200)]
+  assert 0.01 < np.mean(null) < 0.1  # about alpha under the null
+  assert math.isnan(stats.spearman_boot_perm(np.ones(10), x[:10], 10, 10)["p"])  # a constant: no test

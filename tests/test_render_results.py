@@ -118,17 +118,18 @@ def test_benchmark_block_comes_from_the_summary():
   recs = test_bench._records(np.random.default_rng(0), num_models=8)
   s = json.loads(json.dumps(report.jsonable(analysis.summarise(recs, test_bench.CHOICE, 8, 200), "", [], {})))
   md = r.render({"kind": "bench", **r.extract_bench(s)})
-  pr = s["primary"]
-  assert f"mean difference **{r.fmt(pr['mean'], 3)}**" in md and f"**Verdict: {pr['verdict']}.**" in md
-  assert md.index("fixed before any run") < md.index("Verdict")
-  a = s["leaderboard"][analysis.PRIMARY["a"]]
-  assert f"| `{analysis.PRIMARY['a']}` | {report.fmt_ms(a['T1_auroc']['mean'], a['T1_auroc']['sd'], 8)} |" in md
-  assert f"| `lira_on_{analysis.PRIMARY['b']}` |" in md and "Secondary tests with q < 0.05" in md
+  for t in s["primary"]["tests"]:
+    assert f"| {t['id']} | {r.fmt(t['estimate'], 3)} |" in md and f"**{t['verdict']}**" in md
+  assert md.index("fixed before any run") < md.index("| P1 |")
+  a = s["leaderboard"][analysis.RANK32]
+  assert f"| `{analysis.RANK32}` | {report.fmt_ms(a['T1_auroc']['mean'], a['T1_auroc']['sd'], 8)} |" in md
+  assert f"| `lira_on_{analysis.BASELINE}` |" in md and "Secondary tests with q < 0.05" in md
+  assert "absolute T3" in md and "Typicality share" in md
 
 
 def test_committed_benchmark_figures_follow_from_the_model_records():
   """Every committed benchmark copy is recomputed from the per-model records committed beside it."""
-  from memvol.bench import analysis, model
+  from memvol.bench import analysis, model, pool
   r = _script()
   results = os.path.join(ROOT, "docs", "results")
   for name in sorted(f[: -len(".summary.json")] for f in os.listdir(results) if f.endswith(".summary.json")):
@@ -138,7 +139,8 @@ def test_committed_benchmark_figures_follow_from_the_model_records():
       continue
     recs = model.load_records(os.path.join(results, name))
     assert [x["model"] for x in recs] == committed["models_done"], name
-    s = analysis.summarise(recs, committed["choice"], committed["num_models_planned"], committed["num_bootstrap"])
+    s = analysis.summarise(recs, committed["choice"], committed["num_models_planned"], committed["num_bootstrap"],
+                           pool.load(os.path.join(results, name)))
     s = json.loads(json.dumps(report.jsonable(s, "", [], {})))
     assert {"kind": "bench", **r.extract_bench(s)} == committed, name
 

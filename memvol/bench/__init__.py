@@ -8,7 +8,8 @@ every pool image with every estimator and peer of config.score, count copies of 
 image (ratio criterion), write records/m<k>.json. From the records (analysis.py): the
 counterfactual propensity p_i, LiRA calibration, tasks T1 (membership), T2 (which IN images
 are copied), T3 / T5 (per-image propensity from the IN / OUT models), the pre-registered
-primary comparison and the Benjamini-Hochberg-corrected secondary family.
+three co-primary tests (Holm) and the Benjamini-Hochberg-corrected secondary family, under
+three copy labels (ratio, absolute, closest sample).
 
 Order of work, in every process (shards included):
   1. the pilot (bench/pilot/n<N>/, one unit per candidate N in bench.pilot_pool_sizes): a
@@ -16,7 +17,8 @@ Order of work, in every process (shards included):
      of its IN images are counted at each; bench/pilot.json chooses N, the training length and
      the samples per model from copy counts only (plan.choose). Units are claimed; a process
      that finds one claimed waits for it.
-  2. bench/plan.npz: the pool and in_mask [M, N].
+  2. bench/plan.npz: the pool and in_mask [M, N]; pool.json beside the records: the pool's
+     data-only predictors (pool.py), computed once by whichever process claims it.
   3. this shard's models (bench.shard = "k/n": m mod n = k), each claimed by its sub-workdir's
      lock, skipped when its record exists (in bench.records_dir, e.g. committed records of an
      earlier sitting) or another live process holds it.
@@ -37,7 +39,7 @@ from typing import Any, Callable
 
 from memvol import io, report
 from memvol import workdir as wdir
-from memvol.bench import analysis, model, outputs, plan
+from memvol.bench import analysis, model, outputs, plan, pool
 
 OWN_LOCKS = True  # pipeline.run takes no workdir lock for this stage: units are claimed one by one
 DONE_MEANS = "every model of the plan has its record"
@@ -64,11 +66,11 @@ def check_config(config: Any) -> None:
       raise ValueError(f"--mode=bench draws the pool and halves itself: unset data.{field}")
   if config.detect.sample_method not in tuple(config.sample.methods):
     raise ValueError(f"detect.sample_method={config.detect.sample_method!r} is not in sample.methods")
-  pr = analysis.PRIMARY
-  est, peer = pr["a"].removesuffix("_log_volume"), pr["b"].removeprefix("peer_")
-  if est not in tuple(config.score.estimators) or peer not in tuple(config.score.peers):
-    raise ValueError(f"the primary comparison ({pr['a']} vs {pr['b']}) needs score.estimators to include {est!r} "
-                     f"and score.peers to include {peer!r}")
+  for n in analysis.raw_needed():
+    field, name = (("score.peers", n.removeprefix("peer_")) if n.startswith("peer_")
+                   else ("score.estimators", n.removesuffix("_log_volume")))
+    if name not in tuple(config.score[field.split(".")[1]]):
+      raise ValueError(f"the co-primary tests (memvol.bench.analysis.PRIMARIES) read {n}: {field} must include {name!r}")
 
 
 def stale_reason(config: Any, workdir: str) -> str | None:
@@ -84,13 +86,15 @@ def write_outputs(config: Any, workdir: str, records: list[dict[str, Any]], choi
                   log: Callable[[str], None] = print) -> dict[str, Any]:
   """summary.json, report.md and figures in workdir/bench from `records`; the clean summary."""
   folder = wdir.bench_dir(workdir)
-  summary = analysis.summarise(records, choice, int(config.bench.num_models), int(config.bench.num_bootstrap))
+  summary = analysis.summarise(records, choice, int(config.bench.num_models), int(config.bench.num_bootstrap),
+                               pool.load(model.records_dir(config, workdir)))
   undefined: list[str] = []
   expected: dict[str, str] = {}
   clean = report.jsonable(summary, "", undefined, expected)
   io.save_json(os.path.join(folder, "summary.json"), clean | {"not_estimated": expected, "undefined": undefined})
   outputs.write(clean, folder)
-  log(f"[memvol] bench: {len(records)} of {config.bench.num_models} models; primary: {clean['primary']['verdict']}; "
+  verdicts = ", ".join(f"{t['id']} {t['verdict']}" for t in clean["primary"]["tests"])
+  log(f"[memvol] bench: {len(records)} of {config.bench.num_models} models; {verdicts}; "
       f"summary in {folder}/summary.json and report.md")
   return clean
 
@@ -102,6 +106,9 @@ def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[s
   halves = plan.ensure_halves(config, workdir, int(choice["pool_size"]))
   fp = model.fingerprint(config, choice)
   rdir = model.records_dir(config, workdir)
+  plan.wait_for([(os.path.join(wdir.bench_dir(workdir), "pool"), lambda: os.path.exists(os.path.join(rdir, pool.FILE)),
+                  lambda: pool.ensure(config, halves["ids"], halves["labels"], rdir,
+                                      os.path.join(wdir.bench_dir(workdir), "pool")))], log)
   mine = plan.shard_models(int(config.bench.num_models), str(config.bench.shard)) if config.bench.run_models else []
   for i, m in enumerate(mine):
     path = model.record_path(config, workdir, m)

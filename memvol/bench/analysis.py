@@ -13,14 +13,36 @@ copied (c >= 1) vs not; T3 Spearman over images of the score's mean over the ima
 models with p_i; T5 the same with the mean over its OUT models (memorisation risk before
 training).
 
-The primary comparison is fixed before any run (PRIMARY): T2 AUROC of hutchinson@rank32's log
-volume minus that of peer_loss, per model; the mean over the M models; a paired t-test over
-models at alpha 0.01 (two-sided), with a 95 % interval from a crossed bootstrap of models and
-images (stats.crossed_bootstrap_auroc_diff). Verdict: the score with the higher T2 AUROC is
-better when p < alpha and the interval excludes 0; otherwise inconclusive. Everything else is
-secondary and corrected together by Benjamini-Hochberg (one family): every score against
+Copy labels (LABELS): the tasks T2 / T3 / T5 and p_i are computed under three of them, from
+the records' sample-level data (model.sample_level; records without it give the ratio label
+only):
+  ratio     a sample copies its nearest pool image NN1 when d1 / d2 < 1/3 (memvol's, DiffMemorize's);
+            c_mi = such samples of model m whose NN1 is i; p_i as above.
+  absolute  ... when d1 < tau, tau = the (floor(0.001 n) + 1)-th smallest of the n distances from
+            an OUT (model, image) pair's image to that model's closest sample, pooled over models:
+            at most 0.1 % of OUT pairs are copied (the criterion's false positives). p_i as above.
+  closest   graded: p_i = mean over the image's OUT models of the distance from the image to the
+            model's closest sample minus the mean over its IN models (how much closer a model
+            comes by training on it); for T2, model m "copies" the IN images whose closest-sample
+            distance is below the median over its IN images.
+
+Three co-primary tests, fixed before any run (PRIMARIES), all on the ratio label, Holm over
+the three at family alpha 0.01, each with a 95 % interval:
+  P1 (replication) T2 AUROC of hutchinson@rank32 minus peer_loss: per model, the mean over
+     models, paired t over models, crossed models x images bootstrap interval;
+  P2 (the paper's claim, counterfactually) T3 Spearman of raw hutchinson@rank32 (mean over an
+     image's IN models) with p_i against 0: image-bootstrap interval, permutation p;
+  P3 (does calibration find the copies) T2 AUROC of lira_off_hutchinson@rank32 minus raw
+     hutchinson@rank32, as P1.
+Verdict per test: positive (the estimate > 0) or negative (< 0) when its Holm-adjusted p is
+below alpha and its interval excludes 0 on the same side; else inconclusive. Beside each, the
+sign of its estimate under the other labels (not tested). Everything else is secondary and
+corrected together by Benjamini-Hochberg (one family): on the ratio label every score against
 peer_loss on T1 and T2 (paired t over models) and on T3 and T5 (paired bootstrap over images
-of the Spearman difference), and every score's T5 Spearman against 0.
+of the Spearman difference), and every score's T5 Spearman against 0; on the other labels every
+raw score's T3 and T5 Spearman against 0; every data-only predictor's Spearman with p_i under
+each label; every raw score's typicality share (Spearman over images of its IN-model mean with
+its OUT-model mean) against 0.
 """
 
 from __future__ import annotations
@@ -32,12 +54,28 @@ import numpy as np
 
 from memvol import calibrate, report, stats
 
-PRIMARY = {"a": "hutchinson@rank32_log_volume", "b": "peer_loss", "task": "T2_auroc", "alpha": 0.01,
-           "test": "paired t over models (two-sided)", "interval": "95 % crossed bootstrap of models and images"}
-BASELINE = PRIMARY["b"]  # every secondary comparison is against the score a researcher tries first
+RANK32 = "hutchinson@rank32_log_volume"
+BASELINE = "peer_loss"  # every secondary comparison is against the score a researcher tries first
 CALIBRATIONS = calibrate.CALIBRATIONS
+FAMILY = {"alpha": 0.01, "correction": "Holm", "label": "ratio", "level": 0.95}
+PRIMARIES = (
+    {"id": "P1", "name": "replication", "task": "T2_auroc", "a": RANK32, "b": BASELINE,
+     "test": "paired t over models (two-sided)", "interval": "95 % crossed bootstrap of models and images"},
+    {"id": "P2", "name": "the paper's claim, counterfactually", "task": "T3_spearman", "a": RANK32, "b": "0",
+     "test": "permutation test over images (two-sided)", "interval": "95 % bootstrap over images"},
+    {"id": "P3", "name": "does calibration find the copies", "task": "T2_auroc", "a": f"lira_off_{RANK32}", "b": RANK32,
+     "test": "paired t over models (two-sided)", "interval": "95 % crossed bootstrap of models and images"},
+)
+LABELS = ("ratio", "absolute", "closest")
+ABSOLUTE_FPR = 0.001  # the absolute label's share of OUT (model, image) pairs copied
 FPRS = (0.01, 0.001)
-CI_TARGET = 0.05  # the primary interval's wanted half-width (the power calculation)
+CI_TARGET = 0.05  # the P1 / P3 interval's wanted half-width (the power calculation)
+NUM_PERMUTATIONS = 10_000
+
+
+def raw_needed() -> tuple[str, ...]:
+  """The raw score columns the co-primary tests read."""
+  return tuple(sorted({raw_of(n) for pr in PRIMARIES for n in (pr["a"], pr["b"]) if n != "0"}))
 
 
 def arrays(records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -119,16 +157,12 @@ def primary_units(a: np.ndarray, b: np.ndarray, IN: np.ndarray, c: np.ndarray
   return units
 
 
-def primary_test(table: dict[str, Any], scores: dict[str, np.ndarray], IN: np.ndarray, c: np.ndarray,
-                 num_bootstrap: int, seed: int = 0) -> dict[str, Any]:
-  """The pre-registered comparison (PRIMARY): per-model differences, paired t, crossed
-  bootstrap interval, verdict, the models a +-CI_TARGET t interval would need, and the sd of
-  the two one-way bootstraps (models only, images only): the images' part of the crossed
-  interval is what more models cannot shrink; a larger pool can."""
-  a, b = PRIMARY["a"], PRIMARY["b"]
-  out: dict[str, Any] = dict(PRIMARY)
-  if a not in scores or b not in scores:
-    return out | {"verdict": f"not run: the plan does not score {a} and {b}"}
+def t2_diff_test(a: str, b: str, table: dict[str, Any], scores: dict[str, np.ndarray], IN: np.ndarray,
+                 c: np.ndarray, num_bootstrap: int, seed: int = 0) -> dict[str, Any]:
+  """T2 AUROC of a minus b per model: paired t over models, crossed bootstrap interval, the
+  models a +-CI_TARGET t interval would need, and the sd of the two one-way bootstraps
+  (models only, images only): the images' part of the crossed interval is what more models
+  cannot shrink; a larger pool can. NaN (not NotEstimated) where undefined."""
   d = table[a]["T2_auroc"] - table[b]["T2_auroc"]
   t = stats.paired_t(d)
   units = primary_units(scores[a], scores[b], IN, c)
@@ -136,46 +170,102 @@ def primary_test(table: dict[str, Any], scores: dict[str, np.ndarray], IN: np.nd
   boot, by_models, by_images = ((stats.crossed_bootstrap_auroc_diff(units, IN.shape[1], num_bootstrap, seed=seed, **kw)
                                  if len(units) > 1 else nan)
                                 for kw in ({}, {"images": False}, {"models": False}))
-  lo, hi = boot["ci_lo"], boot["ci_hi"]
-  better = "volume" if t["mean"] > 0 else "loss"
-  decided = t["p"] < PRIMARY["alpha"] and (lo > 0 or hi < 0) and (lo > 0) == (t["mean"] > 0)
-  verdict = (f"{better} better" if decided else
-             "inconclusive" + (" (the interval includes 0)" if lo <= 0 <= hi else f" (p >= {PRIMARY['alpha']:g})"))
   need = math.ceil((1.96 * t["sd"] / CI_TARGET) ** 2) if math.isfinite(t["sd"]) else math.nan
-  why = (f"{t['n']} model(s) with both copied and uncopied IN images: no paired test" if t["n"] < 2
-         else "the per-model differences have no spread")
-  t, boot_sd, lo, hi, need, sd_m, sd_i = (_named(v, why) for v in (t, boot["sd"], lo, hi, need, by_models["sd"],
-                                                                     by_images["sd"]))
-  return out | {"per_model": [_named(float(v), "no copied or no uncopied IN image in this model") for v in d],
-                "mean": t["mean"], "sd": t["sd"], "n": t["n"], "t": t["t"], "p": t["p"],
-                "t_ci": [t["ci_lo"], t["ci_hi"]], "boot_ci": [lo, hi], "boot_sd": boot_sd, "verdict": verdict,
-                "models_for_target": need, "target_half_width": CI_TARGET, "boot_sd_models_only": sd_m,
-                "boot_sd_images_only": sd_i,
-                "positives": [int(((c[m] > 0) & IN[m]).sum()) for m in range(len(c))],
-                "negatives": [int(((c[m] == 0) & IN[m]).sum()) for m in range(len(c))]}
+  return {"estimate": t["mean"], "per_model": d, "sd": t["sd"], "n": t["n"], "t": t["t"], "p": t["p"],
+          "t_ci": [t["ci_lo"], t["ci_hi"]], "ci": [boot["ci_lo"], boot["ci_hi"]], "boot_sd": boot["sd"],
+          "boot_sd_models_only": by_models["sd"], "boot_sd_images_only": by_images["sd"],
+          "models_for_target": need, "target_half_width": CI_TARGET,
+          "positives": [int(((c[m] > 0) & IN[m]).sum()) for m in range(len(c))],
+          "negatives": [int(((c[m] == 0) & IN[m]).sum()) for m in range(len(c))]}
 
 
-def secondary_tests(table: dict[str, Any], p: np.ndarray, num_bootstrap: int) -> list[dict[str, Any]]:
+def t3_test(a: str, table: dict[str, Any], p: np.ndarray, num_bootstrap: int, seed: int = 0) -> dict[str, Any]:
+  """T3 Spearman of a with p against 0: image-bootstrap interval, permutation p."""
+  r = stats.spearman_boot_perm(table[a]["T3_mean_score"], p, num_bootstrap, NUM_PERMUTATIONS, seed=seed)
+  return {"estimate": r["rho"], "n": r["n"], "p": r["p"], "ci": [r["ci_lo"], r["ci_hi"]]}
+
+
+def verdict(estimate: float, p_holm: float, ci: list[float], alpha: float) -> str:
+  """positive / negative when p_holm < alpha and the interval excludes 0 on the estimate's
+  side; else inconclusive (with the reason)."""
+  lo, hi = ci
+  if not (math.isfinite(estimate) and math.isfinite(p_holm)):
+    return "inconclusive (no test: too few models, copies or images)"
+  if p_holm < alpha and (lo > 0 or hi < 0) and (lo > 0) == (estimate > 0):
+    return "positive" if estimate > 0 else "negative"
+  return "inconclusive" + (" (the interval includes 0)" if lo <= 0 <= hi else f" (Holm p >= {alpha:g})")
+
+
+def primary_family(by_label: dict[str, dict[str, Any]], scores: dict[str, np.ndarray], IN: np.ndarray,
+                   num_bootstrap: int, seed: int = 0) -> dict[str, Any]:
+  """The co-primary tests (PRIMARIES) on FAMILY's label with Holm's correction and a verdict
+  each, and the sign of each estimate under the other labels present."""
+  tests = []
+  for pr in PRIMARIES:
+    need = [n for n in (pr["a"], pr["b"]) if n != "0"]
+    if any(n not in scores for n in need):
+      tests.append(dict(pr) | {"estimate": math.nan, "p": math.nan, "ci": [math.nan, math.nan],
+                               "missing": f"the plan does not score {' and '.join(need)}"})
+      continue
+    lab = by_label[FAMILY["label"]]
+    r = (t2_diff_test(pr["a"], pr["b"], lab["table"], scores, IN, lab["c"], num_bootstrap, seed)
+         if pr["task"] == "T2_auroc" else t3_test(pr["a"], lab["table"], lab["p"], num_bootstrap, seed))
+    other = {}
+    for name, lb in by_label.items():
+      if name != FAMILY["label"]:
+        t = lb["table"]
+        other[name] = (float(np.nanmean(t[pr["a"]]["T2_auroc"] - t[pr["b"]]["T2_auroc"]))
+                       if pr["task"] == "T2_auroc" else t[pr["a"]]["T3_spearman"])
+    tests.append(dict(pr) | r | {"other_labels": other})
+  holm = stats.holm([t["p"] for t in tests])
+  for t, ph in zip(tests, holm):
+    t["p_holm"] = ph
+    t["verdict"] = (f"not run: {t['missing']}" if "missing" in t
+                    else verdict(t["estimate"], ph, t["ci"], FAMILY["alpha"]))
+    t["keeps_sign"] = {k: bool(np.sign(v) == np.sign(t["estimate"])) if math.isfinite(v) and math.isfinite(t["estimate"])
+                       else None for k, v in t.get("other_labels", {}).items()}
+  return dict(FAMILY) | {"tests": tests}
+
+
+def secondary_tests(by_label: dict[str, dict[str, Any]], typical: dict[str, dict[str, float]],
+                    predictors: dict[str, dict[str, Any]], num_bootstrap: int) -> list[dict[str, Any]]:
   """The secondary family (module doc), with Benjamini-Hochberg q over all of it."""
   tests = []
+  ratio = by_label["ratio"]
+  table, p = ratio["table"], ratio["p"]
   base = table.get(BASELINE)
+  skip = {(pr["a"], pr["task"]) for pr in PRIMARIES if pr["b"] == BASELINE}  # tested as co-primaries
   for n, row in table.items():
     if base is not None and n != BASELINE:
       for task in ("T1_auroc", "T2_auroc"):
-        if task == PRIMARY["task"] and n == PRIMARY["a"]:
-          continue  # the primary comparison is tested on its own
+        if (n, task) in skip:
+          continue
         t = stats.paired_t(row[task] - base[task])
-        tests.append({"score": n, "vs": BASELINE, "task": task, "diff": t["mean"], "n": t["n"], "p": t["p"],
-                      "test": "paired t over models"})
+        tests.append({"label": "ratio", "score": n, "vs": BASELINE, "task": task, "diff": t["mean"], "n": t["n"],
+                      "p": t["p"], "test": "paired t over models"})
       for task in ("T3", "T5"):
         ok = np.isfinite(row[f"{task}_mean_score"]) & np.isfinite(base[f"{task}_mean_score"]) & np.isfinite(p)
         if ok.sum() >= 3:
           r = stats.spearman_diff_boot(row[f"{task}_mean_score"][ok], base[f"{task}_mean_score"][ok], p[ok],
                                        num_bootstrap)
-          tests.append({"score": n, "vs": BASELINE, "task": f"{task}_spearman", "diff": r["diff"], "n": int(ok.sum()),
-                        "p": r["p"], "test": "paired bootstrap over images"})
-    tests.append({"score": n, "vs": "0", "task": "T5_spearman", "diff": row["T5_spearman"], "n": int(np.isfinite(p).sum()),
-                  "p": row["T5_p"], "test": "Spearman rho = 0"})
+          tests.append({"label": "ratio", "score": n, "vs": BASELINE, "task": f"{task}_spearman", "diff": r["diff"],
+                        "n": int(ok.sum()), "p": r["p"], "test": "paired bootstrap over images"})
+    tests.append({"label": "ratio", "score": n, "vs": "0", "task": "T5_spearman", "diff": row["T5_spearman"],
+                  "n": int(np.isfinite(p).sum()), "p": row["T5_p"], "test": "Spearman rho = 0"})
+  for label, lb in by_label.items():
+    if label != "ratio":
+      for n, row in lb["table"].items():
+        if raw_of(n) == n:
+          tests += [{"label": label, "score": n, "vs": "0", "task": f"{task}_spearman", "diff": row[f"{task}_spearman"],
+                     "n": int(np.isfinite(lb["p"]).sum()), "p": row[f"{task}_p"], "test": "Spearman rho = 0"}
+                    for task in ("T3", "T5")]
+    for name, r in predictors.get(label, {}).get("rows", {}).items():
+      tests.append({"label": label, "score": name, "vs": "0", "task": "predictor_spearman", "diff": r["rho_p"],
+                    "n": r["n"], "p": r["p"], "test": "Spearman rho = 0"})
+  for n, r in typical.items():
+    if raw_of(n) == n:
+      tests.append({"label": "any", "score": n, "vs": "0", "task": "typicality_spearman", "diff": r["rho"], "n": r["n"],
+                    "p": r["p"], "test": "Spearman rho = 0"})
   q = stats.benjamini_hochberg([t["p"] for t in tests])
   for t, v in zip(tests, q):
     t["q"] = v
@@ -183,6 +273,81 @@ def secondary_tests(table: dict[str, Any], p: np.ndarray, num_bootstrap: int) ->
       if not math.isfinite(t[k]):
         t[k] = report.not_estimated("no test: too few models or images, or no spread")
   return tests
+
+
+# --- copy labels, typicality, data-only predictors --------------------------------------
+
+
+def sample_data(records: list[dict[str, Any]]) -> dict[str, np.ndarray] | None:
+  """{nn_index [M, S, 2], nn_dist [M, S, 2], closest [M, N]} of the records' sample-level data,
+  None unless every record has it."""
+  if not records or not all("nn_index" in r for r in records):
+    return None
+  return {"nn_index": np.array([r["nn_index"] for r in records], np.int64),
+          "nn_dist": np.array([r["nn_dist"] for r in records], np.float64),
+          "closest": np.array([r["closest_dist"] for r in records], np.float64)}
+
+
+def absolute_tau(closest: np.ndarray, IN: np.ndarray, fpr: float = ABSOLUTE_FPR) -> float:
+  """The absolute label's radius: the (floor(fpr n) + 1)-th smallest of the n OUT pairs'
+  closest-sample distances, so that at most a share fpr of OUT pairs has a sample within it."""
+  out = np.sort(closest[~IN & np.isfinite(closest)])
+  return float(out[min(int(math.floor(fpr * out.size)), out.size - 1)])
+
+
+def labels(IN: np.ndarray, c: np.ndarray, num_samples: int, sample: dict[str, np.ndarray] | None
+           ) -> dict[str, dict[str, Any]]:
+  """Per copy label (module doc): c [M, N] (T2's copied = c > 0 among IN), p [N], and how."""
+  out = {"ratio": {"c": c, "p": propensity(IN, c, num_samples)["p"],
+                   "how": "a sample copies its nearest pool image when d1 / d2 < 1/3; p_i = IN copy rate - OUT rate"}}
+  if sample is None:
+    return out
+  idx, d, closest = sample["nn_index"][..., 0], sample["nn_dist"][..., 0], sample["closest"]
+  tau = absolute_tau(closest, IN)
+  c_abs = np.array([np.bincount(idx[m][d[m] < tau], minlength=IN.shape[1]) for m in range(len(IN))], np.float64)
+  out["absolute"] = {"c": c_abs, "p": propensity(IN, c_abs, num_samples)["p"], "tau": tau,
+                     "how": (f"a sample copies its nearest pool image when d1 < tau = {tau:.4g}, the radius within "
+                             f"which at most {ABSOLUTE_FPR:.1%} of OUT (model, image) pairs have a sample; "
+                             "p_i = IN copy rate - OUT rate")}
+  med = np.array([np.median(closest[m][IN[m]]) for m in range(len(IN))])
+  out["closest"] = {"c": (closest < med[:, None]).astype(np.float64), "p": _mean_over(closest, ~IN) - _mean_over(closest, IN),
+                    "how": ("p_i = mean over OUT models of the image's distance to the closest sample minus the mean "
+                            "over IN models; T2's copied: the IN images closer than the model's median IN image")}
+  return out
+
+
+def typicality(table: dict[str, Any]) -> dict[str, dict[str, float]]:
+  """Per score: Spearman over images of its IN-model mean with its OUT-model mean (how much of
+  a score is a property of the image, whoever trained on it)."""
+  out = {}
+  for n, row in table.items():
+    rho, pv, k = stats.spearman(row["T3_mean_score"], row["T5_mean_score"])
+    out[n] = {"rho": rho, "p": pv, "n": k}
+  return out
+
+
+def predictor_table(pool: dict[str, np.ndarray], table: dict[str, Any], p: np.ndarray) -> dict[str, Any]:
+  """Each data-only predictor's Spearman with p_i and with the OUT-model mean of the raw
+  score whose T5 |rho| is largest (the best OUT-model score under this label)."""
+  raw = [n for n in table if raw_of(n) == n and math.isfinite(table[n]["T5_spearman"])]
+  best = max(raw, key=lambda n: abs(table[n]["T5_spearman"])) if raw else None
+  rows = {}
+  for name, v in pool.items():
+    rho, pv, k = stats.spearman(v, p)
+    rows[name] = {"rho_p": rho, "p": pv, "n": k,
+                  "rho_best_out": stats.spearman(v, table[best]["T5_mean_score"])[0] if best else math.nan}
+  return {"best_out_score": best, "best_out_rho": table[best]["T5_spearman"] if best else math.nan, "rows": rows}
+
+
+def holds_under_all(by_label: dict[str, dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
+  """Per score and task (T3, T5): its Spearman's sign under each label and whether all agree."""
+  out = {}
+  for n in names:
+    for task in ("T3", "T5"):
+      signs = {k: float(np.sign(lb["table"][n][f"{task}_spearman"])) for k, lb in by_label.items()}
+      if all(math.isfinite(v) for v in signs.values()):
+        out[f"{n}:{task}"] = {"score": n, "task": task, "signs": signs, "agree": len(set(signs.values())) == 1}
+  return out
 
 
 def _named(v: Any, reason: str) -> Any:
@@ -228,24 +393,44 @@ def is_volume(name: str) -> bool:
   return not raw_of(name).startswith("peer_")
 
 
+def _clean_primary(fam: dict[str, Any]) -> dict[str, Any]:
+  """The co-primary family with arrays as lists and NaNs named."""
+  tests = []
+  for t in fam["tests"]:
+    t = dict(t)
+    why = t.get("missing") or "too few models with copied and uncopied IN images, or no spread"
+    if "per_model" in t:
+      t["per_model"] = _named_list(t["per_model"], "no copied or no uncopied IN image in this model")
+    tests.append({k: (v if k == "per_model" else _named(v, why) if not isinstance(v, list)
+                      else [_named(float(x), why) for x in v] if k in ("ci", "t_ci") else v) for k, v in t.items()})
+  return fam | {"tests": tests}
+
+
 def summarise(records: list[dict[str, Any]], choice: dict[str, Any], num_models: int,
-              num_bootstrap: int) -> dict[str, Any]:
-  """summary.json's content (NaN / NotEstimated still in it) from the finished models' records."""
+              num_bootstrap: int, pool: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+  """summary.json's content (NaN / NotEstimated still in it) from the finished models' records
+  and, when given, the pool's data-only predictors (bench.pool.load)."""
   IN, c, raw = arrays(records)
   S = int(records[0]["num_samples"])
   prop = propensity(IN, c, S)
   scores = all_scores(raw, IN)
-  table = task_table(scores, IN, c, prop["p"])
-  primary = primary_test(table, scores, IN, c, num_bootstrap)
-  tests = secondary_tests(table, prop["p"], num_bootstrap)
+  by_label = labels(IN, c, S, sample_data(records))
+  for lb in by_label.values():
+    lb["table"] = task_table(scores, IN, lb["c"], lb["p"])
+  table = by_label["ratio"]["table"]
+  primary = _clean_primary(primary_family(by_label, scores, IN, num_bootstrap))
+  typical = typicality(table)
+  preds = {k: predictor_table(pool, lb["table"], lb["p"]) for k, lb in by_label.items()} if pool else {}
+  tests = secondary_tests(by_label, typical, preds, num_bootstrap)
   costs = {n: {k: _ms([r["costs"][raw_of(n)][k] for r in records]) for k in ("passes_per_image", "seconds_per_image")}
            for n in scores}
   board = {}
   for n in scores:
     row = table[n]
-    q2 = next((t["q"] for t in tests if t["score"] == n and t["task"] == "T2_auroc"),
-              report.not_estimated("the baseline itself" if n == BASELINE else "the primary comparison, tested on its own"))
-    q5 = next(t["q"] for t in tests if t["score"] == n and t["task"] == "T5_spearman" and t["vs"] == "0")
+    mine = [t for t in tests if t["label"] == "ratio" and t["score"] == n]
+    q2 = next((t["q"] for t in mine if t["task"] == "T2_auroc"),
+              report.not_estimated("the baseline itself" if n == BASELINE else "a co-primary test, tested on its own"))
+    q5 = next(t["q"] for t in mine if t["task"] == "T5_spearman" and t["vs"] == "0")
     board[n] = _named({"T1_auroc": _ms(row["T1_auroc"]), **{f"T1_tpr@{f:g}": row[f"T1_tpr@{f:g}"] for f in FPRS},
                        "T2_auroc": _ms(row["T2_auroc"]), "T2_q_vs_baseline": q2, "T3_spearman": row["T3_spearman"],
                        "T5_spearman": row["T5_spearman"], "T5_q_vs_0": q5, **costs[n]},
@@ -257,6 +442,14 @@ def summarise(records: list[dict[str, Any]], choice: dict[str, Any], num_models:
                                      np.array([board[n]["T2_auroc"]["mean"] for n in priced]))] if priced else []
   sec = {k: _ms([r["seconds"].get(k, math.nan) for r in records]) for k in ("train", "sample", "score", "detect", "total")}
   share = _ms([r["compile_seconds"] / r["seconds"]["total"] for r in records])
+  undefined = "undefined on these data (no finite score, no copies, or a constant column)"
+  by_label_out = {k: {"how": lb["how"], **({"tau": lb["tau"]} if "tau" in lb else {}),
+                      "p": _named_list(lb["p"], "no IN or no OUT model of this image has a record"),
+                      "scores": {n: _named({"T2_auroc": _ms(lb["table"][n]["T2_auroc"])["mean"],
+                                            "T3_spearman": lb["table"][n]["T3_spearman"],
+                                            "T5_spearman": lb["table"][n]["T5_spearman"]}, undefined) for n in names}}
+                  for k, lb in by_label.items()}
+  leading = [n for n in (RANK32, BASELINE, f"lira_off_{RANK32}") if n in table]
   return {"models_done": [r["model"] for r in records], "num_models_planned": int(num_models),
           "complete": len(records) == int(num_models), "pool_size": int(IN.shape[1]), "num_samples": S,
           "num_bootstrap": int(num_bootstrap),
@@ -267,7 +460,15 @@ def summarise(records: list[dict[str, Any]], choice: dict[str, Any], num_models:
           "copies": {"IN_rate": float(c[IN].mean() / S), "OUT_rate": float(c[~IN].mean() / S),
                      "IN_share_copied": _ms([(c[m][IN[m]] > 0).mean() for m in range(len(c))]),
                      "OUT_share_copied": _ms([(c[m][~IN[m]] > 0).mean() for m in range(len(c))])},
+          "labels": by_label_out, "label_names": list(by_label),
+          "label_rho": {f"{a}-{b}": _named(stats.spearman(by_label[a]["p"], by_label[b]["p"])[0], undefined)
+                        for i, a in enumerate(by_label) for b in list(by_label)[i + 1:]},
+          "typicality": {n: _named(v, undefined) for n, v in typical.items()},
+          "predictors": {k: _named(v, "undefined on these data (a constant predictor or propensity)")
+                         for k, v in preds.items()},
+          "predictor_values": {k: _named_list(v, "no same-class neighbour") for k, v in (pool or {}).items()},
+          "holds_under_all": holds_under_all(by_label, [n for n in names if raw_of(n) == n or n.startswith("lira_off_")]),
           "propensity": {k: _named_list(v, "no IN or no OUT model of this image has a record") for k, v in prop.items()},
           "mean_scores": {n: {k: _named_list(table[n][f"{k}_mean_score"], "no finite score of this image") for k in ("T3", "T5")}
-                          for n in (PRIMARY["a"], PRIMARY["b"]) if n in table},
+                          for n in leading},
           "seconds_per_model": sec, "compile_share": share}

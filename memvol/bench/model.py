@@ -26,6 +26,7 @@ from memvol.bench import plan
 
 CHAIN = ("train", "sample", "score")
 DIGITS = 6  # significant digits of the scores kept in a record
+DISTANCE_DIGITS = 4  # ... and of the sample-level distances
 
 
 def score_names(config: Any, scores: dict[str, np.ndarray]) -> list[str]:
@@ -132,7 +133,7 @@ def run_model(config: Any, workdir: str, m: int, choice: dict[str, Any], halves:
     pool_images = np.zeros((len(ids),) + split.train.images.shape[1:], np.float32)
     for part in (split.train, split.heldout):
       pool_images[np.searchsorted(ids, part.ids)] = part.images
-    counts = plan.copy_counts(c, folder, pool_images, samples=detect.load_samples(c, folder))
+    det = plan.search(c, folder, pool_images, samples=detect.load_samples(c, folder))
     seconds["detect"] = time.perf_counter() - t0
   timings = io.load_json(wdir.timings(folder))
   seconds.update({k: float(timings[k]) for k in CHAIN if k in timings})
@@ -143,10 +144,21 @@ def run_model(config: Any, workdir: str, m: int, choice: dict[str, Any], halves:
   where = wdir.scores_csv(folder)
   scores = {n: column_at(sc, n, ids, where) for n in names}
   return {"model": int(m), "seed": int(c.seed), "fingerprint": fingerprint(config, choice),
-          "num_samples": int(choice["num_samples"]), "in_mask": in_mask.astype(int).tolist(), "c": counts.tolist(),
+          "num_samples": int(choice["num_samples"]), "in_mask": in_mask.astype(int).tolist(),
+          "c": det["ratio"].counts.tolist(), **sample_level(det["nbrs"]),
           "score_order": names, "scores": {n: [float(f"{v:.{DIGITS}g}") for v in s] for n, s in scores.items()},
           "costs": {n: cost(sc, man, n, ids, where) for n in names},
           "seconds": {k: round(v, 1) for k, v in seconds.items()}, "compile_seconds": round(compiled[0], 1)}
+
+
+def sample_level(nbrs: detect.Neighbours) -> dict[str, Any]:
+  """The record's sample-level data, from which any copy label can be recomputed: per sample
+  its two nearest pool images (positions in plan order) and distances (nn_index, nn_dist
+  [S, 2]), per pool image the distance to its closest sample (closest_dist [N]); distances
+  at DISTANCE_DIGITS significant digits (about 80 KB of JSON per 4096 samples)."""
+  r = lambda a: [float(f"{v:.{DISTANCE_DIGITS}g}") for v in np.asarray(a, np.float64).ravel()]  # noqa: E731
+  return {"nn_index": nbrs.index[:, :2].tolist(), "nn_dist": np.reshape(r(nbrs.dist[:, :2]), (-1, 2)).tolist(),
+          "closest_dist": r(nbrs.train_min_dist)}
 
 
 def save_record(path: str, rec: dict[str, Any]) -> None:

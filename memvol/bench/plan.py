@@ -145,11 +145,11 @@ def run_chain(config: Any, workdir: str, stages: tuple[str, ...], log: Callable[
   pipeline.run_chain(config, workdir, stages, log=log)
 
 
-def copy_counts(config: Any, workdir: str, reference: np.ndarray, step: int | None = None,
-                samples: np.ndarray | None = None) -> np.ndarray:
-  """Ratio-criterion copy counts [R] of the reference images [R, H, W, C] among the samples
-  of the workdir's model (given, or drawn from the checkpoint at `step` with the sample
-  stage's method, number, settings and key)."""
+def search(config: Any, workdir: str, reference: np.ndarray, step: int | None = None,
+           samples: np.ndarray | None = None) -> dict[str, Any]:
+  """detect.detect of the samples of the workdir's model (given, or drawn from the checkpoint
+  at `step` with the sample stage's method, number, settings and key) against the reference
+  images [R, H, W, C]: nbrs (each sample's nearest references) and the copy criteria."""
   if samples is None:
     model, params, shape = loading.load_model(config, workdir, use_ema=bool(config.sample.use_ema), step=step)
     eps_fn = models.make_eps_fn(model, params, sde_lib.from_config(config.sde))
@@ -157,7 +157,18 @@ def copy_counts(config: Any, workdir: str, reference: np.ndarray, step: int | No
     method = str(config.detect.sample_method)
     samples = np.concatenate([sampling.generate(config, method, eps_fn, tuple(shape), mesh, s, min(n, s + bs))["images"]
                               for s in range(0, n, bs)])
-  return np.asarray(detect.detect(np.clip(samples, -1, 1), reference, config)["ratio"].counts, np.int64)
+  return detect.detect(np.clip(samples, -1, 1), reference, config)
+
+
+def copy_counts(config: Any, workdir: str, reference: np.ndarray, step: int | None = None,
+                samples: np.ndarray | None = None) -> np.ndarray:
+  """Ratio-criterion copy counts [R] of the reference images among the samples (search)."""
+  return np.asarray(search(config, workdir, reference, step, samples)["ratio"].counts, np.int64)
+
+
+def copied_nn1(det: dict[str, Any]) -> np.ndarray:
+  """[S] per sample the reference it copies under the ratio criterion, -1 when none."""
+  return np.where(det["ratio"].copied, det["nbrs"].index[:, 0], -1).astype(np.int64)
 
 
 # --- the pilot ---------------------------------------------------------------------------
@@ -179,12 +190,14 @@ def choose_regime(shares: dict[tuple[int, int], float], band: tuple[float, float
 
 def pilot_config(config: Any, workdir: str, pool_size: int) -> tuple[ml_collections.ConfigDict, str]:
   """(config, folder) of the pilot model of pool size N: half 0 of that pool's halves drawn
-  with the pilot's seed, trained to max(bench.pilot_steps) with a checkpoint kept at each."""
+  with the pilot's seed, trained to max(bench.pilot_steps) with a checkpoint kept at each,
+  drawing bench.max_samples samples (so the band is judged at any sample count up to it)."""
   b = config.bench
   folder = wdir.bench_pilot(workdir, pool_size)
   ids, labels = pool(config, pool_size)
   grid = sorted(int(g) for g in b.pilot_steps)
-  c = model_config(config, os.path.join(folder, "half.npz"), pool_size // 2, int(config.seed) + PILOT_SEED, grid[-1])
+  c = model_config(config, os.path.join(folder, "half.npz"), pool_size // 2, int(config.seed) + PILOT_SEED, grid[-1],
+                   int(b.max_samples))
   c.unlock()
   c.train.ckpt_every = c.train.keep_every = math.gcd(*grid)
   c.lock()
@@ -197,9 +210,11 @@ def pilot_done_path(workdir: str, pool_size: int) -> str:
 
 
 def run_pilot(config: Any, workdir: str, pool_size: int, log: Callable[[str], None]) -> None:
-  """Train the pilot model of pool size N and count its copies of its IN images at every
-  grid step (pilot.json: per step the share copied, the copy counts, seconds)."""
+  """Train the pilot model of pool size N and search its bench.max_samples samples for copies
+  of its IN images at every grid step (pilot.json: per step the share copied among the first
+  sample.num_samples, those counts, the image each sample copies, seconds)."""
   c, folder = pilot_config(config, workdir, pool_size)
+  s0 = int(config.sample.num_samples)
   log(f"[memvol] bench: pilot N={pool_size}: training to {c.train.num_steps} steps in {folder}")
   start = time.perf_counter()
   run_chain(c, folder, ("train",), log)
@@ -208,12 +223,15 @@ def run_pilot(config: Any, workdir: str, pool_size: int, log: Callable[[str], No
   rows = []
   for g in sorted(int(s) for s in config.bench.pilot_steps):
     t0 = time.perf_counter()
-    counts = copy_counts(c, folder, images, step=g)
+    nn1 = copied_nn1(search(c, folder, images, step=g))
+    counts = np.bincount(nn1[:s0][nn1[:s0] >= 0], minlength=len(images))
     rows.append({"steps": g, "share_copied": float(np.mean(counts > 0)), "copied": int(np.sum(counts > 0)),
-                 "copies": int(counts.sum()), "counts": counts.tolist(), "seconds": round(time.perf_counter() - t0, 1)})
+                 "copies": int(counts.sum()), "counts": counts.tolist(), "copied_nn1": nn1.tolist(),
+                 "seconds": round(time.perf_counter() - t0, 1)})
     log(f"[memvol] bench: pilot N={pool_size} step {g}: {rows[-1]['copied']}/{len(counts)} IN images copied "
-        f"({rows[-1]['copies']} copies in {c.sample.num_samples} samples)")
-  io.save_json(pilot_done_path(workdir, pool_size), {"pool_size": int(pool_size), "num_samples": int(c.sample.num_samples),
+        f"({rows[-1]['copies']} copies in {s0} samples)")
+  io.save_json(pilot_done_path(workdir, pool_size), {"pool_size": int(pool_size), "num_samples": s0,
+                                                     "drawn_samples": int(c.sample.num_samples),
                                                      "train_seconds": round(train_s, 1), "grid": rows})
 
 
@@ -229,26 +247,46 @@ def size_samples(counts: np.ndarray, num_samples: int, batch: int, target: float
   return int(min(int(cap), math.ceil(want / batch) * batch)), r_med
 
 
+def final_share(row: dict[str, Any], num_samples: int, num_in: int) -> float:
+  """The share of the pilot's IN images copied at least once among its first num_samples
+  samples (the per-sample copies of a pilot row); the row's own share at its sizing count
+  when it predates them."""
+  nn1 = np.asarray(row.get("copied_nn1", []), np.int64)
+  if not nn1.size:
+    return float(row["share_copied"])
+  return float(np.unique(nn1[:num_samples][nn1[:num_samples] >= 0]).size / num_in)
+
+
 def choose(config: Any, workdir: str) -> dict[str, Any]:
   """bench/pilot.json from the pilots' records: the pool size, the training length and the
-  samples per model, chosen from copy counts only (never scores)."""
+  samples per model, chosen from copy counts only (never scores). Each (N, steps) cell is
+  sized first (size_samples on its counts among the first sample.num_samples samples), then
+  judged against the band by its share copied at that final sample count."""
   b = config.bench
   band = tuple(float(v) for v in b.copied_band)
   pilots = {int(n): io.load_json(pilot_done_path(workdir, int(n))) for n in b.pilot_pool_sizes}
-  shares = {(n, r["steps"]): r["share_copied"] for n, p in pilots.items() for r in p["grid"]}
+  bs, cap, target = int(config.sample.batch_size), int(b.max_samples), float(b.expected_copies)
+  sized, shares = {}, {}
+  for n, p in pilots.items():
+    for r in p["grid"]:
+      sized[(n, r["steps"])] = size_samples(np.asarray(r["counts"]), p["num_samples"], bs, target, cap)
+      r["share_final"] = final_share(r, sized[(n, r["steps"])][0], n // 2)
+      r["samples_final"] = sized[(n, r["steps"])][0]
+      shares[(n, r["steps"])] = r["share_final"]
   n, steps, in_band = choose_regime(shares, band)
-  row = next(r for r in pilots[n]["grid"] if r["steps"] == steps)
   s0 = pilots[n]["num_samples"]
-  num_samples, r_med = size_samples(np.asarray(row["counts"]), s0, int(config.sample.batch_size),
-                                    float(b.expected_copies), int(b.max_samples))
+  num_samples, r_med = sized[(n, steps)]
+  at_final = all("copied_nn1" in r for p in pilots.values() for r in p["grid"])
   rule = (f"the largest pool size N whose pilot model copies a share of its N/2 IN images in [{band[0]:g}, {band[1]:g}] "
-          f"at least once (among {s0} samples), at the smallest such training length"
+          f"at least once " + ("at the sample count the sizing gives that cell (below)" if at_final
+                               else f"(among {s0} samples)")
+          + ", at the smallest such training length"
           + ("" if in_band else "; no pilot lands in the band, so the (N, steps) closest to it was taken"))
   sizing = (f"median copy rate of the copied IN images at the chosen cell r_med = {r_med:.3g}; samples per model = "
             f"max({s0}, {b.expected_copies:g} / r_med) in batches of {config.sample.batch_size}, capped at {b.max_samples}"
             f": {num_samples}, so an image copied at r_med is expected {num_samples * r_med:.1f} times")
   return {"pilots": [{"pool_size": k, "num_samples": p["num_samples"], "train_seconds": p["train_seconds"],
-                      "grid": [{kk: v for kk, v in r.items() if kk != "counts"} for r in p["grid"]]}
+                      "grid": [{kk: v for kk, v in r.items() if kk not in ("counts", "copied_nn1")} for r in p["grid"]]}
                      for k, p in sorted(pilots.items())],
           "band": list(band), "pool_size": n, "train_steps": steps, "in_band": in_band, "rule": rule,
           "num_samples": num_samples, "r_med": r_med, "sizing": sizing}
