@@ -73,6 +73,13 @@ TESTED = ("copies", "copied_images", "fd", "kid", "precision", "recall")   # Wel
 # differences of means without a test: `score` selection is the same in every seed, so its
 # `targeted` has sd 0 by construction and a test over seeds would be meaningless
 DIFFERENCES = ("targeted",)
+# The primary comparison, fixed before any run: distinct training images copied per model, the
+# screen's risk x drop against random x drop at q = 10 %, two-sided Welch t over models at alpha
+# 0.01 with a 95 % bootstrap interval (models resampled within each arm) of the difference of
+# means. Tested in a regime holding both groups; every other test is secondary (q: BH).
+PRIMARY = {"a": "risk-drop-q0.1", "b": "random-drop-q0.1", "metric": "copied_images", "alpha": 0.01,
+           "test": "two-sided Welch t over models", "interval": "95 % bootstrap over models",
+           "num_bootstrap": 4000}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -628,11 +635,43 @@ def _holm(tests: list[dict[str, Any]]) -> None:
       c[key + "_holm"] = float(a) if np.isfinite(a) else c[key]  # a NaN keeps its reason
 
 
+def primary_test(a: list[Any], b: list[Any], seed: int = 0) -> dict[str, Any]:
+  """PRIMARY on the per-model values of its two groups: means, difference (a - b), Welch t and
+  p, the bootstrap interval of the difference and the verdict."""
+  fa, fb = _finite(a), _finite(b)
+  out: dict[str, Any] = dict(PRIMARY) | {"n_a": int(fa.size), "n_b": int(fb.size)}
+  if min(fa.size, fb.size) < 2:
+    return out | {"verdict": f"not tested: {fa.size} / {fb.size} models with a value (>= 2 each needed)"}
+  rng = np.random.default_rng(seed)
+  nb = int(PRIMARY["num_bootstrap"])
+  boot = (fa[rng.integers(0, fa.size, (nb, fa.size))].mean(1) - fb[rng.integers(0, fb.size, (nb, fb.size))].mean(1))
+  t, p = stats.welch(fa, fb)
+  lo, hi = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
+  d = float(fa.mean() - fb.mean())
+  decided = math.isfinite(p) and p < PRIMARY["alpha"] and (hi < 0 or lo > 0)
+  verdict = (("risk x drop copies fewer images than random x drop" if d < 0 else
+              "risk x drop copies more images than random x drop") if decided else
+             "inconclusive" + (" (the interval includes 0)" if lo <= 0 <= hi else f" (p >= {PRIMARY['alpha']:g})"))
+  named = {k: v if math.isfinite(v) else report.not_estimated("no spread in either arm") for k, v in
+           (("welch_t", t), ("welch_p", p))}
+  return out | {"mean_a": float(fa.mean()), "mean_b": float(fb.mean()), "diff": d, **named, "ci": [lo, hi],
+                "verdict": verdict}
+
+
+def _bh(tests: list[dict[str, Any]], primary: tuple[str, str]) -> None:
+  """Add welch_q_bh to every metric of `tests`: Benjamini-Hochberg over all Welch p-values but
+  the primary comparison's own (the secondary family)."""
+  cells = [t[m] for t in tests for m in TESTED if not ((t["a"], t["b"]) == primary and m == PRIMARY["metric"])]
+  for c, q in zip(cells, stats.benjamini_hochberg([c["welch_p"] for c in cells])):
+    c["welch_q_bh"] = float(q) if np.isfinite(q) else c["welch_p"]  # a NaN keeps its reason
+
+
 def summarise(records: list[dict[str, Any]], baselines: dict[str, dict[str, Any]]) -> dict[str, Any]:
   """Groups (mean, sd over seeds of METRICS), tests (score vs random at equal
   modification and q; drop_epochs vs drop at equal selection and q; every group vs `none`)
-  per regime; the arm records as `arms`."""
-  groups, tests = [], []
+  per regime, with Holm and (secondary family) BH adjustments; PRIMARY per regime holding its
+  two groups (`primary`); the arm records as `arms`."""
+  groups, tests, primary = [], [], {}
   for regime in dict.fromkeys(r["regime"] for r in records):
     recs = [r for r in records if r["regime"] == regime]
     by_group: dict[str, list[dict[str, Any]]] = {}
@@ -668,8 +707,12 @@ def summarise(records: list[dict[str, Any]], baselines: dict[str, dict[str, Any]
       if name != "none" and "none" in by_group:
         regime_tests.append(pair(name, "none"))
     _holm(regime_tests)
+    _bh(regime_tests, (PRIMARY["a"], PRIMARY["b"]))
+    if PRIMARY["a"] in by_group and PRIMARY["b"] in by_group:
+      primary[regime] = primary_test(vals(PRIMARY["a"], PRIMARY["metric"]), vals(PRIMARY["b"], PRIMARY["metric"]))
     tests += regime_tests
-  return {"arms": records, "groups": groups, "tests": tests, "baselines": baselines}
+  out = {"arms": records, "groups": groups, "tests": tests, "baselines": baselines}
+  return out | ({"primary": primary} if primary else {})
 
 
 def fmt_group(g: dict[str, Any], m: str, digits: int = 3) -> str:
@@ -680,6 +723,19 @@ def fmt_group(g: dict[str, Any], m: str, digits: int = 3) -> str:
 def fmt_p_holm(c: dict[str, Any], key: str) -> str:
   """'raw (Holm)' of a test cell's p-value `key` (welch_p | mw_p)."""
   return f"{report.fmt_p(c[key])} ({report.fmt_p(c.get(key + '_holm'))})"
+
+
+def primary_lines(pr: dict[str, Any]) -> list[str]:
+  """The pre-registered comparison, stated before its numbers, then the numbers and the verdict."""
+  lines = [f"**Primary comparison (fixed before any run):** {pr['metric']} (distinct training images copied per "
+           f"model) of `{pr['a']}` minus that of `{pr['b']}`; {pr['test']} at alpha = {pr['alpha']:g}, with a "
+           f"{pr['interval']}. Every other test is secondary (BH q in summary.json).", ""]
+  if "diff" not in pr:
+    return lines + [f"Result: {pr['verdict']}.", ""]
+  return lines + [f"Result over {pr['n_a']} / {pr['n_b']} models: {report.fmt(pr['mean_a'], 3)} vs "
+                  f"{report.fmt(pr['mean_b'], 3)}, difference **{report.fmt(pr['diff'], 3)}** "
+                  f"[{report.fmt(pr['ci'][0], 3)}, {report.fmt(pr['ci'][1], 3)}], Welch t = {report.fmt(pr['welch_t'], 3)}, "
+                  f"p = {report.fmt_p(pr['welch_p'])}. **Verdict: {pr['verdict']}.**", ""]
 
 
 def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
@@ -702,6 +758,9 @@ def render_markdown(summary: dict[str, Any], figures: list[str]) -> str:
       lines += [f"{len(bad)} training images have a non-finite selection score (ids "
                 f"{', '.join(str(i) for i in bad[:20])}{' ...' if len(bad) > 20 else ''}): `score` arms ranked "
                 "them below every finite score (mitigate.on_nonfinite = 'last').", ""]
+    pr = summary.get("primary", {}).get(regime)
+    if pr:
+      lines += primary_lines(pr)
     header = ["group", "seeds", "k", "copies", "copied images", "copies sel / unsel",
               "images sel / unsel", "targeted", "FD", "KID", "precision", "recall", "final loss"]
     rows = []

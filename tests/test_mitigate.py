@@ -122,7 +122,31 @@ def test_loss_calibrated_and_risk_selections_rank_their_own_values(tmp_path):
       mitigate.check_selections(c, {sel})
   recs = ([_rec("risk-drop-q0.1", "risk", "drop", s, n) for s, n in zip((1, 2, 3), (2, 3, 4))]
           + [_rec("random-drop-q0.1", "random", "drop", s, n) for s, n in zip((1, 2, 3), (19, 21, 26))])
-  assert ("risk-drop-q0.1", "random-drop-q0.1") in [(t["a"], t["b"]) for t in mitigate.summarise(recs, {"r": {}})["tests"]]
+  out = mitigate.summarise(recs, {"r": {}})
+  assert ("risk-drop-q0.1", "random-drop-q0.1") in [(t["a"], t["b"]) for t in out["tests"]]
+
+
+def test_the_primary_comparison_is_welch_over_models_with_a_bootstrap_interval():
+  from scipy import stats as sps
+  a, b = [2, 3, 4, 3, 2, 4, 3, 3], [19, 21, 26, 20, 22, 25, 18, 23]
+  recs = ([_rec("risk-drop-q0.1", "risk", "drop", s, n) for s, n in zip(range(8), a)]
+          + [_rec("random-drop-q0.1", "random", "drop", s, n) for s, n in zip(range(8), b)]
+          + [_rec("none", "none", "none", s, n) for s, n in zip(range(8), b)])
+  out = mitigate.summarise(recs, {"r": {}})
+  pr = out["primary"]["r"]
+  ca, cb = np.array(a) // 2, np.array(b) // 2  # _rec's copied_images
+  assert pr["diff"] == pytest.approx(ca.mean() - cb.mean())
+  assert pr["welch_p"] == pytest.approx(sps.ttest_ind(ca, cb, equal_var=False).pvalue)
+  assert pr["ci"][0] < pr["diff"] < pr["ci"][1] < 0 and pr["verdict"] == "risk x drop copies fewer images than random x drop"
+  md = mitigate.render_markdown(out | {"baselines": {"r": {"workdir": "w", "num_samples": 8, "sde_steps": 4, "copies": 0,
+                                                           "copied_images": 0, "num_train": 6, "score_column": "c"}}}, [])
+  assert md.index("Primary comparison (fixed before any run)") < md.index("Verdict: risk x drop copies fewer")
+  secondary = [t for t in out["tests"] if (t["a"], t["b"]) != ("risk-drop-q0.1", "random-drop-q0.1")]
+  assert all(t["copied_images"]["welch_q_bh"] >= t["copied_images"]["welch_p"] for t in secondary)
+  null = mitigate.summarise(recs[:8] + [_rec("random-drop-q0.1", "random", "drop", s, n) for s, n in zip(range(8), a)],
+                            {"r": {}})["primary"]["r"]
+  assert null["verdict"].startswith("inconclusive")
+  assert "primary" not in mitigate.summarise(recs[8:], {"r": {}})  # no risk arm: nothing fixed to test
 
 
 # --- data modifications --------------------------------------------------------------
