@@ -1,7 +1,7 @@
-"""Generating images from an eps-network: reverse-SDE Euler-Maruyama, the PF ODE, and
-EDM's deterministic Heun sampler.
+"""Generating images from an eps-network: reverse-SDE Euler-Maruyama, the PF ODE (diffrax),
+EDM's deterministic Heun sampler and multistep DPM-Solver++.
 
-Both samplers draw sample i from `fold_in(key, i)` alone, lift a one-sample function
+Every sampler draw sample i from `fold_in(key, i)` alone, lift a one-sample function
 with `jax.vmap` and shard the samples over the `data` mesh axis (parallel.py), so a
 sample does not depend on the batch size, the batch it falls in or the device count.
 Images come back unclipped in the data scale ([-1, 1] for a good model).
@@ -262,9 +262,127 @@ def heun_sample(eps_fn: Any, sde: sde_lib.SDE, key: Array, num: int, shape: Sequ
   return mapped(rep, _indices(num, start), pad_to=pad_to)
 
 
+# --- DPM-Solver++ (multistep, data prediction) ---------------------------------------
+
+DPM_SCHEDULES = ("logsnr", "time_uniform", "time_quadratic", "karras")
+
+
+def dpm_times(sde: sde_lib.SDE, num_steps: int, schedule: str = "logsnr", rho: float = 7.0) -> np.ndarray:
+  """The DPM-Solver++ time grid [num_steps + 1] (float64, from T down to eps).
+
+  logsnr: uniform in lambda = log(a / sigma) (DPM-Solver's choice for low-resolution
+  pixel models); time_uniform / time_quadratic: uniform in t / in sqrt(t); karras: EDM's
+  rho-spaced noise ratios sigma / a. Every schedule ends exactly at T and eps."""
+  if int(num_steps) < 1:
+    raise ValueError(f"dpm num_steps must be >= 1, got {num_steps}")
+  if schedule not in DPM_SCHEDULES:
+    raise ValueError(f"unknown dpm schedule {schedule!r}; expected one of {DPM_SCHEDULES}")
+  n, lo, hi = int(num_steps), float(sde.eps), float(sde.T)
+  u = np.linspace(0.0, 1.0, n + 1)
+  if schedule == "time_uniform":
+    ts = hi + u * (lo - hi)
+  elif schedule == "time_quadratic":
+    ts = (np.sqrt(hi) + u * (np.sqrt(lo) - np.sqrt(hi))) ** 2
+  else:
+    r_lo, r_hi = (float(sde.noise_ratio(jnp.asarray(t, jnp.float32))) for t in (lo, hi))
+    if schedule == "logsnr":
+      ratios = np.exp(np.log(r_hi) + u * (np.log(r_lo) - np.log(r_hi)))
+    else:
+      ratios = (r_hi ** (1 / rho) + u * (r_lo ** (1 / rho) - r_hi ** (1 / rho))) ** rho
+    ts = np.asarray(sde.time_of_noise_ratio(jnp.asarray(ratios, jnp.float32)), np.float64)
+  ts[0], ts[-1] = hi, lo
+  if not np.all(np.diff(ts) < 0):
+    raise ValueError(f"dpm {schedule} grid of {n} steps is not strictly decreasing from T = {hi} to eps = {lo}")
+  return ts
+
+
+def dpm_orders(num_steps: int, order: int, lower_order_final: bool = True) -> np.ndarray:
+  """Order of each step [num_steps]: warm-up from 1 (a multistep method has no history yet)
+  and, below 15 steps, DPM-Solver++'s lower orders in the last steps (stabler)."""
+  if int(order) not in (1, 2, 3):
+    raise ValueError(f"dpm order must be 1, 2 or 3, got {order}")
+  i = np.arange(int(num_steps))
+  orders = np.minimum(int(order), i + 1)
+  if lower_order_final and num_steps < 15:
+    orders = np.minimum(orders, num_steps - i)
+  return orders
+
+
+def dpm_update(x: Array, m: tuple[Array, Array, Array], hs: tuple[Array, Array, Array], sigma_ratio: Array,
+               a_next: Array, order: Array) -> Array:
+  """One DPM-Solver++ step (data prediction, Lu et al. 2022) of ONE image from t to t'.
+
+  m = (m0, m1, m2): data predictions x0(x, t) at this point and the two before it; hs = (h,
+  h1, h2): this step's and the two previous steps' increments of lambda = log(a / sigma);
+  sigma_ratio = sigma(t') / sigma(t); a_next = a(t'). With phi = 1 - exp(-h),
+
+      x' = sigma_ratio x + a' [phi D0 + (1 - phi / h) D1 + (1/2 - (h - phi) / h^2) D2],
+
+  D0 = m0, and D1 ~ h x0', D2 ~ h^2 x0'' divided differences over lambda (order 1: D1 = D2
+  = 0; order 2: D1 = (m0 - m1) / r0 and the midpoint weight phi / 2 in place of 1 - phi / h).
+  D2 = 2 (D1_0 - D1_1) / (r0 + r1) is the Taylor coefficient (the multistep code of DPM-Solver
+  drops the 2, which leaves the step locally third order only); the local error is O(h^(order
+  + 1)) (tests/test_sampling.py)."""
+  m0, m1, m2 = m
+  h, h1, h2 = hs
+  phi = -jnp.expm1(-h)
+  r0, r1 = h1 / h, h2 / h
+  d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+  second = phi * (m0 + 0.5 * d1_0)
+  d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+  d2 = 2.0 * (d1_0 - d1_1) / (r0 + r1)
+  third = phi * m0 + (1.0 - phi / h) * d1 + (0.5 - (h - phi) / h**2) * d2
+  return sigma_ratio * x + a_next * jnp.where(order == 1, phi * m0, jnp.where(order == 2, second, third))
+
+
+def _dpm_one(eps_fn: Any, sde: sde_lib.SDE, key: Array, shape: tuple[int, ...], ts: Array, orders: Array) -> Array:
+  """One sample of multistep DPM-Solver++ along ts [N + 1] with step orders [N]: one network
+  call per step, the data predictions of the two previous steps carried along."""
+  x = sde.prior_sample(key, shape, ts.dtype)
+  log_a, sig = sde.log_mean_coeff(ts), sde.std(ts)
+  a, lam = jnp.exp(log_a), log_a - jnp.log(sig)
+
+  def step(carry: tuple, i: Array) -> tuple[tuple, None]:
+    x, m1, m2, h1, h2 = carry
+    m0 = (x - sig[i] * eps_fn(x, ts[i])) / a[i]
+    h = lam[i + 1] - lam[i]
+    x = dpm_update(x, (m0, m1, m2), (h, h1, h2), sig[i + 1] / sig[i], a[i + 1], orders[i])
+    return (x, m0, m1, h, h1), None
+
+  one = jnp.ones((), x.dtype)  # unused history (order 1 and 2 steps) must stay finite
+  (x, *_), _ = jax.lax.scan(step, (x, jnp.zeros_like(x), jnp.zeros_like(x), one, one), jnp.arange(len(orders)))
+  return x
+
+
+def _dpm_batch(rep: tuple, indices: Array) -> Samples:
+  eps_fn, sde, key, shape, ts, orders, precision = rep
+  dtype = jnp.result_type(float)
+  one = lambda i: _dpm_one(eps_fn, sde, jax.random.fold_in(key, i), shape, jnp.asarray(ts, dtype),
+                           jnp.asarray(orders, jnp.int32))
+  with numerics.precision(precision):
+    images = jax.vmap(one)(indices)
+  return Samples(images, jnp.full(indices.shape, len(orders), jnp.int32))
+
+
+def dpm_sample(eps_fn: Any, sde: sde_lib.SDE, key: Array, num: int, shape: Sequence[int], num_steps: int = 25,
+               order: int = 2, schedule: str = "logsnr", *, lower_order_final: bool = True, start: int = 0,
+               mesh: Mesh | None = None, pad_to: int = 0, precision: str = "highest") -> Samples:
+  """`num` samples [num, *shape] by multistep DPM-Solver++ (2M by default) on the PF ODE of
+  any memvol SDE, from x_T ~ prior at T to x_eps at eps on `dpm_times`: one network call per
+  step (nfe = num_steps). Sample i uses only `fold_in(key, i)`; sharded over `mesh`, as the
+  other samplers."""
+  shape = _check(num, shape, start)
+  ts = dpm_times(sde, int(num_steps), schedule)
+  orders = dpm_orders(int(num_steps), int(order), bool(lower_order_final))
+  mesh = parallel.local_mesh() if mesh is None else mesh
+  mapped = parallel.shard_map_batch(_dpm_batch, mesh)
+  rep = (eps_fn, sde, key, shape, tuple(ts.tolist()), tuple(orders.tolist()), numerics.check_precision(precision))
+  return mapped(rep, _indices(num, start), pad_to=pad_to)
+
+
 # --- the `sample` stage ------------------------------------------------------------
 
-METHODS = ("sde", "ode", "heun")
+METHODS = ("sde", "ode", "heun", "dpm")
 _SAMPLE_STREAM = 2  # fold_in(PRNGKey(config.seed), _SAMPLE_STREAM): the sampling key
 
 
@@ -280,6 +398,8 @@ def _settings(config: Any, method: str, eps_fn: Any, shape: tuple[int, ...]) -> 
        "precision": numerics.check_precision(sp.get("precision", "highest"), "config.sample.precision")}
   if method == "sde":
     s.update(sde_steps=int(sp.sde_steps), denoise=bool(sp.denoise))
+  elif method == "dpm":
+    s.update(dpm_steps=int(sp.dpm_steps), dpm_order=int(sp.dpm_order), dpm_schedule=str(sp.dpm_schedule))
   elif method == "heun":
     s.update(heun_steps=int(sp.heun_steps), heun_rho=float(sp.heun_rho), heun_sigma_min=float(sp.heun_sigma_min),
              heun_sigma_max=float(sp.heun_sigma_max))
@@ -302,6 +422,9 @@ def _check_config(config: Any) -> tuple[str, ...]:
   if int(sp.batch_size) < 1:
     raise ValueError(f"config.sample.batch_size must be >= 1, got {sp.batch_size}")
   numerics.check_precision(sp.get("precision", "highest"), "config.sample.precision")
+  if "dpm" in methods:
+    dpm_times(sde_lib.from_config(config.sde), int(sp.dpm_steps), str(sp.dpm_schedule))
+    dpm_orders(int(sp.dpm_steps), int(sp.dpm_order))
   return methods
 
 
@@ -313,6 +436,9 @@ def generate(config: Any, method: str, eps_fn: Any, shape: tuple[int, ...], mesh
     out = reverse_sde_sample(eps_fn, sde, key, num, shape, int(sp.sde_steps),
                              denoise=bool(sp.denoise), start=start, mesh=mesh, pad_to=pad,
                              precision=sp.precision)
+  elif method == "dpm":
+    out = dpm_sample(eps_fn, sde, key, num, shape, int(sp.dpm_steps), int(sp.dpm_order), str(sp.dpm_schedule),
+                     start=start, mesh=mesh, pad_to=pad, precision=sp.precision)
   elif method == "heun":
     out = heun_sample(eps_fn, sde, key, num, shape, int(sp.heun_steps), float(sp.heun_rho), float(sp.heun_sigma_min),
                       float(sp.heun_sigma_max), start=start, mesh=mesh, pad_to=pad, precision=sp.precision)

@@ -93,7 +93,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # --- sample (memvol/sampling.py) ---------------------------------------------------
   c.sample = sp = ml_collections.ConfigDict()
   sp.num_samples = 512
-  sp.methods = ("sde",)       # any of: ode (PF ODE, diffrax), sde (reverse Euler-Maruyama), heun (EDM's sampler)
+  sp.methods = ("sde",)       # any of: ode (PF ODE, diffrax), sde (reverse Euler-Maruyama), heun (EDM's sampler), dpm (DPM-Solver++)
   sp.sde_steps = 1000
   sp.denoise = True           # sde: last step returns its mean (no noise); False = the paper's code
   sp.ode_solver = "tsit5"     # euler | heun | midpoint | bosh3 | tsit5 | dopri5 | dopri8
@@ -104,6 +104,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   sp.heun_rho = 7.0           # heun: noise levels (s_max^(1/rho) .. s_min^(1/rho))^rho
   sp.heun_sigma_min = 0.002   # heun: clipped to the SDE's sigma / a at eps and T
   sp.heun_sigma_max = 80.0
+  sp.dpm_steps = 25           # dpm: multistep DPM-Solver++ steps, one network call each
+  sp.dpm_order = 2            # dpm: 2 (2M) or 3 (3M); 1 is DDIM
+  sp.dpm_schedule = "logsnr"  # dpm: logsnr | time_uniform | time_quadratic | karras (sampling.dpm_times)
   sp.batch_size = 256         # samples per device call (and per committed part file)
   sp.use_ema = True
   sp.precision = "highest"    # matmul/conv precision of the network: highest | high | default (BUILD.md)

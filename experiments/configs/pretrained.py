@@ -15,7 +15,7 @@ other weights) and the split. Data: 1000 training images drawn class-balanced fr
 of data_batch_1..5 (the model saw all of them) and 1000 held-out images from test_batch
 (data.heldout_name = "cifar10_test"; it never saw those). Time: DDPM's linear betas
 1e-4 .. 0.02 are the VP-SDE beta 0.1 .. 20 and the network sees 999 t (the gaps are
-stated in memvol/pretrained.py). Sampling 1000 reverse-SDE samples (1000 steps), copy
+stated in memvol/interop/networks.py). Sampling 1000 reverse-SDE samples (1000 steps), copy
 detection among the 1000 training images drawn (copies of the other 49000 go unseen),
 Hutchinson log volume growth (1 Rademacher probe, tsit5 at rtol = atol 1e-3), report.
 
