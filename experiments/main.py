@@ -30,7 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, samples
 _MODE = flags.DEFINE_enum("mode", "all", ["train", "sample", "score", "detect", "report", "all", "mitigate", "bench",
                                           "screen"],
                           "Stage to run; 'all' runs the chain and skips completed stages; 'mitigate' "
-                          "(not in 'all') retrains with selected images modified (memvol/mitigate.py); 'bench' "
+                          "(not in 'all') retrains with selected images modified (memvol/mitigate/); 'bench' "
                           "(not in 'all') judges every score over models on random halves of a pool (memvol/bench/); "
                           "'screen' (not in 'all') gives every image a memorisation risk before training "
                           "(memvol/screen/).")

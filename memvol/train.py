@@ -120,7 +120,7 @@ def _arm_ids(data_cfg: Any, field: str, train_ids: np.ndarray) -> np.ndarray:
 
 def edit_stream(split: data_lib.Split, data_cfg: Any) -> data_lib.Split:
   """The training stream of a mitigation arm (the data fields base.py declares empty and
-  memvol/mitigate.py sets): data.drop_ids leave the training stream (they stay in
+  memvol/mitigate/ sets): data.drop_ids leave the training stream (they stay in
   split.train, so detect still counts their copies); data.augment_ids get stronger
   augmentation; data.replace_path (an npz of `ids` [k] and `images` [k, H, W, C] whose
   sha256 must equal data.replace_sha256) replaces those images in the stream only."""

@@ -37,7 +37,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   d.member_split_path = ""    # npz of mia_train_idxs / mia_eval_idxs (PIA, SecMI): members train, non-members held out
   d.dup_strata = ()           # ((d, n), ...): n distinct training images each d times in the stream
   #                             (num_train = sum n, num_duplicated 0); () = num_duplicated / duplicate_factor
-  # A mitigation arm's edits of the training stream (memvol/mitigate.py sets them per arm;
+  # A mitigation arm's edits of the training stream (memvol/mitigate/ sets them per arm;
   # memvol/train.py applies them); empty = the stream as the split gives it.
   d.drop_ids = ()             # training ids left out of the stream (they stay in the split)
   d.augment_ids = ()          # training ids given stronger augmentation (augment_shift, augment_noise)
@@ -178,7 +178,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   r.fpr = 0.01                # TPR is read off the ROC curve at this FPR
   r.alternative = "two-sided"  # two-sided | greater | less (pos vs neg) for Welch and Mann-Whitney
 
-  # --- mitigate (memvol/mitigate.py, quality.py, perturb.py; --mode=mitigate only) ----
+  # --- mitigate (memvol/mitigate/, quality.py, perturb.py; --mode=mitigate only) -----
   c.mitigate = mt = ml_collections.ConfigDict()
   mt.regimes = ("default",)   # regimes: this config + the regime's overrides (none: the workdir is its baseline)
   mt.overrides = ()           # "regime:section.field=value" (a literal); such a regime's baseline gets a sub-workdir
