@@ -1,9 +1,8 @@
 """Check a finished benchmark run (CI): every planned model has its record in summary.json,
 each of the three co-primary tests has its statement, numbers, Holm p and verdict, every
-score its leaderboard
-row with costs, every secondary test its q, every number is finite, every null is one
-summary.json names under `not_estimated` (with the reason), and report.md and the figures
-exist. Values are not judged.
+score its leaderboard row with costs, every secondary test its q, every number is finite,
+every null is one summary.json names under `not_estimated` (with the reason), and report.md
+and the figures exist. Values are not judged.
 
   python scripts/check_bench.py WORKDIR        # exit 0 when sound, 1 with the reason
 """

@@ -235,6 +235,64 @@ def render_bench(s: dict[str, Any]) -> str:
   return outputs.readme_markdown(s)
 
 
+BENCH_PLANS = {"digits_bench": "sklearn digits 8x8, MLP", "mnist_bench": "MNIST 14x14, UNet"}
+SIDE_BY_SIDE = "bench_plans"  # the README block that sets the benchmark plans' copies side by side
+
+
+def render_side_by_side(copies: dict[str, dict[str, Any]]) -> str:
+  """One table, a column per benchmark plan (BENCH_PLANS, "no records yet" for a plan without
+  a committed copy): its size, the co-primary tests, T1-T5 of the leading scores, the
+  typicality share and the nearest-neighbour predictor, per copy label where it has them."""
+  from memvol.bench import analysis  # noqa: PLC0415
+  names = list(BENCH_PLANS) + sorted(n for n in copies if n not in BENCH_PLANS)
+  lead = (analysis.RANK32, analysis.BASELINE, f"lira_off_{analysis.RANK32}")
+
+  def cell(name: str, fn) -> str:
+    s = copies.get(name)
+    if s is None:
+      return "no records yet"
+    try:
+      return fn(s)
+    except KeyError:
+      return "n/a"
+
+  def test(i: int):
+    return lambda s: (f"{fmt(s['primary']['tests'][i]['estimate'], 3)} [{fmt(s['primary']['tests'][i]['ci'][0], 3)}, "
+                      f"{fmt(s['primary']['tests'][i]['ci'][1], 3)}] **{s['primary']['tests'][i]['verdict'].split(' (')[0]}**")
+
+  rows = [["plan", lambda s: f"{s['pool_size']} images, {len(s['models_done'])} of {s['num_models_planned']} models, "
+                             f"{s['choice']['train_steps']} steps, {s['num_samples']} samples"],
+          ["IN images copied (ratio)", lambda s: mean_sd_n(**s["copies"]["IN_share_copied"])],
+          ["copy labels", lambda s: ", ".join(s["label_names"])]]
+  rows += [[f"{t['id']}: {t['name']}", test(i)] for i, t in enumerate(analysis.PRIMARIES)]
+  for n in lead:
+    rows += [[f"T1 AUROC `{n}`", lambda s, n=n: mean_sd_n(**s["leaderboard"][n]["T1_auroc"])],
+             [f"T2 AUROC `{n}`", lambda s, n=n: " / ".join(fmt(s["labels"][k]["scores"][n]["T2_auroc"], 3)
+                                                           for k in s["label_names"])],
+             [f"T3 rho `{n}`", lambda s, n=n: " / ".join(fmt(s["labels"][k]["scores"][n]["T3_spearman"], 3)
+                                                         for k in s["label_names"])],
+             [f"T5 rho `{n}`", lambda s, n=n: " / ".join(fmt(s["labels"][k]["scores"][n]["T5_spearman"], 3)
+                                                         for k in s["label_names"])]]
+  rows += [[f"typicality `{analysis.RANK32}`", lambda s: fmt(s["typicality"][analysis.RANK32]["rho"], 2)],
+           ["`nn1_pixel` vs p_i", lambda s: " / ".join(fmt(s["predictors"][k]["rows"]["nn1_pixel"]["rho_p"], 2)
+                                                       for k in s["label_names"])]]
+  return ("Per label where a plan has several (ratio / absolute / closest). T2, T3, T5 and the predictor are "
+          "read per label; P1-P3 on the ratio label.\n\n"
+          + table(["", *[f"{n} ({BENCH_PLANS.get(n, 'benchmark')})" for n in names]],
+                  [[r[0], *[cell(n, r[1]) for n in names]] for r in rows]))
+
+
+def bench_copies(results: str = RESULTS) -> dict[str, dict[str, Any]]:
+  """{name: copy} of the committed benchmark copies."""
+  out = {}
+  for p in sorted(glob.glob(os.path.join(results, "*.summary.json"))):
+    with open(p) as f:
+      c = json.load(f)
+    if c.get("kind") == "bench":
+      out[os.path.basename(p)[: -len(".summary.json")]] = c
+  return out
+
+
 # --- README blocks --------------------------------------------------------------------
 
 
@@ -296,10 +354,21 @@ def check(readme: str = README, results: str = RESULTS) -> list[str]:
     elif got != body:
       problems.append(f"README.md block results:{name} differs from the rendering of {os.path.relpath(p, ROOT)}; "
                       f"run python scripts/render_results.py --write ...")
+  side = readme_block(text, SIDE_BY_SIDE)
+  if side is not None and side != render_side_by_side(bench_copies(results)):
+    problems.append(f"README.md block results:{SIDE_BY_SIDE} differs from the benchmark copies' side-by-side table; "
+                    "run python scripts/render_results.py --refresh")
   for name in re.findall(r"<!-- results:([\w.-]+) -->", text):
-    if name not in copies:
+    if name not in copies and name != SIDE_BY_SIDE:
       problems.append(f"README.md block results:{name} has no committed copy docs/results/{name}.summary.json")
   return problems
+
+
+def with_side_by_side(text: str) -> str:
+  """text with its side-by-side benchmark block (if it has one) rendered from the copies."""
+  if readme_block(text, SIDE_BY_SIDE) is None:
+    return text
+  return replace_block(text, SIDE_BY_SIDE, render_side_by_side(bench_copies()))
 
 
 def _write_atomic(path: str, content: str) -> None:
@@ -334,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     text = open(README).read()
     for name, (_, body) in rendered_copies().items():
       text = replace_block(text, name, body)
+    text = with_side_by_side(text)
     _write_atomic(README, text)
     print("README.md: every results block re-rendered from docs/results/")
     return 0
@@ -359,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
   text = replace_block(text, name, body)
   os.makedirs(RESULTS, exist_ok=True)
   _write_atomic(os.path.join(RESULTS, f"{name}.summary.json"), json.dumps(copy, indent=1, sort_keys=True) + "\n")
+  if kind == "bench":
+    text = with_side_by_side(text)
   if kind == "mitigate":
     records = {"baselines": summary["baselines"], "arms": summary["arms"]}
     _write_atomic(os.path.join(RESULTS, f"{name}.records.json"), json.dumps(records, indent=1, sort_keys=True) + "\n")

@@ -150,3 +150,14 @@ def test_mean_sd_cells_print_as_the_report_prints_them():
   for mean, sd, n in ((0.7321, 0.1534, 3), (5.0, 0.0, 3), (0.5, None, 1), (None, None, 0)):
     assert r.mean_sd_n(mean, sd, n) == report.fmt_ms(mean if mean is not None else float("nan"),
                                                      sd if sd is not None else float("nan"), n)
+
+
+def test_benchmark_plans_side_by_side():
+  r = _script()
+  copies = r.bench_copies()
+  md = r.render_side_by_side(copies)
+  assert "| P2: the paper's claim, counterfactually |" in md
+  for name in r.BENCH_PLANS:
+    col = f"{name} ({r.BENCH_PLANS[name]})"
+    assert col in md and (name in copies or "no records yet" in md)
+  assert r.readme_block(open(r.README).read(), r.SIDE_BY_SIDE) == md  # the README shows the committed copies
