@@ -159,12 +159,16 @@ def test_screen_then_a_calibrated_job_end_to_end(tmp_path, capsys):
 def test_data_only_screen_needs_no_models_and_is_no_reference(tmp_path):
   c = tiny_config()
   c.screen.risk = "data"
-  out = screen.run(c, str(tmp_path), log=lambda s: None)
+  pipeline.run(c, str(tmp_path), mode="screen", log=lambda s: None)
+  out = io.load_json(reference.summary_path(str(tmp_path)))
   assert out["risk_kind"] == "data" and not os.path.exists(wdir.screen_model(str(tmp_path), 0))
   table = risk_lib.read(wdir.risk_csv(str(tmp_path)))
   np.testing.assert_allclose(table["risk"], table["nn1_pixel"])
   with pytest.raises(ValueError, match="data-only screen"):
     reference.load(str(tmp_path), c, table["id"], np.zeros((32, 8, 8, 1)), [])
+  c.data.classes = (0, 1)  # the same workdir screened with other data: refused naming the field
+  with pytest.raises(ValueError, match=r"data\.classes"):
+    pipeline.run(c, str(tmp_path), mode="screen", log=lambda s: None)
 
 
 @pytest.mark.slow
