@@ -354,3 +354,36 @@ def test_spearman_bootstrap_and_permutation():
           for k in range(200)]
   assert 0.01 < np.mean(null) < 0.1  # about alpha under the null
   assert math.isnan(stats.spearman_boot_perm(np.ones(10), x[:10], 10, 10)["p"])  # a constant: no test
+
+
+@pytest.mark.parametrize("name", ["digits_bench", "mnist_bench", "cifar10_bench"])
+def test_bench_configs_run_and_say_how(name):
+  import importlib
+  mod = importlib.import_module(f"experiments.configs.{name}")
+  for needed in ("python -m experiments.main", f"--config=experiments/configs/{name}.py", "--mode=bench", "Result",
+                 ":quick"):
+    assert needed in mod.__doc__, needed
+  for arg in (None, "quick"):
+    c = mod.get_config(arg)
+    bench.check_config(c)
+    assert c.bench.num_models >= (32 if arg is None else 2)
+  with pytest.raises(ValueError, match="unknown config argument"):
+    mod.get_config("huge")
+
+
+@pytest.mark.slow
+def test_mnist_bench_quick_runs_and_checks(tmp_path):
+  """The MNIST plan's :quick end to end on a CPU, records with sample-level data, check_bench passes."""
+  wd = str(tmp_path / "w")
+  env = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+  r = subprocess.run([sys.executable, "-m", "experiments.main", "--config=experiments/configs/mnist_bench.py:quick",
+                      f"--workdir={wd}", "--mode=bench"], cwd=os.path.join(HERE, ".."), env=env,
+                     capture_output=True, text=True, timeout=1800)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  rec = io.load_json(os.path.join(wdir.bench_dir(wd), "records", "m0000.json"))
+  assert len(rec["nn_index"]) == rec["num_samples"] and len(rec["closest_dist"]) == len(rec["c"])
+  s = io.load_json(os.path.join(wdir.bench_dir(wd), "summary.json"))
+  assert s["label_names"] == ["ratio", "absolute", "closest"] and "nn1_pixel" in s["predictor_values"]
+  r = subprocess.run([sys.executable, os.path.join(HERE, "..", "scripts", "check_bench.py"), wd],
+                     capture_output=True, text=True)
+  assert r.returncode == 0, r.stdout + r.stderr
