@@ -535,3 +535,16 @@ def test_stage_end_to_end_and_resume_arm_by_arm(tmp_path):
   assert s2["arms"] == summary["arms"] and s2["tests"] == summary["tests"]
   assert not any(os.path.exists(os.path.join(wd2, "mitigate", a["regime"], a["arm"], "checkpoints"))
                  for a in s2["arms"])
+
+
+def test_digits_plan_holds_the_primary_arms_with_eight_models_each():
+  from experiments.configs import digits_mitigate
+  c = digits_mitigate.get_config()
+  arms = mitigate.parse_arms(c.mitigate)
+  groups = {a.group for a in arms}
+  assert {mitigate.PRIMARY["a"], mitigate.PRIMARY["b"]} <= groups
+  assert all(sum(a.group == g for a in arms) >= 8 for g in groups)  # R >= 8 models per arm
+  assert {a.selection for a in arms} >= {"risk", "calibrated", "score", "loss", "random", "none"}
+  mitigate.check_selections(c, {a.selection for a in arms})
+  for needed in ("python -m experiments.main", "--mode=screen", "--mode=mitigate", "Runtime", "Result"):
+    assert needed in digits_mitigate.__doc__, needed
