@@ -15,17 +15,18 @@ Command (from the repo root; two single-threaded shards on a 2-core machine):
 already under records_dir count as done). Then render the README block:
 `python scripts/render_results.py --bench=runs/bench --write`.
 
-Primary comparison, fixed before any run (memvol/bench/analysis.py PRIMARY): T2 AUROC
-(copied vs not among a model's IN digits) of hutchinson@rank32's log volume minus that of
-peer_loss, per model; the mean over the M models; paired t over models at alpha 0.01, with a
-95 % crossed bootstrap interval over models and images. Everything else is secondary,
-Benjamini-Hochberg over one family.
+Primary comparison, fixed before this plan ran: T2 AUROC (copied vs not among a model's IN
+digits) of hutchinson@rank32's log volume minus that of peer_loss, per model; the mean over the
+M models; paired t over models at alpha 0.01, with a 95 % crossed bootstrap interval over models
+and images. It is P1 of the three co-primary tests now fixed in memvol/bench/analysis.py
+PRIMARIES (P2, P3 added for the MNIST plan and read here from the same records, Holm over the
+three). Everything else is secondary, Benjamini-Hochberg over one family.
 
 Plan: pilots at pool sizes 64 and 128 (one model each, trained to 20000 steps, copies of its
 IN digits counted among 2048 reverse-SDE samples at 2500 ... 20000 steps) choose N and the
 training length (the largest N with a share of IN digits copied in [0.2, 0.6], at its
 smallest such length) and size the samples per model (an image copied at the median rate
-among copied images is expected 5 times, at most 4096). Then M = 64 models (the issue's
+among copied images is expected 5 times, at most 4096). Then M = 64 models (the design's
 minimum is 32; the report gives the M that a +-0.05 interval needs from the observed sd),
 each scoring all N pool digits with hutchinson (adaptive reference), hutchinson@rank8,
 @rank32, @vol108 (log volume and L_capped each) and the seven peers, raw and LiRA-calibrated.
@@ -36,10 +37,13 @@ pilots ~5 min each in parallel, then 153 +- 37 s per model (train 86 s, 4096 sam
 scoring the 128 pool digits with every estimator and peer 8 s; compilation 1.2 % of a model's
 time). Result (README "Which images will the model copy"): the pilot chose N = 128 at 10,000
 steps; 75 % of a model's IN digits are copied at least once, no OUT digit is; the primary
-comparison is inconclusive (T2 AUROC rank32 0.502 vs loss 0.545, difference -0.044, paired t
-p = 0.0055, crossed bootstrap interval [-0.100, 0.012]); LiRA calibration lifts volume and loss
-to T2 AUROC ~0.64; averaged over the models that never saw a digit, raw scores predict its copy
-propensity at Spearman about -0.55.
+comparison (P1) is inconclusive (T2 AUROC rank32 0.502 vs loss 0.545, difference -0.044, paired
+t p = 0.0055, crossed bootstrap interval [-0.100, 0.012]); P2 negative (raw rank32 over a digit's
+IN models against its propensity: Spearman -0.30 [-0.46, -0.12]); P3 positive (LiRA-offline
+rank32 lifts T2 AUROC by 0.119 [0.066, 0.172]); averaged over the models that never saw a digit,
+raw scores predict its copy propensity at Spearman about -0.55, and the pixel distance to the
+nearest other pool digit, no model at all, at +0.75 (docs/results/digits_bench/pool.json). The
+records predate sample-level data: the ratio label only.
 
 `:quick` (the CI check, scripts/check_bench.py; numbers need only exist and be finite): pilots
 at pool sizes 16 and 32 (1000 / 2000 steps, 256 samples), then 8 models of the digits MLP,
