@@ -267,3 +267,21 @@ def shrink_downstream(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   c.detect.carlini_n = 10
   c.report.num_bootstrap = 200
   return c
+
+
+def shrink_bench(c: ml_collections.ConfigDict, pool_sizes: tuple[int, int], steps: tuple[int, int],
+                 num_models: int, num_samples: int) -> ml_collections.ConfigDict:
+  """The `:quick` settings of a benchmark plan after shrink_downstream: two pilot pool sizes
+  and lengths, num_models models of num_samples samples (the pilot draws twice that),
+  hutchinson@rank32 and the peers loss and pia, a short quality classifier for pool.json."""
+  shrink_downstream(c)
+  c.train.ckpt_every = min(steps)
+  c.sample.num_samples = c.sample.batch_size = int(num_samples)
+  c.score.estimators = ("hutchinson@rank32",)
+  c.score.peers = ("loss", "pia")
+  c.mitigate.classifier_steps = 100
+  b = c.bench
+  b.num_models, b.pilot_pool_sizes, b.pilot_steps = int(num_models), tuple(pool_sizes), tuple(steps)
+  b.max_samples = 2 * int(num_samples)
+  b.num_bootstrap = 200
+  return c

@@ -37,7 +37,7 @@ at pool sizes 8 and 16 (100 / 200 steps), 4 models, 64 Heun samples at 4 steps, 
 peers loss and pia.
 """
 
-from experiments.configs.base import get_base_config, shrink_downstream, shrink_training
+from experiments.configs.base import get_base_config, shrink_bench, shrink_training
 
 
 def get_config(arg: str | None = None):
@@ -88,20 +88,9 @@ def get_config(arg: str | None = None):
     m.num_res_blocks_up = 2
     m.attn_resolutions = ()
     m.dropout = 0.0
-    shrink_downstream(c)
-    c.train.ckpt_every = 100
-    c.sample.num_samples = 64
-    c.sample.batch_size = 64
+    shrink_bench(c, pool_sizes=(8, 16), steps=(100, 200), num_models=4, num_samples=64)
     c.sample.heun_steps = 4
-    c.score.estimators = ("hutchinson@rank32",)
-    c.score.peers = ("loss", "pia")
     c.score.batch_size = 16
-    c.mitigate.classifier_steps = 50
-    b.num_models = 4
-    b.pilot_pool_sizes = (8, 16)
-    b.pilot_steps = (100, 200)
-    b.max_samples = 128
-    b.num_bootstrap = 100
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; expected '' or 'quick'")
   return c

@@ -64,7 +64,7 @@ hutchinson@rank32 and the peers loss and pia; ~10 min on 2 loaded CPU cores.
 """
 
 from experiments.configs import mnist
-from experiments.configs.base import shrink_downstream
+from experiments.configs.base import shrink_bench
 
 
 def get_config(arg: str | None = None):
@@ -88,20 +88,9 @@ def get_config(arg: str | None = None):
   b.max_samples = 2048
 
   if arg == "quick":
-    shrink_downstream(c)
-    c.train.ckpt_every = 100
-    c.sample.num_samples = 128
-    c.sample.batch_size = 128
+    shrink_bench(c, pool_sizes=(16, 32), steps=(300, 600), num_models=8, num_samples=128)
     c.sample.sde_steps = 100
-    c.score.estimators = ("hutchinson@rank32",)
-    c.score.peers = ("loss", "pia")
     c.score.batch_size = 32
-    c.mitigate.classifier_steps = 100
-    b.num_models = 8
-    b.pilot_pool_sizes = (16, 32)
-    b.pilot_steps = (300, 600)
-    b.max_samples = 256
-    b.num_bootstrap = 200
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; expected '' or 'quick'")
   return c
