@@ -15,6 +15,7 @@ from memvol import workdir as wdir
 from memvol.mitigate.plan import (ARM_CHAIN, CHAIN, RANKED, Arm, arm_config, arm_dir, baseline_dir, num_selected,
                                   regime_config, run_chain, score_column, select_ids, selection_column)
 
+
 def _detect_table(workdir: str) -> dict[str, np.ndarray]:
   """workdir/detect/detect.csv as columns (detect.read_detect: checked, clear errors)."""
   return detect.read_detect(wdir.detect_csv(workdir))

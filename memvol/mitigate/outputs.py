@@ -10,6 +10,7 @@ import numpy as np
 from memvol import io, plotting, report
 from memvol.mitigate.analysis import DIFFERENCES, TESTED
 
+
 def fmt_group(g: dict[str, Any], m: str, digits: int = 3) -> str:
   """'mean ± sd (n)' of metric m in group g, n = the seeds with a finite value; '-' if none."""
   return report.fmt_ms(g[m + "_mean"], g[m + "_sd"], g.get(m + "_n"), digits, missing="-")

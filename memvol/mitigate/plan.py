@@ -26,6 +26,7 @@ MODIFICATIONS = ("drop", "drop_epochs", "augment", "perturb")
 CHAIN = ("train", "sample", "score", "detect")   # the baseline's stages
 ARM_CHAIN = ("train", "sample", "detect")        # an arm's stages
 
+
 @dataclasses.dataclass(frozen=True)
 class Arm:
   """One retrain: regime, selection, modification ('' for none), q (0 for none), seed."""
