@@ -177,7 +177,9 @@ def cost_lines(s: dict[str, Any]) -> list[str]:
   sec = s["seconds_per_model"]
   return ["Seconds per model (mean ± sd (n)): " + ", ".join(f"{k} {_ms(v, 3)}" for k, v in sec.items())
           + f"; share of a model's time spent compiling {_ms(s['compile_share'], 2)} (the first model of a process "
-          "compiles, the rest reuse its programs).", ""]
+          "compiles, the rest reuse its programs). Whole plan so far: "
+          f"{s['seconds_total']['models'] / 3600:.2f} process-hours of models and "
+          f"{s['seconds_total']['pilots'] / 3600:.2f} of pilots (train and copy search).", ""]
 
 
 def ranked(s: dict[str, Any], calibrated: bool | None = None) -> list[str]:
