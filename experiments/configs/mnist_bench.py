@@ -59,7 +59,7 @@ report their mean; the README block gives them.
 Result: not yet run (README "Which images will the model copy", the MNIST column).
 
 `:quick` (a CI check, scripts/check_bench.py; numbers need only exist and be finite): pilots at
-pool sizes 16 and 32 (300 / 600 steps of the 16-channel quick UNet, 128 samples), 8 models,
+pool sizes 16 and 32 (400 / 600 steps of the 16-channel quick UNet, 128 samples), 8 models,
 hutchinson@rank32 and the peers loss and pia; ~10 min on 2 loaded CPU cores.
 """
 
@@ -88,7 +88,7 @@ def get_config(arg: str | None = None):
   b.max_samples = 2048
 
   if arg == "quick":
-    shrink_bench(c, pool_sizes=(16, 32), steps=(300, 600), num_models=8, num_samples=128)
+    shrink_bench(c, pool_sizes=(16, 32), steps=(400, 600), num_models=8, num_samples=128)
     c.sample.sde_steps = 100
     c.score.batch_size = 32
   elif arg:

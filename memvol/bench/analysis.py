@@ -412,6 +412,8 @@ def summarise(records: list[dict[str, Any]], choice: dict[str, Any], num_models:
   and, when given, the pool's data-only predictors (bench.pool.load)."""
   IN, c, raw = arrays(records)
   S = int(records[0]["num_samples"])
+  choice = choice | {"r_med": _named(float(choice.get("r_med") if choice.get("r_med") is not None else math.nan),
+                                     "the chosen pilot cell copied no IN image")}
   prop = propensity(IN, c, S)
   scores = all_scores(raw, IN)
   by_label = labels(IN, c, S, sample_data(records))
