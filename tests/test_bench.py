@@ -387,3 +387,15 @@ def test_mnist_bench_quick_runs_and_checks(tmp_path):
   r = subprocess.run([sys.executable, os.path.join(HERE, "..", "scripts", "check_bench.py"), wd],
                      capture_output=True, text=True)
   assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_pool_file_loads_nulls_as_nan_and_refuses_another_pool(tmp_path):
+  from memvol.bench import pool
+  assert pool.load(str(tmp_path)) is None
+  io.save_json(str(tmp_path / pool.FILE), {"ids": [3, 5], "labels": [0, 1], "classifier": None,
+                                           "predictors": {"nn1_pixel": [1.5, 2.0], "nn1_pixel_same_class": [None, 2.0]}})
+  got = pool.load(str(tmp_path))
+  assert got["nn1_pixel"].tolist() == [1.5, 2.0] and np.isnan(got["nn1_pixel_same_class"][0])
+  assert pool.ensure(None, np.array([3, 5]), np.array([0, 1]), str(tmp_path), "")["ids"] == [3, 5]  # kept, not recomputed
+  with pytest.raises(ValueError, match="another pool"):
+    pool.ensure(None, np.array([3, 6]), np.array([0, 1]), str(tmp_path), "")
