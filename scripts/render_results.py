@@ -219,7 +219,7 @@ def render_mitigate(s: dict[str, Any]) -> str:
 BENCH_KEYS = ("models_done", "num_models_planned", "complete", "pool_size", "num_samples", "num_bootstrap", "choice",
               "scores", "primary", "leaderboard", "ranking_T2", "front_T2", "secondary", "num_secondary", "correction",
               "copies", "seconds_per_model", "compile_share", "label_names", "label_rho", "typicality", "predictors",
-              "holds_under_all", "seconds_total")
+              "holds_under_all", "seconds_total", "sampler")
 
 
 def extract_bench(summary: dict[str, Any]) -> dict[str, Any]:

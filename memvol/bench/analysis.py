@@ -473,6 +473,7 @@ def summarise(records: list[dict[str, Any]], choice: dict[str, Any], num_models:
           "propensity": {k: _named_list(v, "no IN or no OUT model of this image has a record") for k, v in prop.items()},
           "mean_scores": {n: {k: _named_list(table[n][f"{k}_mean_score"], "no finite score of this image") for k in ("T3", "T5")}
                           for n in leading},
+          "sampler": records[0].get("sampler"),
           "seconds_per_model": sec, "compile_share": share,
           "seconds_total": {"models": float(sum(r["seconds"]["total"] for r in records)),
                             "pilots": float(sum(p["train_seconds"] + sum(g["seconds"] for g in p["grid"])

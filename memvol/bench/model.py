@@ -145,10 +145,17 @@ def run_model(config: Any, workdir: str, m: int, choice: dict[str, Any], halves:
   scores = {n: column_at(sc, n, ids, where) for n in names}
   return {"model": int(m), "seed": int(c.seed), "fingerprint": fingerprint(config, choice),
           "num_samples": int(choice["num_samples"]), "in_mask": in_mask.astype(int).tolist(),
-          "c": det["ratio"].counts.tolist(), **sample_level(det["nbrs"]),
+          "c": det["ratio"].counts.tolist(), **sample_level(det["nbrs"]), "sampler": sampler(c),
           "score_order": names, "scores": {n: [float(f"{v:.{DIGITS}g}") for v in s] for n, s in scores.items()},
           "costs": {n: cost(sc, man, n, ids, where) for n in names},
           "seconds": {k: round(v, 1) for k, v in seconds.items()}, "compile_seconds": round(compiled[0], 1)}
+
+
+def sampler(config: Any) -> dict[str, Any]:
+  """The sampler the copies were searched among: detect.sample_method and its own settings
+  (sample.<method>_*)."""
+  method = str(config.detect.sample_method)
+  return {"method": method, **{k: v for k, v in io.config_to_dict(config.sample).items() if k.startswith(f"{method}_")}}
 
 
 def sample_level(nbrs: detect.Neighbours) -> dict[str, Any]:

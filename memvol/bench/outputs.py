@@ -120,7 +120,13 @@ def plan_lines(s: dict[str, Any]) -> list[str]:
   return [f"{s['num_models_planned']} models, each trained on a class-balanced random half of a pool of "
           f"{s['pool_size']} distinct images (every image IN for exactly half of them, in complementary pairs), "
           f"{ch['train_steps']} training steps, {s['num_samples']} samples per model searched for copies of the whole "
-          f"pool. Regime: {ch['rule']}. Samples: {ch['sizing']}.", ""]
+          f"pool{_sampler(s.get('sampler'))}. Regime: {ch['rule']}. Samples: {ch['sizing']}.", ""]
+
+
+def _sampler(sm: dict[str, Any] | None) -> str:
+  if not sm:
+    return ""
+  return f" (sampler `{sm['method']}`: " + ", ".join(f"{k} {v}" for k, v in sm.items() if k != "method") + ")"
 
 
 def pilot_table(s: dict[str, Any]) -> list[str]:
