@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from memvol import io
+from memvol import io, stats
 from memvol import workdir as wdir
 
 DETECT_COLUMNS = ("id", "label", "dup_count", "copies_ratio", "copies_carlini", "memorised",
@@ -199,6 +199,22 @@ def carlini_copies(nbrs: Neighbours, num_train: int, n: int = 50, alpha: float =
   score = np.divide(d[:, 0], denom, out=np.full(d.shape[0], 1.0 / alpha), where=denom > 0)
   copied = score < delta
   return Copies(score, copied, _counts(nbrs.index[:, 0], copied, num_train))
+
+
+def agreement(a: Copies, b: Copies) -> dict[str, Any]:
+  """How two sample sets' copies of the same training set agree: copy rates, distinct
+  copied images, the Jaccard index of the copied sets, Spearman of the copy counts and the
+  training positions copied by only one of them."""
+  if a.counts.shape != b.counts.shape:
+    raise ValueError(f"copy counts over {a.counts.shape[0]} and {b.counts.shape[0]} training images: not the same set")
+  sa, sb = a.counts > 0, b.counts > 0
+  union = int((sa | sb).sum())
+  rho, p, _ = stats.spearman(a.counts, b.counts)
+  return dict(copy_rate=(float(a.copied.mean()), float(b.copied.mean())),
+              distinct=(int(sa.sum()), int(sb.sum())),
+              jaccard=float((sa & sb).sum() / union) if union else float("nan"),
+              spearman=float(rho), spearman_p=float(p),
+              only_a=np.flatnonzero(sa & ~sb).tolist(), only_b=np.flatnonzero(sb & ~sa).tolist())
 
 
 # --- stage -------------------------------------------------------------------------

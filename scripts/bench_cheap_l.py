@@ -194,13 +194,8 @@ def main(argv=None) -> None:
   ap.add_argument("--only", default="", help="comma-separated setting names (the reference is always scored)")
   ap.add_argument("--probe_keys", type=int, default=1, help="probe keys per setting but the reference (mean ± sd)")
   args = ap.parse_args(argv)
-  from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
-  import importlib.util
-  path, _, arg = args.config.partition(":")
-  spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, path) if not os.path.isabs(path) else path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config(arg or None)
+  from experiments import configs
+  config = configs.load(args.config)
   out = args.out or os.path.join(args.workdir, "bench_cheap_l")
   os.makedirs(os.path.join(out, "cache"), exist_ok=True)
   names = list(SETTINGS) if not args.only else ["reference"] + [s for s in args.only.split(",") if s != "reference"]

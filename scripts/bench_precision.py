@@ -43,10 +43,8 @@ def load_network(args):
   """(eps_fn, images [n, *shape], config or None, description)."""
   if args.workdir:
     from memvol import data, loading
-    spec = importlib.util.spec_from_file_location("cfg", args.config)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
+    from experiments import configs
+    config = configs.load(args.config)
     eps_fn = loading.load_eps_fn(config, args.workdir)
     split = data.load_split(config, args.workdir)
     half = args.num_images // 2

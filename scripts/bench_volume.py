@@ -223,14 +223,11 @@ def first_batch(args) -> None:
   """Wall time of the score stage's first and second batch of hutchinson (the config's score
   settings, --first_batch images) on the trained --workdir, with JAX's persistent
   compilation cache at --cache_dir when given."""
-  import importlib.util
+  from experiments import configs
   from memvol import data, loading, parallel, pipeline, scoring
   if args.cache_dir:
     pipeline.enable_compilation_cache(args.cache_dir)
-  spec = importlib.util.spec_from_file_location("cfg", args.config)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
+  config = configs.load(args.config)
   eps_fn = loading.load_eps_fn(config, args.workdir)
   table = scoring.image_table(data.load_split(config, args.workdir))
   opts = scoring.options(config, "hutchinson")

@@ -151,3 +151,20 @@ def test_run_errors(tmp_path):
   with pytest.raises(ValueError, match="split arrays disagree"):
     detect.run(cfg, wd, split=_split(train, dup=np.ones(3, np.int64)))
   assert not os.path.exists(os.path.join(wd, "detect", "detect.csv"))
+
+
+def test_agreement_of_two_copy_sets():
+  def copies(nn1, copied, n=5):
+    nn1, copied = np.asarray(nn1), np.asarray(copied, bool)
+    return detect.Copies(np.zeros(len(nn1)), copied, detect._counts(nn1, copied, n))
+
+  a = copies([0, 0, 1, 2, 4], [1, 1, 1, 0, 0])        # copies images 0 (twice) and 1
+  b = copies([0, 1, 1, 3, 4], [1, 0, 1, 1, 0])        # copies images 0, 1 and 3
+  ag = detect.agreement(a, b)
+  assert ag["copy_rate"] == (0.6, 0.6) and ag["distinct"] == (2, 3)
+  assert ag["jaccard"] == pytest.approx(2 / 3) and ag["only_a"] == [] and ag["only_b"] == [3]
+  assert detect.agreement(a, a)["spearman"] == pytest.approx(1.0)
+  none = copies([0, 1, 2, 3, 4], [0, 0, 0, 0, 0])
+  assert np.isnan(detect.agreement(none, none)["jaccard"])
+  with pytest.raises(ValueError, match="not the same set"):
+    detect.agreement(a, copies([0], [1], n=3))
