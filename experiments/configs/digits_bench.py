@@ -103,6 +103,7 @@ def get_config(arg: str | None = None):
     b.pilot_steps = (1000, 2000)
     b.max_samples = 512
     b.num_bootstrap = 200
+    c.mitigate.classifier_steps = 100  # pool.json's feature classifier
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; expected '' or 'quick'")
   return c
