@@ -223,7 +223,8 @@ def primary_family(by_label: dict[str, dict[str, Any]], scores: dict[str, np.nda
     t["verdict"] = (f"not run: {t['missing']}" if "missing" in t
                     else verdict(t["estimate"], ph, t["ci"], FAMILY["alpha"]))
     t["keeps_sign"] = {k: bool(np.sign(v) == np.sign(t["estimate"])) if math.isfinite(v) and math.isfinite(t["estimate"])
-                       else None for k, v in t.get("other_labels", {}).items()}
+                       else report.not_estimated("the estimate is undefined under this label or the ratio one")
+                       for k, v in t.get("other_labels", {}).items()}
   return dict(FAMILY) | {"tests": tests}
 
 
@@ -336,7 +337,8 @@ def predictor_table(pool: dict[str, np.ndarray], table: dict[str, Any], p: np.nd
     rho, pv, k = stats.spearman(v, p)
     rows[name] = {"rho_p": rho, "p": pv, "n": k,
                   "rho_best_out": stats.spearman(v, table[best]["T5_mean_score"])[0] if best else math.nan}
-  return {"best_out_score": best, "best_out_rho": table[best]["T5_spearman"] if best else math.nan, "rows": rows}
+  return {"best_out_score": best or report.not_estimated("no raw score has a finite T5 Spearman under this label"),
+          "best_out_rho": table[best]["T5_spearman"] if best else math.nan, "rows": rows}
 
 
 def holds_under_all(by_label: dict[str, dict[str, Any]], names: list[str]) -> dict[str, dict[str, Any]]:
@@ -473,7 +475,7 @@ def summarise(records: list[dict[str, Any]], choice: dict[str, Any], num_models:
           "propensity": {k: _named_list(v, "no IN or no OUT model of this image has a record") for k, v in prop.items()},
           "mean_scores": {n: {k: _named_list(table[n][f"{k}_mean_score"], "no finite score of this image") for k in ("T3", "T5")}
                           for n in leading},
-          "sampler": records[0].get("sampler"),
+          "sampler": records[0].get("sampler") or report.not_estimated("records made before they named their sampler"),
           "seconds_per_model": sec, "compile_share": share,
           "seconds_total": {"models": float(sum(r["seconds"]["total"] for r in records)),
                             "pilots": float(sum(p["train_seconds"] + sum(g["seconds"] for g in p["grid"])
