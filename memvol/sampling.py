@@ -335,48 +335,77 @@ def dpm_update(x: Array, m: tuple[Array, Array, Array], hs: tuple[Array, Array, 
   return sigma_ratio * x + a_next * jnp.where(order == 1, phi * m0, jnp.where(order == 2, second, third))
 
 
-def _dpm_one(eps_fn: Any, sde: sde_lib.SDE, key: Array, shape: tuple[int, ...], ts: Array, orders: Array) -> Array:
-  """One sample of multistep DPM-Solver++ along ts [N + 1] with step orders [N]: one network
-  call per step, the data predictions of the two previous steps carried along."""
+def dpm_sde_update(x: Array, m: tuple[Array, Array], hs: tuple[Array, Array], sigma_ratio: Array, a_next: Array,
+                   sigma_next: Array, order: Array, z: Array) -> Array:
+  """One SDE-DPM-Solver++ step (Lu et al. 2022, the reverse SDE in data prediction, orders 1-2)
+  of ONE image from t to t' with standard normal noise z:
+
+      x' = sigma_ratio e^(-h) x + a' psi (D0 + D1 / 2) + sigma' sqrt(psi) z,   psi = 1 - e^(-2h),
+
+  D0 = m0, D1 = (m0 - m1) / r0 at order 2 and 0 at order 1. Its marginals are the reverse
+  SDE's: a stochastic sampler at the cost of the deterministic one."""
+  m0, m1 = m
+  h, h1 = hs
+  psi = -jnp.expm1(-2.0 * h)
+  d = jnp.where(order == 1, m0, m0 + 0.5 * (m0 - m1) * h / h1)
+  return sigma_ratio * jnp.exp(-h) * x + a_next * psi * d + sigma_next * jnp.sqrt(psi) * z
+
+
+def _dpm_one(eps_fn: Any, sde: sde_lib.SDE, key: Array, shape: tuple[int, ...], ts: Array, orders: Array,
+             stochastic: bool) -> Array:
+  """One sample of multistep DPM-Solver++ (or SDE-DPM-Solver++) along ts [N + 1] with step
+  orders [N]: one network call per step, the previous data predictions carried along. The
+  prior draw uses `key` itself, the steps' noise keys split from fold_in(key, 1)."""
   x = sde.prior_sample(key, shape, ts.dtype)
   log_a, sig = sde.log_mean_coeff(ts), sde.std(ts)
   a, lam = jnp.exp(log_a), log_a - jnp.log(sig)
+  noise_keys = jax.random.split(jax.random.fold_in(key, 1), len(orders))
 
-  def step(carry: tuple, i: Array) -> tuple[tuple, None]:
+  def step(carry: tuple, inp: tuple[Array, Array]) -> tuple[tuple, None]:
     x, m1, m2, h1, h2 = carry
+    i, k = inp
     m0 = (x - sig[i] * eps_fn(x, ts[i])) / a[i]
     h = lam[i + 1] - lam[i]
-    x = dpm_update(x, (m0, m1, m2), (h, h1, h2), sig[i + 1] / sig[i], a[i + 1], orders[i])
+    if stochastic:
+      z = jax.random.normal(k, shape, x.dtype)
+      x = dpm_sde_update(x, (m0, m1), (h, h1), sig[i + 1] / sig[i], a[i + 1], sig[i + 1], orders[i], z)
+    else:
+      x = dpm_update(x, (m0, m1, m2), (h, h1, h2), sig[i + 1] / sig[i], a[i + 1], orders[i])
     return (x, m0, m1, h, h1), None
 
   one = jnp.ones((), x.dtype)  # unused history (order 1 and 2 steps) must stay finite
-  (x, *_), _ = jax.lax.scan(step, (x, jnp.zeros_like(x), jnp.zeros_like(x), one, one), jnp.arange(len(orders)))
+  init = (x, jnp.zeros_like(x), jnp.zeros_like(x), one, one)
+  (x, *_), _ = jax.lax.scan(step, init, (jnp.arange(len(orders)), noise_keys))
   return x
 
 
 def _dpm_batch(rep: tuple, indices: Array) -> Samples:
-  eps_fn, sde, key, shape, ts, orders, precision = rep
+  eps_fn, sde, key, shape, ts, orders, stochastic, precision = rep
   dtype = jnp.result_type(float)
   one = lambda i: _dpm_one(eps_fn, sde, jax.random.fold_in(key, i), shape, jnp.asarray(ts, dtype),
-                           jnp.asarray(orders, jnp.int32))
+                           jnp.asarray(orders, jnp.int32), stochastic)
   with numerics.precision(precision):
     images = jax.vmap(one)(indices)
   return Samples(images, jnp.full(indices.shape, len(orders), jnp.int32))
 
 
 def dpm_sample(eps_fn: Any, sde: sde_lib.SDE, key: Array, num: int, shape: Sequence[int], num_steps: int = 25,
-               order: int = 2, schedule: str = "logsnr", *, lower_order_final: bool = True, start: int = 0,
-               mesh: Mesh | None = None, pad_to: int = 0, precision: str = "highest") -> Samples:
+               order: int = 2, schedule: str = "logsnr", *, stochastic: bool = False, lower_order_final: bool = True,
+               start: int = 0, mesh: Mesh | None = None, pad_to: int = 0, precision: str = "highest") -> Samples:
   """`num` samples [num, *shape] by multistep DPM-Solver++ (2M by default) on the PF ODE of
-  any memvol SDE, from x_T ~ prior at T to x_eps at eps on `dpm_times`: one network call per
-  step (nfe = num_steps). Sample i uses only `fold_in(key, i)`; sharded over `mesh`, as the
-  other samplers."""
+  any memvol SDE, or with `stochastic` by SDE-DPM-Solver++ (orders 1-2) on its reverse SDE,
+  from x_T ~ prior at T to x_eps at eps on `dpm_times`: one network call per step (nfe =
+  num_steps). Sample i uses only `fold_in(key, i)`; sharded over `mesh`, as the other
+  samplers."""
   shape = _check(num, shape, start)
+  if stochastic and int(order) > 2:
+    raise ValueError(f"the stochastic dpm sampler has orders 1 and 2, got {order}")
   ts = dpm_times(sde, int(num_steps), schedule)
   orders = dpm_orders(int(num_steps), int(order), bool(lower_order_final))
   mesh = parallel.local_mesh() if mesh is None else mesh
   mapped = parallel.shard_map_batch(_dpm_batch, mesh)
-  rep = (eps_fn, sde, key, shape, tuple(ts.tolist()), tuple(orders.tolist()), numerics.check_precision(precision))
+  rep = (eps_fn, sde, key, shape, tuple(ts.tolist()), tuple(orders.tolist()), bool(stochastic),
+         numerics.check_precision(precision))
   return mapped(rep, _indices(num, start), pad_to=pad_to)
 
 
@@ -399,7 +428,8 @@ def _settings(config: Any, method: str, eps_fn: Any, shape: tuple[int, ...]) -> 
   if method == "sde":
     s.update(sde_steps=int(sp.sde_steps), denoise=bool(sp.denoise))
   elif method == "dpm":
-    s.update(dpm_steps=int(sp.dpm_steps), dpm_order=int(sp.dpm_order), dpm_schedule=str(sp.dpm_schedule))
+    s.update(dpm_steps=int(sp.dpm_steps), dpm_order=int(sp.dpm_order), dpm_schedule=str(sp.dpm_schedule),
+             dpm_stochastic=bool(sp.dpm_stochastic))
   elif method == "heun":
     s.update(heun_steps=int(sp.heun_steps), heun_rho=float(sp.heun_rho), heun_sigma_min=float(sp.heun_sigma_min),
              heun_sigma_max=float(sp.heun_sigma_max))
@@ -425,6 +455,8 @@ def _check_config(config: Any) -> tuple[str, ...]:
   if "dpm" in methods:
     dpm_times(sde_lib.from_config(config.sde), int(sp.dpm_steps), str(sp.dpm_schedule))
     dpm_orders(int(sp.dpm_steps), int(sp.dpm_order))
+    if bool(sp.dpm_stochastic) and int(sp.dpm_order) > 2:
+      raise ValueError(f"config.sample.dpm_stochastic has orders 1 and 2, got dpm_order={sp.dpm_order}")
   return methods
 
 
@@ -438,7 +470,7 @@ def generate(config: Any, method: str, eps_fn: Any, shape: tuple[int, ...], mesh
                              precision=sp.precision)
   elif method == "dpm":
     out = dpm_sample(eps_fn, sde, key, num, shape, int(sp.dpm_steps), int(sp.dpm_order), str(sp.dpm_schedule),
-                     start=start, mesh=mesh, pad_to=pad, precision=sp.precision)
+                     stochastic=bool(sp.dpm_stochastic), start=start, mesh=mesh, pad_to=pad, precision=sp.precision)
   elif method == "heun":
     out = heun_sample(eps_fn, sde, key, num, shape, int(sp.heun_steps), float(sp.heun_rho), float(sp.heun_sigma_min),
                       float(sp.heun_sigma_max), start=start, mesh=mesh, pad_to=pad, precision=sp.precision)

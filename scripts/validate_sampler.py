@@ -11,7 +11,8 @@ the copy counts, which images differ), same-sampler pairs being the run-to-run s
 
 Samples are cached per sampler and seed in --out (a rerun resumes); the summary goes to
 --out/summary.json. Sampler specs: sde (config.sample.sde_steps Euler-Maruyama steps),
-heun[:steps], ode, dpm[:steps[:order[:schedule]]].
+heun[:steps], ode, dpm[:steps[:order[:schedule]]] (DPM-Solver++ on the PF ODE), dpmsde[:...]
+(SDE-DPM-Solver++ on the reverse SDE).
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ def sampler_config(config, spec: str, seed_offset: int):
   c.unlock()
   parts = spec.split(":")
   method = parts[0]
-  if method == "dpm":
+  if method in ("dpm", "dpmsde"):
+    c.sample.dpm_stochastic = method == "dpmsde"
+    method = "dpm"
     for key, v in zip(("dpm_steps", "dpm_order", "dpm_schedule"), parts[1:]):
       c.sample[key] = v if key == "dpm_schedule" else int(v)
   elif method == "heun" and len(parts) > 1:
     c.sample.heun_steps = int(parts[1])
   elif method not in sampling.METHODS:
-    raise ValueError(f"unknown sampler spec {spec!r}; expected sde, ode, heun[:steps] or dpm[:steps[:order[:schedule]]]")
+    raise ValueError(f"unknown sampler spec {spec!r}; expected sde, ode, heun[:steps], dpm[:...] or dpmsde[:...]")
   c.seed = int(config.seed) + 1000 * int(seed_offset)  # only the sampling key reads it here
   return c, method
 

@@ -81,12 +81,12 @@ def test_pf_ode_fixed_steps_counts_nfe():
   np.testing.assert_allclose(out.images, pf_map(z), atol=5e-3)
 
 
-@pytest.mark.parametrize("method", ["sde", "ode", "heun", "dpm"])
+@pytest.mark.parametrize("method", ["sde", "ode", "heun", "dpm", "dpmsde"])
 def test_samples_independent_of_batch_and_devices(method):
   def draw(num, start, devices, pad_to=0):
-    if method == "dpm":
-      return sampling.dpm_sample(gaussian_eps, SDE, KEY, num, SHAPE, 25, start=start, mesh=mesh(devices),
-                                 pad_to=pad_to).images
+    if method.startswith("dpm"):
+      return sampling.dpm_sample(gaussian_eps, SDE, KEY, num, SHAPE, 25, stochastic=method == "dpmsde", start=start,
+                                 mesh=mesh(devices), pad_to=pad_to).images
     if method == "sde":
       return sampling.reverse_sde_sample(gaussian_eps, SDE, KEY, num, SHAPE, 100, start=start,
                                          mesh=mesh(devices), pad_to=pad_to).images
@@ -204,10 +204,18 @@ def test_dpm_grids_and_bad_input():
     sampling.dpm_sample(gaussian_eps, SDE, KEY, 2, SHAPE, 10, 2, "cosine")
 
 
-def test_dpm_reproduces_gaussian_moments():
-  out = sampling.dpm_sample(ROTATED, SDE, KEY, 2000, SHAPE, 25, mesh=mesh(4))
+@pytest.mark.parametrize("stochastic", [False, True], ids=["ode", "sde"])
+def test_dpm_reproduces_gaussian_moments(stochastic):
+  """2M on the PF ODE and SDE-DPM-Solver++ 2M on the reverse SDE: the data's mean and full
+  covariance at 25 network calls per sample; the stochastic one draws other samples."""
+  out = sampling.dpm_sample(ROTATED, SDE, KEY, 2000, SHAPE, 25, stochastic=stochastic, mesh=mesh(4))
   assert out.images.shape == (2000, *SHAPE) and out.images.dtype == jnp.float32
   _check_covariance(out.images, ROTATED, 0.03)
+  if stochastic:
+    ode = sampling.dpm_sample(ROTATED, SDE, KEY, 4, SHAPE, 25, mesh=mesh(4)).images
+    assert not np.allclose(out.images[:4], ode, atol=1e-2)
+    with pytest.raises(ValueError, match="orders 1 and 2"):
+      sampling.dpm_sample(ROTATED, SDE, KEY, 4, SHAPE, 25, 3, stochastic=True)
 
 
 def test_reverse_sde_denoise_only_changes_the_last_step():
@@ -315,7 +323,7 @@ def test_run_dpm_records_its_settings(tmp_path, model):
   with pytest.raises(ValueError, match="dpm_steps.*delete"):
     sampling.run(tiny_config(methods=("dpm",), dpm_steps=13, dpm_order=3), d, log=lambda s: None)
   for kw, msg in [(dict(dpm_order=4), "dpm order"), (dict(dpm_schedule="cosine"), "unknown dpm schedule"),
-                  (dict(dpm_steps=0), "dpm num_steps")]:
+                  (dict(dpm_steps=0), "dpm num_steps"), (dict(dpm_stochastic=True, dpm_order=3), "orders 1 and 2")]:
     with pytest.raises(ValueError, match=msg):
       sampling.run(tiny_config(methods=("dpm",), **kw), str(tmp_path / "bad"), log=lambda s: None)
     assert not os.path.exists(str(tmp_path / "bad" / "samples"))

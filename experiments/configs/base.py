@@ -107,6 +107,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   sp.dpm_steps = 25           # dpm: multistep DPM-Solver++ steps, one network call each
   sp.dpm_order = 2            # dpm: 2 (2M) or 3 (3M); 1 is DDIM
   sp.dpm_schedule = "logsnr"  # dpm: logsnr | time_uniform | time_quadratic | karras (sampling.dpm_times)
+  sp.dpm_stochastic = False   # dpm: SDE-DPM-Solver++ (the reverse SDE, orders 1-2) instead of the PF ODE
   sp.batch_size = 256         # samples per device call (and per committed part file)
   sp.use_ema = True
   sp.precision = "highest"    # matmul/conv precision of the network: highest | high | default (BUILD.md)
