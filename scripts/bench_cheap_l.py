@@ -11,8 +11,8 @@ scoring.score_images), and prints one table row per setting: network passes per 
 compiled left out), mean L, Spearman with the reference, relative error of the mean and the
 median / max per-image relative error against the reference, and the AUROC of every
 comparison of the report (memorisation labels from <workdir>/detect/detect.csv when present).
-The reference is the job's own score.estimators[0] settings (default job: adaptive tsit5,
-rtol 1e-4, 4 Rademacher probes); settings with 4 probes share its probes, so their error is
+The reference is the job's own score.estimators[0] at the config's score settings, without
+a preset (default job: hutchinson, adaptive tsit5, rtol 1e-4, 4 Rademacher probes); settings with 4 probes share its probes, so their error is
 the solver's alone. Each setting's scores are cached in <out>/cache/<name>_<digest>.npz (the
 digest covers the options, model and images), so a rerun only computes new settings. Writes
 <out>/table.md and <out>/results.json.
@@ -59,7 +59,7 @@ COMPARISONS = [k for k, _, _ in report.COMPARISONS]
 
 def options_of(config, name: str) -> volume.VolumeOptions:
   spec = SETTINGS[name]
-  base = str(config.score.estimators[0])
+  base = volume.parse_estimator(str(config.score.estimators[0]))[0]  # the job's estimator without a preset
   if isinstance(spec, str):
     return volume.VolumeOptions.from_config(config, f"hutchinson@{spec}")
   return volume.VolumeOptions.from_config(config, base, **spec)

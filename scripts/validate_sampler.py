@@ -96,7 +96,7 @@ def main() -> None:
                copy_rate=float(copies.copied.mean()), distinct=int((copies.counts > 0).sum()),
                **{k: float(v) for k, v in ref.metrics(got["images"]).items()})
     if scores is not None:
-      l = scores[primary][scores["split"] == "train"]
+      l = scores[f"{primary}_log_volume"][scores["split"] == "train"]
       mem = copies.counts > 0
       if 0 < mem.sum() < len(mem):
         row.update(mem_auroc=stats.auroc(l[mem], l[~mem]), mem_welch_p=stats.welch(l[mem], l[~mem])[1],

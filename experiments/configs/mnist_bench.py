@@ -43,14 +43,13 @@ hutchinson@rank8, @rank32, @vol108 (log volume and L_capped) and the seven peers
 rank8's solve), raw and LiRA-calibrated; the adaptive hutchinson reference is left out (~7 s per
 digit on these cores, half an hour per model at N = 256). Records keep each sample's two nearest
 pool digits and distances, so the absolute and closest-sample labels come from them.
-Sampler: reverse SDE (sample.methods = ("sde",), 1000 Euler-Maruyama steps) until the fast
-DPM-Solver++ sampler is validated; set sample.methods = detect.sample_method's ("dpm",) with
-sample.dpm_steps = 25 (25 network calls per sample) then, before the first model.
+Sampler: the default job's, SDE-DPM-Solver++ 2M at 50 network calls per sample (mnist.py;
+validated against the 1000-step reverse SDE on copies in BUILD.md, "Sampling").
 
 Runtime, estimated (not measured) on 2 CPU cores as the two shards above, from the default
 job's measured stages (3000 UNet steps at batch 64 in ~15 min and 512 reverse-SDE samples of
 1000 steps in ~10 min on quiet cores): a model trained 4000 steps ~35 min single-threaded,
-2048 samples with DPM-Solver++ at 25 steps ~2 min (with the reverse SDE at 1000 steps ~80 min:
+2048 samples with SDE-DPM-Solver++ at 50 steps ~4 min (with the reverse SDE at 1000 steps ~80 min:
 the plan needs the fast sampler), scoring 256 digits with the presets and peers ~5 min: ~40 min
 per model, 16 per shard, ~11 h for M = 32, plus ~1.5 h of pilots. The budget binds at M = 32;
 the pilot shrinks the pool first (256 -> 128) if 256 is not memorised in the band by 8000
@@ -74,8 +73,6 @@ def get_config(arg: str | None = None):
   c.train.sample_every = 0
   c.train.ckpt_every = 2000
 
-  c.sample.methods = ("sde",)
-  c.detect.sample_method = "sde"
   c.sample.num_samples = 1024
   c.sample.batch_size = 256
   c.score.estimators = ("hutchinson@rank8", "hutchinson@rank32", "hutchinson@vol108")
@@ -90,7 +87,6 @@ def get_config(arg: str | None = None):
 
   if arg == "quick":
     shrink_bench(c, pool_sizes=(16, 32), steps=(400, 600), num_models=8, num_samples=128)
-    c.sample.sde_steps = 100
     c.score.batch_size = 32
   elif arg:
     raise ValueError(f"unknown config argument {arg!r}; expected '' or 'quick'")
