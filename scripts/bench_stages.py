@@ -9,7 +9,8 @@ less than wall time on a shared machine):
 - training: steps/s of the device loop at the config's batch, GFLOP per update from XLA's
   cost analysis, and the GFLOP/s that makes;
 - sampling: samples/s of every sampler spec in --samplers (sde: config.sample.sde_steps
-  Euler-Maruyama steps; dpm:N:order: DPM-Solver++), network calls per sample;
+  Euler-Maruyama steps; dpm:N:order DPM-Solver++ on the PF ODE, dpmsde:N:order on the reverse
+  SDE), network calls per sample;
 - scoring: seconds per image of every estimator in --estimators (the primary hutchinson
   reference and its presets), network passes per image.
 """
@@ -69,7 +70,7 @@ def main() -> None:
   p.add_argument("--config", default="experiments/configs/mnist.py")
   p.add_argument("--workdir", default=None, help="a trained job (else random weights)")
   p.add_argument("--train_steps", type=int, default=20)
-  p.add_argument("--samplers", default="sde,dpm:25:2,dpm:50:3")
+  p.add_argument("--samplers", default="sde,dpmsde:50:2,dpm:25:2")
   p.add_argument("--num_samples", type=int, default=16)
   p.add_argument("--estimators", default="hutchinson,hutchinson@vol108,hutchinson@rank32,hutchinson@rank8")
   p.add_argument("--num_images", type=int, default=8)
@@ -111,10 +112,11 @@ def main() -> None:
       n = max(2, args.num_samples // 8)
       fn = lambda: sampling.reverse_sde_sample(eps_fn, sde, key, n, shape, steps, mesh=mesh).images
       nfe = steps
-    elif name == "dpm":
+    elif name in ("dpm", "dpmsde"):
       steps, order = (int(rest[0]) if rest else 25), (int(rest[1]) if len(rest) > 1 else 2)
       n = args.num_samples
-      fn = lambda: sampling.dpm_sample(eps_fn, sde, key, n, shape, steps, order, mesh=mesh).images
+      fn = lambda: sampling.dpm_sample(eps_fn, sde, key, n, shape, steps, order, stochastic=name == "dpmsde",
+                                       mesh=mesh).images
       nfe = steps
     else:
       raise SystemExit(f"unknown sampler spec {spec!r}")
@@ -135,10 +137,10 @@ def main() -> None:
       rec.update(scoring.score_images(eps_fn, images, ids, jax.random.PRNGKey(1), opts, mesh))
       return rec["log_volume"]
     wall, cpu = timed(score)
-    passes = float(np.mean(rec["nfe"] + rec.get("jvps", 0)))
+    passes = float(np.mean(rec["nfe"] + rec["num_jvps"]))
     per = wall / len(images)
     first = first or per
-    print(f"| `{est}` | {passes:.0f} | {per:.3g} | {cpu / len(images):.3g} | {first / per:.1f}x faster |", flush=True)
+    print(f"| `{est}` | {passes:.0f} | {per:.3g} | {cpu / len(images):.3g} | {first / per:.1f}x |", flush=True)
 
 
 if __name__ == "__main__":
