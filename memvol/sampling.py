@@ -415,6 +415,24 @@ METHODS = ("sde", "ode", "heun", "dpm")
 _SAMPLE_STREAM = 2  # fold_in(PRNGKey(config.seed), _SAMPLE_STREAM): the sampling key
 
 
+def with_sampler(config: Any, spec: str) -> tuple[Any, str]:
+  """(a copy of config sampling as `spec` says, the sample method): sde | ode | heun[:steps] |
+  dpm[:steps[:order[:schedule]]] (DPM-Solver++ on the PF ODE) | dpmsde[:...] (on the reverse SDE)."""
+  c = config.copy_and_resolve_references()
+  c.unlock()
+  method, *rest = spec.split(":")
+  if method in ("dpm", "dpmsde"):
+    c.sample.dpm_stochastic = method == "dpmsde"
+    method = "dpm"
+    for key, v in zip(("dpm_steps", "dpm_order", "dpm_schedule"), rest):
+      c.sample[key] = v if key == "dpm_schedule" else int(v)
+  elif method == "heun" and rest:
+    c.sample.heun_steps = int(rest[0])
+  elif method not in METHODS:
+    raise ValueError(f"unknown sampler spec {spec!r}; expected sde, ode, heun[:steps], dpm[:...] or dpmsde[:...]")
+  return c, method
+
+
 def sample_key(config: Any) -> Array:
   return jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), _SAMPLE_STREAM)
 

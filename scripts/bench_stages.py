@@ -104,23 +104,18 @@ def main() -> None:
 
   print("\n| sampler | network calls / sample | samples/s wall | samples/s per CPU-s | vs sde |")
   print("|---|---|---|---|---|")
-  key, base = jax.random.PRNGKey(0), None
+  base = None
   for spec in args.samplers.split(","):
-    name, *rest = spec.split(":")
-    if name == "sde":
-      steps = int(config.sample.sde_steps)
-      n = max(2, args.num_samples // 8)
-      fn = lambda: sampling.reverse_sde_sample(eps_fn, sde, key, n, shape, steps, mesh=mesh).images
-      nfe = steps
-    elif name in ("dpm", "dpmsde"):
-      steps, order = (int(rest[0]) if rest else 25), (int(rest[1]) if len(rest) > 1 else 2)
-      n = args.num_samples
-      fn = lambda: sampling.dpm_sample(eps_fn, sde, key, n, shape, steps, order, stochastic=name == "dpmsde",
-                                       mesh=mesh).images
-      nfe = steps
-    else:
-      raise SystemExit(f"unknown sampler spec {spec!r}")
-    wall, cpu = timed(fn)
+    c, method = sampling.with_sampler(config, spec)
+    n = max(2, args.num_samples // 8) if method == "sde" else args.num_samples  # 1000 steps: fewer samples
+    c.sample.batch_size = n
+    out = {}
+
+    def draw():
+      out.update(sampling.generate(c, method, eps_fn, shape, mesh, 0, n))
+      return out["images"]
+    wall, cpu = timed(draw)
+    nfe = int(np.mean(out["nfe"]))
     rate = n / wall
     base = base or rate
     print(f"| {spec} | {nfe} | {rate:.3g} | {n / cpu:.3g} | {rate / base:.1f}x |", flush=True)

@@ -29,25 +29,13 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from experiments import configs  # noqa: E402
-from memvol import detect, io, parallel, quality, sampling, scoring, stats  # noqa: E402
+from memvol import detect, io, loading, parallel, quality, sampling, scoring, stats  # noqa: E402
 from memvol import workdir as wdir  # noqa: E402
 
 
 def sampler_config(config, spec: str, seed_offset: int):
   """(config for one sampler spec and sampling seed, method name)."""
-  c = config.copy_and_resolve_references()
-  c.unlock()
-  parts = spec.split(":")
-  method = parts[0]
-  if method in ("dpm", "dpmsde"):
-    c.sample.dpm_stochastic = method == "dpmsde"
-    method = "dpm"
-    for key, v in zip(("dpm_steps", "dpm_order", "dpm_schedule"), parts[1:]):
-      c.sample[key] = v if key == "dpm_schedule" else int(v)
-  elif method == "heun" and len(parts) > 1:
-    c.sample.heun_steps = int(parts[1])
-  elif method not in sampling.METHODS:
-    raise ValueError(f"unknown sampler spec {spec!r}; expected sde, ode, heun[:steps], dpm[:...] or dpmsde[:...]")
+  c, method = sampling.with_sampler(config, spec)
   c.seed = int(config.seed) + 1000 * int(seed_offset)  # only the sampling key reads it here
   return c, method
 
@@ -57,7 +45,8 @@ def draw(config, workdir: str, spec: str, seed: int, out: str, log=print) -> dic
   if os.path.exists(path):
     return io.load_npz(path)
   c, method = sampler_config(config, spec, seed)
-  eps_fn, shape = sampling._load_model(c, workdir)
+  eps_fn = loading.load_eps_fn(c, workdir, use_ema=bool(c.sample.use_ema))
+  shape = tuple(detect.load_split(c, workdir).train.images.shape[1:])
   n, bs = int(c.sample.num_samples), int(c.sample.batch_size)
   start, chunks = time.time(), []
   for s in range(0, n, bs):

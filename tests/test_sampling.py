@@ -327,3 +327,13 @@ def test_run_dpm_records_its_settings(tmp_path, model):
     with pytest.raises(ValueError, match=msg):
       sampling.run(tiny_config(methods=("dpm",), **kw), str(tmp_path / "bad"), log=lambda s: None)
     assert not os.path.exists(str(tmp_path / "bad" / "samples"))
+
+
+def test_with_sampler_reads_a_spec():
+  c = get_base_config()
+  d, method = sampling.with_sampler(c, "dpmsde:50:2:karras")
+  assert method == "dpm" and d.sample.dpm_stochastic and d.sample.dpm_steps == 50 and d.sample.dpm_schedule == "karras"
+  assert not c.sample.dpm_stochastic and c.sample.dpm_steps == 25  # the config itself is untouched
+  assert sampling.with_sampler(c, "heun:9")[0].sample.heun_steps == 9 and sampling.with_sampler(c, "sde")[1] == "sde"
+  with pytest.raises(ValueError, match="unknown sampler spec"):
+    sampling.with_sampler(c, "gan")
