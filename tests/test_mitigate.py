@@ -457,6 +457,31 @@ def test_adopted_arm_must_be_the_same_arm_of_the_same_baseline(tmp_path):
     mitigate.load_adoptable(str(tmp_path / "bad.json"))
 
 
+def test_a_records_folder_is_adoptable_and_written_once(tmp_path):
+  folder = str(tmp_path / "records")
+  arm = mitigate.Arm("r", "score", "drop", 0.25, 1)
+  base = {"regime": "r", "copied_ids": [3, 5], "num_train": 8, "workdir": "/somewhere"}
+  rec = {"regime": "r", "arm": arm.name, "selected_ids": [3, 5], "copies": 4, "adopted_from": "/x"}
+  mitigate.save_record(folder, base)
+  mitigate.save_record(folder, rec, arm)
+  mitigate.save_record(folder, rec | {"copies": 9}, arm)  # a record once written stays
+  assert sorted(os.listdir(folder)) == ["r.baseline.json", f"r.{arm.name}.json"]
+  source = mitigate.load_adoptable(folder)
+  assert source["baselines"] == {"r": {"regime": "r", "copied_ids": [3, 5], "num_train": 8}}
+  assert source["arms"] == {("r", arm.name): {"regime": "r", "arm": arm.name, "selected_ids": [3, 5], "copies": 4}}
+  os.makedirs(tmp_path / "empty")
+  assert mitigate.load_adoptable(str(tmp_path / "empty")) == {"path": str(tmp_path / "empty"), "baselines": {},
+                                                              "arms": {}}
+
+
+def test_shard_errors_name_the_stage_field():
+  from memvol.bench import plan as bench_plan
+  assert bench_plan.parse_shard("", "mitigate.shard") == (0, 1)
+  assert bench_plan.parse_shard("1/2", "mitigate.shard") == (1, 2)
+  with pytest.raises(ValueError, match=r"mitigate\.shard='2/2'"):
+    bench_plan.parse_shard("2/2", "mitigate.shard")
+
+
 # --- the stage end to end, and resume ------------------------------------------------
 
 
@@ -535,6 +560,40 @@ def test_stage_end_to_end_and_resume_arm_by_arm(tmp_path):
   assert s2["arms"] == summary["arms"] and s2["tests"] == summary["tests"]
   assert not any(os.path.exists(os.path.join(wd2, "mitigate", a["regime"], a["arm"], "checkpoints"))
                  for a in s2["arms"])
+
+
+@pytest.mark.slow  # ~60 s of CPU: 2 baselines in each of 3 workdirs, 6 tiny arms twice
+def test_shards_in_their_own_workdirs_make_the_plan_of_one_run(tmp_path):
+  from memvol import pipeline
+  c = tiny_config()
+  pipeline.run(c, str(tmp_path / "one"), "mitigate")
+  whole = io.load_json(str(tmp_path / "one" / "mitigate" / "summary.json"))
+  records = str(tmp_path / "records")
+  for k in (0, 1):
+    ck = copy.deepcopy(c)
+    ck.mitigate.shard, ck.mitigate.records_dir = f"{k}/2", records
+    pipeline.run(ck, str(tmp_path / f"s{k}"), "mitigate")
+    part = io.load_json(str(tmp_path / f"s{k}" / "mitigate" / "summary.json"))
+    names = [a["arm"] for a in whole["arms"]]
+    if k == 0:  # the even arms of the plan
+      assert [a["arm"] for a in part["arms"]] == names[0::2]
+    else:  # the odd ones, and shard 0's already in the folder, adopted
+      assert [a["arm"] for a in part["arms"]] == names
+      assert [a["arm"] for a in part["arms"] if "adopted_from" in a] == names[0::2]
+  assert len([f for f in os.listdir(records) if not f.endswith(".baseline.json")]) == 6
+  # The gather: no shard, over shard 0's workdir; shard 1's arms are adopted, nothing trains.
+  cg = copy.deepcopy(c)
+  cg.mitigate.records_dir = records
+  before = _mtimes(str(tmp_path / "s0"))
+  pipeline.run(cg, str(tmp_path / "s0"), "mitigate")
+  gathered = io.load_json(str(tmp_path / "s0" / "mitigate" / "summary.json"))
+  assert not any("checkpoints" in p for p in set(_mtimes(str(tmp_path / "s0"))) - set(before))
+  for a in gathered["arms"]:
+    a.pop("adopted_from", None)
+    a.pop("wall_s", None)
+  for a in whole["arms"]:
+    a.pop("wall_s", None)
+  assert gathered["arms"] == whole["arms"] and gathered["tests"] == whole["tests"]
 
 
 def test_digits_plan_holds_the_primary_arms_with_eight_models_each():

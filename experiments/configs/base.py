@@ -187,7 +187,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   mt.seeds = (1, 2, 3)        # config.seed of every arm (training, sampling): one arm per seed
   mt.score_column = ""        # scores.csv column ranked by `score` selection ("" = <first estimator>_log_volume)
   mt.risk_reference = ""      # a --mode=screen workdir of this data: its risk.csv ranks the `risk` selection
-  mt.adopt = ""               # arm records (a summary.json or docs/results/<name>.records.json) whose arms count as done here
+  mt.adopt = ""               # arm records (a summary.json, docs/results/<name>.records.json or a records folder) whose arms count as done here
+  mt.shard = ""               # "k/n": this process runs the arms i (plan order) with i mod n = k ("" = all); one workdir per shard
+  mt.records_dir = ""         # a folder every finished arm's record (and each baseline's) is copied to, and adopted from
   mt.on_nonfinite = "refuse"  # a non-finite selection score (failed solve): refuse (name the images) | last (rank last, report)
   mt.num_samples = 0          # samples per arm (0 = sample.num_samples; the `none` arms are then the reference)
   mt.sde_steps = 0            # reverse-SDE steps per arm sample (0 = sample.sde_steps)

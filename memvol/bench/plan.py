@@ -58,16 +58,16 @@ def balanced_halves(labels: np.ndarray, num_models: int, seed: int) -> np.ndarra
   return mask
 
 
-def parse_shard(spec: str) -> tuple[int, int]:
-  """(k, n) from "k/n" (0 <= k < n); "" is the whole plan (0, 1)."""
+def parse_shard(spec: str, field: str = "bench.shard") -> tuple[int, int]:
+  """(k, n) from "k/n" (0 <= k < n); "" is the whole plan (0, 1). `field` names the setting in errors."""
   if not str(spec):
     return 0, 1
   try:
     k, n = (int(v) for v in str(spec).split("/"))
   except ValueError:
-    raise ValueError(f"bench.shard={spec!r}: expected 'k/n' with 0 <= k < n, e.g. '0/2'") from None
+    raise ValueError(f"{field}={spec!r}: expected 'k/n' with 0 <= k < n, e.g. '0/2'") from None
   if not 0 <= k < n:
-    raise ValueError(f"bench.shard={spec!r}: expected 'k/n' with 0 <= k < n")
+    raise ValueError(f"{field}={spec!r}: expected 'k/n' with 0 <= k < n")
   return k, n
 
 

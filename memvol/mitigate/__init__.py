@@ -49,12 +49,14 @@ summary.json); this module is the stage.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from memvol import workdir as wdir
+from memvol.bench import plan as bench_plan
 from memvol.mitigate.analysis import DIFFERENCES, METRICS, PRIMARY, TESTED, primary_test, summarise
 from memvol.mitigate.arms import (ON_NONFINITE, Regime, adopt_arm, baseline_scores, copy_counts, final_loss,
-                                  load_adoptable, ranked_values, run_arm, selection, with_targeted)
+                                  load_adoptable, ranked_values, run_arm, save_record, selection, with_targeted)
 from memvol.mitigate.outputs import figure, fmt_group, primary_lines, render_markdown, write_outputs
 from memvol.mitigate.plan import (ARM_CHAIN, CHAIN, MODIFICATIONS, RANKED, SELECTIONS, Arm, arm_config, arm_dir,
                                   baseline_dir, check_score_column, check_selections, epoch_matched_steps,
@@ -84,24 +86,41 @@ def is_complete(config: Any, workdir: str) -> bool:
 
 
 def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
-  """The stage: every regime's baseline, every arm (resuming); the summary is rewritten
-  after each arm, so a long run can be read while it goes (`num_arms_planned` says how
-  many arms the plan has)."""
-  arms = parse_arms(config.mitigate)
+  """The stage: every regime's baseline, every arm of this shard (resuming); the summary is
+  rewritten after each arm, so a long run can be read while it goes (`num_arms_planned` says
+  how many arms the plan has).
+
+  Shards (mitigate.shard = "k/n", one workdir each, the baseline run in each): a shard runs the
+  arms i of the plan with i mod n = k, and takes the others from mitigate.adopt or
+  mitigate.records_dir where they are there already (else leaves them out of its summary).
+  Every finished arm's record is copied to mitigate.records_dir, so the shards' folder, once
+  complete, is the whole plan: a run with no shard over it adopts every arm and trains none."""
+  mt = config.mitigate
+  k, n = bench_plan.parse_shard(str(mt.shard), "mitigate.shard")
+  arms = parse_arms(mt)
   for regime in dict.fromkeys(a.regime for a in arms):
     check_score_column(regime_config(config, regime))
     check_selections(regime_config(config, regime), {a.selection for a in arms if a.regime == regime})
-  adopt = load_adoptable(config.mitigate.adopt) if config.mitigate.adopt else None
+  records_dir = str(mt.records_dir)
+  sources = [load_adoptable(p) for p in (str(mt.adopt), records_dir) if p and os.path.exists(p)]
   regimes: dict[str, Regime] = {}
   baselines: dict[str, dict[str, Any]] = {}
   records = []
-  for arm in arms:
+  summary: dict[str, Any] = {}
+  for i, arm in enumerate(arms):
+    key = (arm.regime, arm.name)
+    source = next((s for s in sources if key in s["arms"]), None)
+    done = os.path.exists(os.path.join(arm_dir(workdir, arm), "arm.json"))
+    if i % n != k and source is None and not done:
+      continue
     if arm.regime not in regimes:
       regimes[arm.regime] = Regime(config, workdir, arm.regime, log)
-    records.append(run_arm(regimes[arm.regime], arm, workdir, log, adopt))
-    baselines[arm.regime] = regimes[arm.regime].record(log)
+      baselines[arm.regime] = regimes[arm.regime].record(log)
+      if records_dir:
+        save_record(records_dir, baselines[arm.regime])
+    records.append(run_arm(regimes[arm.regime], arm, workdir, log, source))
+    if records_dir:
+      save_record(records_dir, records[-1], arm)
     summary = summarise(with_targeted(records), baselines) | {"num_arms_planned": len(arms)}
     write_outputs(summary, wdir.mitigate_dir(workdir), log)
   return summary
-
-

@@ -183,13 +183,29 @@ def _check_selection(rec: dict[str, Any], ids: np.ndarray, where: str, reg: Regi
 
 
 def load_adoptable(path: str) -> dict[str, Any]:
-  """Arm records to adopt, from a mitigation summary.json or a committed <name>.records.json
-  (both hold 'baselines' and 'arms'): {'path', 'baselines': {regime: record},
-  'arms': {(regime, arm name): record}}."""
-  s = io.load_json(path)
+  """Arm records to adopt, from a mitigation summary.json, a committed <name>.records.json
+  (both hold 'baselines' and 'arms') or a records folder (mitigate.records_dir: one
+  <regime>.<arm>.json per arm, <regime>.baseline.json per baseline): {'path', 'baselines':
+  {regime: record}, 'arms': {(regime, arm name): record}}."""
+  if os.path.isdir(path):
+    files = sorted(f for f in os.listdir(path) if f.endswith(".json"))
+    recs = [io.load_json(os.path.join(path, f)) for f in files]
+    s = {"baselines": {r["regime"]: r for f, r in zip(files, recs) if f.endswith(".baseline.json")},
+         "arms": [r for f, r in zip(files, recs) if not f.endswith(".baseline.json")]}
+  else:
+    s = io.load_json(path)
   if not isinstance(s, dict) or not isinstance(s.get("arms"), list) or not isinstance(s.get("baselines"), dict):
     raise ValueError(f"mitigate.adopt={path!r} holds no mitigation arm records (no 'arms' list and 'baselines')")
   return {"path": path, "baselines": s["baselines"], "arms": {(r["regime"], r["arm"]): r for r in s["arms"]}}
+
+
+def save_record(records_dir: str, rec: dict[str, Any], arm: Arm | None = None) -> None:
+  """Copy an arm's record (or, with arm None, a baseline's) to the records folder, once."""
+  name = f"{rec['regime']}.{arm.name if arm is not None else 'baseline'}.json"
+  path = os.path.join(records_dir, name)
+  if not os.path.exists(path):
+    os.makedirs(records_dir, exist_ok=True)
+    io.save_json(path, {k: v for k, v in rec.items() if k not in ("adopted_from", "workdir")})
 
 
 def adopt_arm(source: dict[str, Any], reg: Regime, arm: Arm, cfg: Any, ids: np.ndarray) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def check_config(config: Any) -> None:
     if str(sn.risk_score) not in raw_score_names(config):
       raise ValueError(f"screen.risk_score={sn.risk_score!r} is not a score of this config; expected one of "
                        f"{raw_score_names(config)} (score.estimators, score.peers)")
-    bench_plan.parse_shard(sn.shard)
+    bench_plan.parse_shard(sn.shard, "screen.shard")
 
 
 def stale_reason(config: Any, workdir: str) -> str | None:
