@@ -173,12 +173,17 @@ def extract_mitigate(summary: dict[str, Any]) -> dict[str, Any]:
   keep_g = ("regime", "group", "num_selected", "seeds") + tuple(
       f"{m}_{k}" for m, _ in GROUP_COLUMNS for k in ("mean", "sd", "n"))
   keep_t = tuple(m for m, _ in TEST_COLUMNS)
-  return {"baselines": {r: {k: b.get(k) for k in ("num_samples", "copies", "copied_images", "num_train")}
-                        for r, b in summary["baselines"].items()},
-          "groups": [{k: g.get(k) for k in keep_g} for g in summary["groups"]],
-          "tests": [{"regime": t["regime"], "a": t["a"], "b": t["b"], "targeted_diff": t.get("targeted_diff"),
-                     **{m: {k: t[m].get(k) for k in ("welch_p", "welch_p_holm")} for m in keep_t}}
-                    for t in summary["tests"]]}
+  keep_p = ("welch_p", "welch_p_holm") + (("welch_q_bh",) if "primary" in summary else ())
+  out = {"baselines": {r: {k: b.get(k) for k in ("num_samples", "copies", "copied_images", "num_train")}
+                       for r, b in summary["baselines"].items()},
+         "groups": [{k: g.get(k) for k in keep_g} for g in summary["groups"]],
+         "tests": [{"regime": t["regime"], "a": t["a"], "b": t["b"], "targeted_diff": t.get("targeted_diff"),
+                    **{m: {k: t[m].get(k) for k in keep_p} for m in keep_t}}
+                   for t in summary["tests"]]}
+  if "primary" in summary:  # a plan with the pre-registered comparison: it, and BH over the rest
+    out["primary"] = summary["primary"]
+    out["num_arms"], out["num_arms_planned"] = len(summary["arms"]), summary.get("num_arms_planned")
+  return out
 
 
 def mean_sd_n(mean: Any, sd: Any, n: Any, digits: int = 3, missing: str = "n/a") -> str:
@@ -194,21 +199,29 @@ def _mean_sd(g: dict[str, Any], m: str) -> str:
 
 def render_mitigate(s: dict[str, Any]) -> str:
   """Per regime: the arm groups (mean ± sd (n) over seeds) and the tests (Welch p, raw and
-  Holm-adjusted over all tests of the regime in the summary)."""
+  Holm-adjusted over all tests of the regime in the summary); for a plan with the primary
+  comparison, it and its verdict first, and BH q over the secondary tests in place of Holm."""
+  from memvol.mitigate import outputs as mitigate_outputs
   out = []
+  if "primary" in s:
+    out += [f"Arms done: {s['num_arms']} of {s['num_arms_planned']} planned.", ""]
   for regime, base in s["baselines"].items():
     gs = [g for g in s["groups"] if g["regime"] == regime]
+    pr = s.get("primary", {}).get(regime)
     out += [f"**{regime}** (baseline: {base['copies']} copies of {base['num_samples']}, "
-            f"{base['copied_images']} of {base['num_train']} images copied)", "",
+            f"{base['copied_images']} of {base['num_train']} images copied)", ""]
+    out += mitigate_outputs.primary_lines(pr) if pr else []
+    out += [
             table(["arm group", "k"] + [name for _, name in GROUP_COLUMNS],
                   [[g["group"], "/".join(str(k) for k in sorted(set(g["num_selected"])))]
                    + [_mean_sd(g, m) for m, _ in GROUP_COLUMNS] for g in gs]), ""]
     ts = [t for t in s["tests"] if t["regime"] == regime]
+    adj, name = ("welch_q_bh", "BH q over the secondary family") if pr else ("welch_p_holm", "Holm-adjusted")
     if ts:
-      out += [table(["test: Welch p over seeds (Holm-adjusted)"] + [name for _, name in TEST_COLUMNS]
+      out += [table([f"test: Welch p over seeds ({name})"] + [name for _, name in TEST_COLUMNS]
                     + ["targeted a - b"],
                     [[f"{t['a']} vs {t['b']}"]
-                     + [f"{fmt_p(t[m]['welch_p'])} ({fmt_p(t[m]['welch_p_holm'])})" for m, _ in TEST_COLUMNS]
+                     + [f"{fmt_p(t[m]['welch_p'])} ({fmt_p(t[m].get(adj))})" for m, _ in TEST_COLUMNS]
                      + [fmt(t.get("targeted_diff"), 3)] for t in ts]), ""]
   return "\n".join(out).rstrip("\n")
 

@@ -82,7 +82,7 @@ def test_screen_refuses_a_plan_it_cannot_run():
                               ("risk_score", "peer_nothing", "not a score of this config"),
                               ("risk_direction", "up", "screen.risk_direction"),
                               ("data_predictor", "colour", "screen.data_predictor"), ("risk", "vibes", "screen.risk"),
-                              ("shard", "3/2", "bench.shard")):
+                              ("shard", "3/2", r"screen\.shard=.3/2.")):
     old = c.screen[field]
     c.screen[field] = value
     with pytest.raises(ValueError, match=match):
