@@ -182,7 +182,8 @@ def extract_mitigate(summary: dict[str, Any]) -> dict[str, Any]:
                    for t in summary["tests"]]}
   if "primary" in summary:  # a plan with the pre-registered comparison: it, and BH over the rest
     out["primary"] = summary["primary"]
-    out["num_arms"], out["num_arms_planned"] = len(summary["arms"]), summary.get("num_arms_planned")
+    out["num_arms"] = len(summary["arms"])
+    out["num_arms_planned"] = summary.get("num_arms_planned") or out["num_arms"]
   return out
 
 
