@@ -198,6 +198,13 @@ def _mean_sd(g: dict[str, Any], m: str) -> str:
   return mean_sd_n(g.get(f"{m}_mean"), g.get(f"{m}_sd"), g.get(f"{m}_n"), missing="-")
 
 
+def _adjusted(t: dict[str, Any], m: str, key: str, pr: dict[str, Any] | None) -> str:
+  """A test cell's adjusted p; the primary comparison's own cell is in no secondary family."""
+  if pr and (t["a"], t["b"], m) == (pr["a"], pr["b"], pr["metric"]):
+    return "primary"
+  return fmt_p(t[m].get(key))
+
+
 def render_mitigate(s: dict[str, Any]) -> str:
   """Per regime: the arm groups (mean ± sd (n) over seeds) and the tests (Welch p, raw and
   Holm-adjusted over all tests of the regime in the summary); for a plan with the primary
@@ -222,7 +229,7 @@ def render_mitigate(s: dict[str, Any]) -> str:
       out += [table([f"test: Welch p over seeds ({name})"] + [name for _, name in TEST_COLUMNS]
                     + ["targeted a - b"],
                     [[f"{t['a']} vs {t['b']}"]
-                     + [f"{fmt_p(t[m]['welch_p'])} ({fmt_p(t[m].get(adj))})" for m, _ in TEST_COLUMNS]
+                     + [f"{fmt_p(t[m]['welch_p'])} ({_adjusted(t, m, adj, pr)})" for m, _ in TEST_COLUMNS]
                      + [fmt(t.get("targeted_diff"), 3)] for t in ts]), ""]
   return "\n".join(out).rstrip("\n")
 

@@ -38,7 +38,11 @@ then the gather over the records (it trains nothing):
 
 Runtime on 2 CPU cores (Intel Xeon), one single-threaded process per core: the screen 7.4 min
 (8 reference models of 64-88 s, then the quality classifier for the feature distances); each
-shard's baseline 2 min, an arm about 100 s (train 70 s, 2048 samples 23 s, detect 3 s). RESULT
+shard's baseline 2 min, an arm about 100 s (train 70 s, 2048 samples 23 s, detect 3 s): the 64
+arms in 48 min, the gather 1 min.
+Result (README, "Screen a dataset before training"): primary inconclusive, risk x drop 46.1 vs
+random x drop 46.8 distinct digits copied per model, difference -0.63 [-3.1, 2.1], Welch p = 0.67;
+every drop arm copies more than the unmodified retrains (41.0).
 `:quick` (the same plan shape: 32 digits, 300 steps, 4 reference models, 2 seeds, screen at
 runs/digits_mitigate_quick_screen) ran in 1 min (screen) + 6.4 min (plan) on 2 CPU cores shared
 with other jobs; its numbers need only exist and be finite (scripts/check_mitigate.py).
