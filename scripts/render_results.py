@@ -219,14 +219,13 @@ def render_mitigate(s: dict[str, Any]) -> str:
     out += [f"**{regime}** (baseline: {base['copies']} copies of {base['num_samples']}, "
             f"{base['copied_images']} of {base['num_train']} images copied)", ""]
     out += mitigate_outputs.primary_lines(pr) if pr else []
-    out += [
-            table(["arm group", "k"] + [name for _, name in GROUP_COLUMNS],
+    out += [table(["arm group", "k"] + [name for _, name in GROUP_COLUMNS],
                   [[g["group"], "/".join(str(k) for k in sorted(set(g["num_selected"])))]
                    + [_mean_sd(g, m) for m, _ in GROUP_COLUMNS] for g in gs]), ""]
     ts = [t for t in s["tests"] if t["regime"] == regime]
-    adj, name = ("welch_q_bh", "BH q over the secondary family") if pr else ("welch_p_holm", "Holm-adjusted")
+    adj, adj_label = ("welch_q_bh", "BH q over the secondary family") if pr else ("welch_p_holm", "Holm-adjusted")
     if ts:
-      out += [table([f"test: Welch p over seeds ({name})"] + [name for _, name in TEST_COLUMNS]
+      out += [table([f"test: Welch p over seeds ({adj_label})"] + [name for _, name in TEST_COLUMNS]
                     + ["targeted a - b"],
                     [[f"{t['a']} vs {t['b']}"]
                      + [f"{fmt_p(t[m]['welch_p'])} ({_adjusted(t, m, adj, pr)})" for m, _ in TEST_COLUMNS]
