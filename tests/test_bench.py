@@ -277,6 +277,32 @@ def test_the_pilot_judges_the_band_at_the_final_sample_count(tmp_path):
   assert "sample count the sizing gives" in ch["rule"] and "copied_nn1" not in rows[0]
 
 
+def test_the_pilots_choice_travels_with_the_records(tmp_path, monkeypatch):
+  cfg = digits_bench.get_config("quick")
+  cfg.unlock()
+  cfg.bench.pilot_pool_sizes, cfg.bench.pilot_steps, cfg.bench.copied_band = (24,), (100,), (0.2, 0.6)
+  first, later, rdir = (str(tmp_path / d) for d in ("first", "later", "records"))
+  os.makedirs(wdir.bench_dir(first))
+  io.save_json(os.path.join(wdir.bench_dir(first), "pilot.json"), CHOICE)
+  log = []
+  assert plan.ensure_pilot(cfg, first, log.append, rdir) == CHOICE
+  assert io.load_json(os.path.join(rdir, "pilot.json")) == CHOICE  # written beside the records
+
+  def no_pilot(*_):
+    raise AssertionError("a pilot ran although the records hold its choice")
+
+  monkeypatch.setattr(plan, "run_pilot", no_pilot)
+  assert plan.ensure_pilot(cfg, later, log.append, rdir) == CHOICE  # another sitting's workdir adopts it
+  assert any("adopted" in m for m in log)
+  other = dict(CHOICE, train_steps=200)
+  io.save_json(os.path.join(wdir.bench_dir(first), "pilot.json"), other)
+  with pytest.raises(ValueError, match="different pilot choices"):
+    plan.ensure_pilot(cfg, first, log.append, rdir)
+  cfg.bench.pilot_steps = (100, 200)
+  with pytest.raises(ValueError, match="bench.pilot_pool_sizes, pilot_steps, copied_band"):
+    plan.ensure_pilot(cfg, str(tmp_path / "third"), log.append, rdir)
+
+
 def test_records_round_trip_and_refuse_another_plan(tmp_path):
   rec = _records(np.random.default_rng(3), num_models=2)[0]
   rec["scores"][analysis.RANK32][0] = math.nan  # a failed solve
@@ -342,7 +368,8 @@ def test_two_shards_share_a_workdir_and_a_killed_one_resumes(tmp_path):
   assert "model 3 (" in out and "model 1 (" not in out, out
   assert os.path.getmtime(rec1) == before
   records = sorted(os.listdir(os.path.join(wdir.bench_dir(wd2), "records")))
-  assert records == [f"m{m:04d}.json" for m in (1, 3, 5, 7)] + ["pool.json"]  # the plan's pool file beside them
+  # the plan's pilot choice and pool file beside them
+  assert records == [f"m{m:04d}.json" for m in (1, 3, 5, 7)] + ["pilot.json", "pool.json"]
 
 
 def test_spearman_bootstrap_and_permutation():

@@ -15,8 +15,9 @@ Order of work, in every process (shards included):
   1. the pilot (bench/pilot/n<N>/, one unit per candidate N in bench.pilot_pool_sizes): a
      model trained to max(bench.pilot_steps) with a checkpoint kept at each step, whose copies
      of its IN images are counted at each; bench/pilot.json chooses N, the training length and
-     the samples per model from copy counts only (plan.choose). Units are claimed; a process
-     that finds one claimed waits for it.
+     the samples per model from copy counts only (plan.choose), kept beside the records too
+     (pilot.json there), so a later sitting or another machine adopts it instead of rerunning
+     the pilots. Units are claimed; a process that finds one claimed waits for it.
   2. bench/plan.npz: the pool and in_mask [M, N]; pool.json beside the records: the pool's
      data-only predictors (pool.py), computed once by whichever process claims it.
   3. this shard's models (bench.shard = "k/n": m mod n = k), each claimed by its sub-workdir's
@@ -102,10 +103,10 @@ def write_outputs(config: Any, workdir: str, records: list[dict[str, Any]], choi
 def run(config: Any, workdir: str, log: Callable[[str], None] = print) -> dict[str, Any]:
   """The stage (see the module doc); the summary of every record present."""
   check_config(config)
-  choice = plan.ensure_pilot(config, workdir, log)
+  rdir = model.records_dir(config, workdir)
+  choice = plan.ensure_pilot(config, workdir, log, rdir)
   halves = plan.ensure_halves(config, workdir, int(choice["pool_size"]))
   fp = model.fingerprint(config, choice)
-  rdir = model.records_dir(config, workdir)
   plan.wait_for([(os.path.join(wdir.bench_dir(workdir), "pool"), lambda: os.path.exists(os.path.join(rdir, pool.FILE)),
                   lambda: pool.ensure(config, halves["ids"], halves["labels"], rdir,
                                       os.path.join(wdir.bench_dir(workdir), "pool")))], log)
