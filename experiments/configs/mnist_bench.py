@@ -37,8 +37,8 @@ Plan: pilots at pool sizes 128 and 256 (one model each, trained to 8000 steps, b
 = 2048 samples searched at 2000 ... 8000 steps) choose N and the training length: the largest N
 with a share of IN digits copied in [0.2, 0.6] at the sample count the sizing gives that cell
 (an image copied at the median rate among copied ones expected 5 times among at least 1024, at
-most 2048 samples), at its smallest such length. Then M = 32 models (the issue's minimum; 64
-does not fit the ~10 hours of two cores, below), each scoring all N pool digits with
+most 2048 samples), at its smallest such length. Then M = 32 models (64 would take ~12 h of
+the two cores, below), each scoring all N pool digits with
 hutchinson@rank8, @rank32, @vol108 (log volume and L_capped) and the seven peers (logp from
 rank8's solve), raw and LiRA-calibrated; the adaptive hutchinson reference is left out (~7 s per
 digit on these cores, half an hour per model at N = 256). Records keep each sample's two nearest
@@ -46,16 +46,16 @@ pool digits and distances, so the absolute and closest-sample labels come from t
 Sampler: the default job's, SDE-DPM-Solver++ 2M at 50 network calls per sample (mnist.py;
 validated against the 1000-step reverse SDE on copies in BUILD.md, "Sampling").
 
-Runtime, estimated (not measured) on 2 CPU cores as the two shards above, from the default
-job's measured stages (3000 UNet steps at batch 64 in ~15 min and 512 reverse-SDE samples of
-1000 steps in ~10 min on quiet cores): a model trained 4000 steps ~35 min single-threaded,
-2048 samples with SDE-DPM-Solver++ at 50 steps ~4 min (with the reverse SDE at 1000 steps ~80 min:
-the plan needs the fast sampler), scoring 256 digits with the presets and peers ~5 min: ~40 min
-per model, 16 per shard, ~11 h for M = 32, plus ~1.5 h of pilots. The budget binds at M = 32;
-the pilot shrinks the pool first (256 -> 128) if 256 is not memorised in the band by 8000
-steps. Each record states its measured seconds (train / sample / score / detect) and the
-report their mean; the README block gives them.
-Result: not yet run (README "Which images will the model copy", the MNIST column).
+Runtime, measured on 2 CPU cores (Intel Xeon) as the two single-threaded shards above: the two
+pilots in parallel 43 min (8000 steps in 1911 s, then 1024 samples searched at each of the four
+grid steps in ~100 s each); then one model every ~21 min per core (model 0: train 985 s, 2048
+SDE-DPM-Solver++ samples at 50 NFE 107 s, scoring all 256 digits 216 s, compile 67 s once per
+process): ~11 process-hours for M = 32, ~6 h of the two cores, about three sittings with the
+pilots.
+The pilot chose N = 256 at 4000 steps (54 % of the pilot model's IN digits copied at the 2048
+samples the sizing gives it); N = 128 copies 98 % by 4000 steps, out of the band.
+Result: partial; README "The MNIST plan" gives the records in so far and reads P1-P3 only at
+the planned M = 32 (an interim block says so).
 
 `:quick` (a CI check, scripts/check_bench.py; numbers need only exist and be finite): pilots at
 pool sizes 16 and 32 (400 / 600 steps of the 16-channel quick UNet, 128 samples), 8 models,
