@@ -292,14 +292,14 @@ def choose(config: Any, workdir: str) -> dict[str, Any]:
           "num_samples": num_samples, "r_med": r_med, "sizing": sizing}
 
 
-def ensure_pilot(config: Any, workdir: str, log: Callable[[str], None], records_dir: str = "") -> dict[str, Any]:
-  """The pilot's choice (bench/pilot.json), running (or waiting for) the pilots first. With a
-  records_dir the choice travels with the records: its pilot.json is adopted by a workdir
-  without one (a later sitting, another machine), written there once, and a workdir whose
-  choice differs from it is refused."""
+def ensure_pilot(config: Any, workdir: str, log: Callable[[str], None], records_dir: str) -> dict[str, Any]:
+  """The pilot's choice (bench/pilot.json), running (or waiting for) the pilots first. The
+  choice travels with the records: records_dir/pilot.json is adopted by a workdir without one
+  (a later sitting, another machine), written there once, and a workdir whose choice differs
+  from it is refused."""
   path = os.path.join(wdir.bench_dir(workdir), "pilot.json")
-  kept = os.path.join(records_dir, "pilot.json") if records_dir else ""
-  if kept and os.path.exists(kept) and not os.path.exists(path):
+  kept = os.path.join(records_dir, "pilot.json")
+  if os.path.exists(kept) and not os.path.exists(path):
     choice = io.load_json(kept)
     sizes = sorted(int(p["pool_size"]) for p in choice["pilots"])
     grid = sorted(int(r["steps"]) for r in choice["pilots"][0]["grid"])
@@ -309,21 +309,18 @@ def ensure_pilot(config: Any, workdir: str, log: Callable[[str], None], records_
       raise ValueError(f"{kept} is the pilot of pool sizes {sizes}, steps {grid}, band {choice['band']}; the config "
                        f"asks for {want[0]}, {want[1]}, {want[2]} (bench.pilot_pool_sizes, pilot_steps, copied_band): "
                        "use a new bench.records_dir")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     io.save_json(path, choice)
     log(f"[memvol] bench: the pilot's choice adopted from {kept}")
   if not os.path.exists(path):
     wait_for([(wdir.bench_pilot(workdir, int(n)), lambda n=int(n): os.path.exists(pilot_done_path(workdir, n)),
                lambda n=int(n): run_pilot(config, workdir, n, log)) for n in config.bench.pilot_pool_sizes], log)
     io.save_json(path, choose(config, workdir))
-  choice = io.load_json(path)
-  if kept:
-    if not os.path.exists(kept):
-      os.makedirs(records_dir, exist_ok=True)
-      io.save_json(kept, choice)
-    elif io.load_json(kept) != choice:
-      raise ValueError(f"{path} and {kept} hold different pilot choices: this workdir ran another pilot than the "
-                       "records'; use a new --workdir or bench.records_dir")
+  choice = io.load_json(path)  # as JSON reads it back, so it compares with the kept copy
+  if not os.path.exists(kept):
+    io.save_json(kept, choice)
+  elif io.load_json(kept) != choice:
+    raise ValueError(f"{path} and {kept} hold different pilot choices: this workdir ran another pilot than the "
+                     "records'; use a new --workdir or bench.records_dir")
   log(f"[memvol] bench: pool N={choice['pool_size']}, {choice['train_steps']} training steps "
       f"({'in' if choice['in_band'] else 'NOT in'} the band), {choice['num_samples']} samples per model")
   return choice
